@@ -1,0 +1,178 @@
+"""TPAD on the embedded synthetic catalogue: the CPU default.
+
+Usage:
+  python launch/train.py --config configs/tpad_base.py --workdir runs/base
+  python launch/train.py --config configs/tpad_base.py:tiny --workdir /tmp/t     # test-sized preset
+  python launch/train.py --config configs/tpad_base.py --workdir runs/ml \
+      --config.data.raw_dir=path/to/catalogue                                   # your own data
+
+`arg` selects a preset: `base` (default) or `tiny`. Every field below can be overridden with
+`--config.<path>=value`; unknown keys fail (the config is locked).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# The rows of the comparison, in report order. `launch/train.py` runs all of them by default.
+ALL_MODELS = (
+    "oracle", "pop", "s-pop", "markov", "sknn",
+    "gru4rec", "transformer", "srgnn",
+    "transformer+raw", "transformer+stage1", "tpad", "srgnn+tpad",
+    "tpad-no-gen", "tpad-no-disentangle", "tpad-no-align",
+)
+BASELINES = ("oracle", "pop", "s-pop", "markov", "sknn")
+
+
+def get_config(arg=None):
+    preset = arg or "base"
+    if preset not in ("base", "tiny"):
+        raise ValueError(f"unknown preset {preset!r} for tpad_base.py; choose 'base' or 'tiny'")
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+
+    # ----------------------------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    # synthetic | canonical | amazon2018 | srgnn_pickle. Setting raw_dir alone switches synthetic to canonical.
+    c.data.source = "synthetic"
+    c.data.raw_dir = config_dict.placeholder(str)
+    c.data.amazon_category = config_dict.placeholder(str)  # e.g. "Clothing_Shoes_and_Jewelry"
+    c.data.protocol = "mmsbr"  # mmsbr | srgnn
+    c.data.min_item_count = 5
+    c.data.min_session_length = 2
+    c.data.max_session_length = 20
+    c.data.test_fraction = 0.1
+    c.data.valid_fraction = 0.1
+    c.data.cold_threshold = 10  # targets with fewer train occurrences form the "cold" slice
+    c.data.on_error = "raise"  # raise | skip (skips are counted and reported)
+    c.data.image_size = 64
+    c.data.tokenizer_vocab_size = 2048
+    c.data.tokenizer_path = config_dict.placeholder(str)  # a real checkpoint's tokenizer.json
+    c.data.max_item_tokens = 32  # item prompt length in text tokens (stage 1, export)
+    c.data.max_title_tokens = 12  # title tokens per item inside a session prompt
+    c.data.visual_tokens_per_item = 4  # pooled visual tokens per item in session prompts
+    c.data.max_prompt_items = 8  # last items of a session shown to the Transfer-MLLM
+    c.data.worker_count = 0  # grain mp_prefetch workers (0 = in-process)
+
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_items = 2000
+    c.data.synthetic.num_sessions = 30000
+    c.data.synthetic.cold_item_fraction = 0.15
+    c.data.synthetic.noise = 0.1
+    c.data.synthetic.seed = 0
+
+    # ---------------------------------------------------------------------------------- model
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "base"  # see tpad_jax/models/mllm.py MLLMConfig presets
+    c.model.share_base = True  # two LoRA sets over one frozen base
+    c.model.checkpoint_dir = config_dict.placeholder(str)  # HF checkpoint directory (real weights)
+    c.model.gguf_path = config_dict.placeholder(str)  # GGUF file for the LM (real weights)
+    c.model.lora_rank = 8
+    c.model.lora_alpha = 16.0
+    c.model.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
+    c.model.train_projector = True
+    c.model.full_finetune = False  # train every LM weight instead of LoRA only
+    c.model.embed_dim = 64  # e_K, z_trans, z_know dimension
+    c.model.remat = False
+    c.model.scan_layers = False
+    c.model.dtype = "auto"  # auto = bfloat16 on accelerators, float32 on CPU
+
+    # ------------------------------------------------------------- stage 1: knowledge acquisition
+    c.stage1 = ml_collections.ConfigDict()
+    c.stage1.steps = 300
+    c.stage1.batch_size = 32
+    c.stage1.learning_rate = 3e-3
+    c.stage1.warmup_steps = 20
+    c.stage1.contrastive_weight = 0.1
+    c.stage1.temperature = 0.1
+
+    # -------------------------------------------------------- stage 2: transition distillation
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.steps = 400
+    c.stage2.batch_size = 16
+    c.stage2.learning_rate = 2e-3
+    c.stage2.knowledge_learning_rate = 1e-3
+    c.stage2.warmup_steps = 20
+    c.stage2.gen_weight = 1.0
+    c.stage2.disentangle = "club"  # club | orthogonal | none
+    c.stage2.disentangle_weight = 0.1
+    c.stage2.align_weight = 1.0
+    c.stage2.mmd_weight = 0.0
+    c.stage2.keep_weight = 0.5
+    c.stage2.temperature = 0.1
+    c.stage2.negatives = 0  # extra sampled negative items per batch for alignment (0 = in-batch only)
+
+    # ---------------------------------------------------------- stage 4: downstream recommender
+    c.msbr = ml_collections.ConfigDict()
+    c.msbr.encoder = "transformer"  # transformer | srgnn | gru4rec
+    c.msbr.causal = True
+    c.msbr.hidden_dim = 64
+    c.msbr.num_layers = 2
+    c.msbr.num_heads = 2
+    c.msbr.dropout = 0.1
+    c.msbr.batch_size = 256
+    c.msbr.learning_rate = 3e-3
+    c.msbr.max_epochs = 20
+    c.msbr.patience = 3
+    c.msbr.score_chunk = 4096  # items per chunk of the full-softmax loss
+
+    # ----------------------------------------------------------------------------------- eval
+    c.eval = ml_collections.ConfigDict()
+    c.eval.models = ALL_MODELS
+    c.eval.ks = (1, 5, 10, 20)
+    c.eval.batch_size = 256  # sessions per chunk of the ranking
+    c.eval.sknn_k = 100
+    c.eval.sknn_sample_size = 500
+
+    # ------------------------------------------------------------------- training loop plumbing
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.checkpoint_every = 100
+    c.train.max_to_keep = 2
+    c.train.grad_clip = 1.0
+    c.train.weight_decay = 0.0
+
+    # ------------------------------------------------------------------------- parallelism
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # -1 fills the remaining devices
+    c.mesh.axes = ("data", "fsdp", "tensor")
+    c.mesh.rules = "default"  # name of a logical-axis rule set in tpad_jax/parallel/rules.py
+
+    c.dist = ml_collections.ConfigDict()
+    c.dist.coordinator = config_dict.placeholder(str)  # "host:port"; auto-detected on TPU / SLURM
+    c.dist.num_processes = config_dict.placeholder(int)
+    c.dist.process_id = config_dict.placeholder(int)
+
+    if preset == "tiny":
+        _tiny(c)
+    return c
+
+
+def _tiny(c):
+    """Test-sized: seconds per stage on a 2-core CPU."""
+    c.data.synthetic.num_items = 120
+    c.data.synthetic.num_sessions = 1500
+    c.data.image_size = 32
+    c.data.tokenizer_vocab_size = 400
+    c.data.max_item_tokens = 24
+    c.data.max_title_tokens = 8
+    c.data.visual_tokens_per_item = 2
+    c.data.max_prompt_items = 4
+    c.model.preset = "tiny"
+    c.model.embed_dim = 32
+    c.model.lora_rank = 4
+    c.stage1.steps = 6
+    c.stage1.batch_size = 8
+    c.stage2.steps = 6
+    c.stage2.batch_size = 4
+    c.msbr.hidden_dim = 32
+    c.msbr.num_layers = 1
+    c.msbr.batch_size = 64
+    c.msbr.max_epochs = 2
+    c.msbr.patience = 1
+    c.eval.sknn_k = 20
+    c.eval.sknn_sample_size = 100
+    c.train.log_every = 2
+    c.train.eval_every = 3
+    c.train.checkpoint_every = 3

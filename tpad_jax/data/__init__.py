@@ -1,0 +1,1 @@
+"""Raw formats, adapters, the synthetic catalogue, protocols, tokenizer and input pipelines."""

@@ -1,0 +1,1 @@
+"""Ranking metrics, classic baselines and the results report."""

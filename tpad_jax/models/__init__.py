@@ -1,0 +1,1 @@
+"""Vision encoder, language model, multimodal towers, MI estimators, session encoders, weight loaders."""

@@ -1,0 +1,1 @@
+"""Device mesh, logical axis rules, sharded initialisation and multi-host set-up."""
