@@ -53,6 +53,7 @@ def get_config(arg=None):
     c.data.visual_tokens_per_item = 4  # pooled visual tokens per item in session prompts
     c.data.max_prompt_items = 8  # last items of a session shown to the Transfer-MLLM
     c.data.worker_count = 0  # grain mp_prefetch workers (0 = in-process)
+    c.data.read_threads = 2  # grain threads reading and mapping (each prefetches 2 batches)
 
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_items = 2000
@@ -110,6 +111,7 @@ def get_config(arg=None):
     c.msbr.num_layers = 2
     c.msbr.num_heads = 2
     c.msbr.dropout = 0.1
+    c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 256
     c.msbr.learning_rate = 3e-3
     c.msbr.max_epochs = 20

@@ -1,0 +1,187 @@
+"""The training loop: resume after SIGKILL, the non-finite guard, mesh equivalence, optimizer groups."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import resume_worker
+import toy_training as toy
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.train import checkpointing, loop, optim
+from tpad_jax.train.logging import read_metrics
+
+WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
+STEPS = 12
+
+
+def _committed_steps(checkpoint_dir: pathlib.Path) -> list[int]:
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+
+
+def _worker(workdir, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), str(workdir), str(STEPS), "0.01", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    evals = []
+    reference = resume_worker.run(tmp_path / "reference", STEPS, delay_s=0.0,
+                                  eval_fn=lambda model, step: evals.append(step) or {"step_seen": step})
+    expected = toy.trained_params(reference)
+
+    killed = _worker(tmp_path / "resumed", tmp_path / "unused.npz")
+    try:
+        deadline = time.monotonic() + 120
+        while not any(s >= 6 for s in _committed_steps(tmp_path / "resumed" / "checkpoints")):
+            assert killed.poll() is None, killed.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint 6 within 120 s"
+            time.sleep(0.02)
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(timeout=30) == -signal.SIGKILL  # killed mid-run, not finished
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    resumed_from = max(_committed_steps(tmp_path / "resumed" / "checkpoints"))
+    assert resumed_from < STEPS
+
+    restarted = _worker(tmp_path / "resumed", tmp_path / "resumed.npz")
+    try:
+        output = restarted.communicate(timeout=180)[0].decode()
+    finally:
+        if restarted.poll() is None:
+            restarted.kill()
+    assert restarted.returncode == 0, output[-3000:]
+    assert f"resuming train from checkpoint step {resumed_from}" in output
+
+    got = np.load(tmp_path / "resumed.npz")
+    assert set(got.files) == set(expected)
+    max_diff = max(float(np.max(np.abs(got[name] - expected[name]))) for name in expected)
+    print(f"resume from step {resumed_from}: max abs param diff vs uninterrupted run = {max_diff:.3g}")
+    assert max_diff < 1e-7
+
+    # The uninterrupted run's logs: one metrics record per step, eval records, TensorBoard events.
+    records = read_metrics(tmp_path / "reference")
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
+    assert {"time", "loss", "mae", "grad_norm", "examples_per_s"} <= set(train_records[0])
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    assert evals == [4, 8, 12]
+    assert [r["eval/step_seen"] for r in records if "eval/step_seen" in r] == [4.0, 8.0, 12.0]
+    assert list((tmp_path / "reference" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    mesh = mesh_lib.make_mesh(toy.mesh_config((-1, 1, 1)))
+    with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 5: .*'loss': (nan|inf)"):
+        loop.run_loop(workdir=tmp_path, train_config=toy.train_config(checkpoint_every=2), mesh=mesh,
+                      rules=toy.RULES, make_model=toy.make_model, tx=toy.make_tx(), wrt=toy.TRAINABLE,
+                      loss_fn=toy.loss_fn, data_iterator=iter(toy.dataset(8, poison_from=4)),
+                      num_steps=10, seed=0)
+    manager = checkpointing.make_manager(tmp_path / "checkpoints", max_to_keep=2)
+    assert manager.all_steps() == [2, 4]
+    graphdef, abstract = mesh_lib.abstract_state(
+        lambda: loop.TrainState(toy.make_model(), toy.make_tx(), toy.TRAINABLE), mesh, toy.RULES)
+    rng_shape = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
+    restored = checkpointing.restore(manager, 4, {"train": abstract, "rng": rng_shape})
+    state = nnx.merge(graphdef, restored["train"])
+    assert int(state.optimizer.step[...]) == 4
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(state.model)))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def _one_step(mesh):
+    """Loss and updated parameters after one jitted step on `mesh` from the same init and batch."""
+    make = lambda: loop.TrainState(toy.make_model(), toy.make_tx(), toy.TRAINABLE)  # noqa: E731
+    graphdef, abstract = mesh_lib.abstract_state(make, mesh, toy.RULES)
+    state = nnx.state(mesh_lib.sharded_init(make, mesh, toy.RULES))
+    with mesh_lib.activate(mesh, toy.RULES):
+        step = loop.jit_train_step(loop.make_train_step(graphdef, toy.loss_fn, toy.TRAINABLE), abstract, mesh)
+        batch = mesh_lib.global_batch(toy.split_row(toy.examples(16)), mesh)
+        rng = jax.device_put(jax.random.key_data(jax.random.key(0)), mesh_lib.replicated(mesh))
+        state, metrics = step(state, batch, rng)
+    kernel = state["model"]["body"]["kernel"][...]
+    assert kernel.sharding.spec == P("fsdp", "tensor") and len(kernel.sharding.device_set) == mesh.size
+    assert batch["x"].sharding.spec == P(("data", "fsdp"))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state).model)))
+    return float(metrics["loss"]), params
+
+
+@pytest.fixture(scope="module")
+def unsharded_step():
+    return _one_step(toy.single_device_mesh())
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_sharded_step_matches_unsharded_step(shape, unsharded_step):
+    loss_ref, params_ref = unsharded_step
+    loss, params = _one_step(mesh_lib.make_mesh(toy.mesh_config(shape)))
+    param_diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, params_ref)))
+    print(f"mesh {shape}: |loss diff| = {abs(loss - loss_ref):.3g}, max |param diff| = {param_diff:.3g}")
+    assert abs(loss - loss_ref) < 1e-6
+    assert param_diff < 1e-6
+
+
+def test_warmup_cosine_closed_form():
+    schedule = optim.warmup_cosine(peak_lr=0.5, warmup_steps=4, total_steps=12)
+    np.testing.assert_allclose([schedule(s) for s in (0, 2, 4, 8, 12)], [0.0, 0.25, 0.5, 0.25, 0.0],
+                               atol=1e-7)
+
+
+@pytest.fixture
+def on_one_device():
+    """Flax's eager sharding needs a mesh to create variables that name logical axes."""
+    with mesh_lib.activate(toy.single_device_mesh(), toy.RULES):
+        yield
+
+
+def test_groups_follow_their_own_schedules_and_frozen_params_stay(on_one_device):
+    groups = {"heads": optim.GroupSchedule("head", peak_lr=0.3, warmup_steps=1, total_steps=5),
+              "lora": optim.GroupSchedule("lora", peak_lr=0.1, warmup_steps=1, total_steps=5)}
+    model = toy.make_model()
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    optimizer = nnx.Optimizer(model, optim.make_optimizer(groups, grad_clip=1.0), wrt=toy.TRAINABLE)
+    # Constant gradients: Adam's bias-corrected step is lr * sign(g) from the second update on, and the
+    # global-norm clipping scales every gradient alike, which Adam ignores. rtol 1e-4: Adam's float32
+    # bias correction 1 - 0.999**2 loses digits to cancellation.
+    ones = jax.tree.map(jnp.ones_like, nnx.state(model, toy.TRAINABLE))
+    for _ in range(2):
+        optimizer.update(model, ones)
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    lr_at_1 = {name: float(optim.warmup_cosine(g.peak_lr, 1, 5)(1)) for name, g in groups.items()}
+    np.testing.assert_allclose(before["head"]["kernel"] - after["head"]["kernel"], lr_at_1["heads"], rtol=1e-4)
+    np.testing.assert_allclose(before["head"]["bias"] - after["head"]["bias"], lr_at_1["heads"], rtol=1e-4)
+    for factor in ("lora_a", "lora_b"):
+        np.testing.assert_allclose(before["body"]["lora"][factor] - after["body"]["lora"][factor],
+                                   lr_at_1["lora"], rtol=1e-4)
+    np.testing.assert_array_equal(before["body"]["kernel"], after["body"]["kernel"])
+    np.testing.assert_array_equal(before["body"]["bias"], after["body"]["bias"])
+
+
+def test_trainable_parameter_outside_every_group_is_named(on_one_device):
+    groups = {"heads": optim.GroupSchedule("head", peak_lr=0.1, warmup_steps=1, total_steps=5)}
+    with pytest.raises(ValueError, match="body/lora/lora_a"):
+        nnx.Optimizer(toy.make_model(), optim.make_optimizer(groups), wrt=toy.TRAINABLE)
+
+
+@pytest.mark.parametrize("full_finetune, expected", [
+    (False, {"body/lora/lora_a", "body/lora/lora_b", "head/kernel", "head/bias"}),
+    (True, {"body/kernel", "body/bias", "body/lora/lora_a", "body/lora/lora_b", "head/kernel", "head/bias"}),
+])
+def test_trainable_filter(full_finetune, expected, on_one_device):
+    wrt = optim.trainable_filter(full_finetune, extra_trainable=("^head/",))
+    flat = nnx.to_flat_state(nnx.state(toy.make_model(), wrt))
+    assert {optim.path_string(path) for path, _ in flat} == expected

@@ -1,0 +1,292 @@
+"""MI estimators: exact unit checks, a sharded-batch check, and training on correlated Gaussians."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tpad_jax.models import mi
+
+# Correlated Gaussians always in 2 dims: d = 1 cases leave the second dimension independent, so
+# every case shares one critic shape and one vmapped training function per estimator.
+CASES = ((1, 0.5), (1, 0.8), (2, 0.5), (2, 0.8))
+RHOS = jnp.array([[rho] * d + [0.0] * (2 - d) for d, rho in CASES])
+TRUE_MI = np.array([-d / 2 * math.log(1 - rho**2) for d, rho in CASES])
+# vCLUB with the exact conditional q(y|x) = N(rho x, 1 - rho^2) equals sum_k rho_k^2 / (1 - rho_k^2).
+CLUB_AT_OPTIMUM = np.array([d * rho**2 / (1 - rho**2) for d, rho in CASES])
+BATCH = 128
+STEPS = 800
+REPORT_STEPS = 150
+
+
+def _sample(key, rho, batch):
+    key_x, key_noise = jax.random.split(key)
+    x = jax.random.normal(key_x, (batch, rho.shape[0]))
+    noise = jax.random.normal(key_noise, (batch, rho.shape[0]))
+    return x, rho * x + jnp.sqrt(1.0 - rho**2) * noise
+
+
+def _fit(build, objective, aux_init, *, steps=STEPS, batch=BATCH, learning_rate=3e-3):
+    """Trains one critic per case (vmapped) and returns each case's per-step held-out estimates.
+
+    `objective(model, x, y, aux, key) -> (value_to_maximise, (new_aux, estimate))`. The estimate of a
+    step uses the parameters from before that step's update on a fresh batch, so it is held out.
+    """
+    graphdef, _ = nnx.split(build(jax.random.key(0)))
+    optimizer = optax.adam(learning_rate)
+
+    def run_case(key, rho):
+        init_key, data_key = jax.random.split(key)
+        params = nnx.state(build(init_key))
+
+        def step(carry, step_key):
+            params, opt_state, aux = carry
+            sample_key, objective_key = jax.random.split(step_key)
+            x, y = _sample(sample_key, rho, batch)
+
+            def loss(p):
+                value, (new_aux, estimate) = objective(nnx.merge(graphdef, p), x, y, aux, objective_key)
+                return -value, (new_aux, estimate)
+
+            grads, (aux, estimate) = jax.grad(loss, has_aux=True)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, aux), estimate
+
+        carry = (params, optimizer.init(params), aux_init)
+        _, estimates = jax.lax.scan(step, carry, jax.random.split(data_key, steps))
+        return estimates
+
+    keys = jax.random.split(jax.random.key(42), len(CASES))
+    estimates = jax.jit(jax.vmap(run_case))(keys, RHOS)
+    return jax.tree.map(lambda e: np.asarray(e[:, -REPORT_STEPS:].mean(axis=1)), estimates)
+
+
+def _separable_critic(key):
+    return mi.MLPCritic(2, 2, 32, kind="separable", embed_dim=16, rngs=nnx.Rngs(key))
+
+
+def _lower_bound_objective(name):
+    def objective(critic, x, y, aux, key):
+        scores = critic(x, y)
+        joint, marginal = mi.joint_and_marginal(scores)
+        if name == "infonce":
+            bound = mi.infonce(scores)
+            return bound, (aux, bound)
+        if name == "mine":
+            estimate, surrogate, aux = mi.mine(joint, marginal, aux)
+            return surrogate, (aux, estimate)
+        if name == "nwj":
+            bound = mi.nwj(joint, marginal)
+            return bound, (aux, bound)
+        objective_value, bound = mi.jsd(joint, marginal)
+        return objective_value, (aux, bound)
+
+    return objective
+
+
+@pytest.mark.parametrize(
+    "name, excess, shortfall",
+    [
+        # (estimator, allowed excess over the true MI, allowed shortfall below it), in nats.
+        ("infonce", 0.05, 0.08),
+        ("mine", 0.05, 0.1),
+        ("nwj", 0.05, 0.1),
+        ("jsd", 0.05, 0.12),
+    ],
+)
+def test_lower_bounds_track_gaussian_mi(name, excess, shortfall):
+    aux = mi.mine_initial_state() if name == "mine" else jnp.zeros(())
+    estimates = _fit(_separable_critic, _lower_bound_objective(name), aux)
+    # InfoNCE can never exceed log B; all cases here stay well below log 128 = 4.85.
+    assert TRUE_MI.max() < math.log(BATCH) - 3.0
+    assert np.all(estimates <= TRUE_MI + excess), (name, estimates, TRUE_MI)
+    assert np.all(estimates >= TRUE_MI - shortfall), (name, estimates, TRUE_MI)
+
+
+def test_club_upper_bounds_gaussian_mi():
+    def objective(q_net, x, y, aux, key):
+        mu, logvar = q_net(x)
+        estimates = (mi.club(mu, logvar, y), mi.club_sample(mu, logvar, y, key))
+        return -mi.club_q_loss(mu, logvar, y), (aux, estimates)
+
+    club, club_sample = _fit(
+        lambda key: mi.GaussianCritic(2, 2, 32, rngs=nnx.Rngs(key)), objective, jnp.zeros(())
+    )
+    for estimate in (club, club_sample):
+        assert np.all(estimate >= TRUE_MI - 0.05), (estimate, TRUE_MI)
+        np.testing.assert_allclose(estimate, CLUB_AT_OPTIMUM, rtol=0.12, atol=0.05)
+
+
+def test_infonce_hand_computed_3x3():
+    scores = jnp.array([[2.0, 0.0, 1.0], [0.0, 1.0, 2.0], [1.0, 1.0, 3.0]])
+    cross_entropy = [
+        math.log(math.exp(2) + math.exp(0) + math.exp(1)) - 2,
+        math.log(math.exp(0) + math.exp(1) + math.exp(2)) - 1,
+        math.log(math.exp(1) + math.exp(1) + math.exp(3)) - 3,
+    ]
+    expected = math.log(3) - sum(cross_entropy) / 3
+    assert float(mi.infonce(scores)) == pytest.approx(expected, abs=1e-6)
+    assert float(mi.infonce_accuracy(scores)) == pytest.approx(2 / 3)
+
+
+def test_infonce_mask_and_extra_negatives_match_brute_force():
+    rng = np.random.default_rng(0)
+    za, zb = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    bank = rng.normal(size=(3, 4))
+    valid = np.array([True, True, False, True, False, True])
+    scores = mi.critic_scores(jnp.array(za), jnp.array(zb), temperature=0.5, negatives=jnp.array(bank))
+    got = float(mi.infonce(scores, mask=jnp.array(valid)))
+
+    def cosine(a, b):
+        return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    candidates = [zb[j] for j in np.flatnonzero(valid)] + list(bank)
+    bounds = []
+    for i in np.flatnonzero(valid):
+        logits = np.array([cosine(za[i], c) / 0.5 for c in candidates])
+        positive = cosine(za[i], zb[i]) / 0.5
+        bounds.append(math.log(len(candidates)) - (np.log(np.exp(logits).sum()) - positive))
+    assert got == pytest.approx(np.mean(bounds), abs=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+def test_infonce_sharded_batch_uses_global_negatives():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(1)
+    za, zb = (jnp.array(rng.normal(size=(32, 8)), jnp.float32) for _ in range(2))
+
+    def bound(a, b):
+        return mi.infonce(mi.critic_scores(a, b, temperature=0.1))
+
+    expected = bound(za, zb)
+    with jax.set_mesh(mesh):
+        sharding = NamedSharding(mesh, P("data"))
+        sharded = [jax.device_put(z, sharding) for z in (za, zb)]
+        got = jax.jit(bound)(*sharded)
+        got_grad = jax.jit(jax.grad(bound))(*sharded)
+    assert len(sharded[0].sharding.device_set) == 8
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got_grad, jax.grad(bound)(za, zb), rtol=1e-4, atol=1e-6)
+    # Per-shard InfoNCE (4 rows, log 4 cap) is a different number: the global batch really is used.
+    local = np.mean([bound(za[i : i + 4], zb[i : i + 4]) for i in range(0, 32, 4)])
+    assert abs(float(got) - local) > 1e-2
+
+
+def _brute_force_club(mu, logvar, y, valid):
+    def log_q(i, j):
+        return -0.5 * np.sum((y[j] - mu[i]) ** 2 / np.exp(logvar[i]))
+
+    rows = np.flatnonzero(valid)
+    return np.mean([log_q(i, i) - np.mean([log_q(i, j) for j in rows]) for i in rows])
+
+
+def test_club_and_q_loss_match_brute_force():
+    rng = np.random.default_rng(2)
+    mu, logvar, y = (rng.normal(size=(5, 3)) for _ in range(3))
+    valid = np.array([True, False, True, True, True])
+    got = mi.club(jnp.array(mu), jnp.array(logvar), jnp.array(y), mask=jnp.array(valid))
+    assert float(got) == pytest.approx(_brute_force_club(mu, logvar, y, valid), abs=1e-5)
+
+    log_pdf = jax.scipy.stats.norm.logpdf(y, mu, np.exp(0.5 * logvar)).sum(axis=1)
+    expected_q_loss = -np.mean(np.asarray(log_pdf)[valid])
+    got_q_loss = mi.club_q_loss(jnp.array(mu), jnp.array(logvar), jnp.array(y), mask=jnp.array(valid))
+    assert float(got_q_loss) == pytest.approx(expected_q_loss, abs=1e-5)
+
+
+def test_club_sample_partners_are_valid_rows_and_average_to_club():
+    rng = np.random.default_rng(3)
+    mu, logvar, y = (jnp.array(rng.normal(size=(6, 2))) for _ in range(3))
+    valid = jnp.array([True, True, False, True, False, True])
+    # An invalid row's y is poisoned: drawing it as a partner would make the estimate non-finite.
+    y = y.at[2].set(jnp.inf).at[4].set(jnp.inf)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    samples = jax.vmap(lambda k: mi.club_sample(mu, logvar, y, k, mask=valid))(keys)
+    assert bool(jnp.all(jnp.isfinite(samples)))
+    clean_y = jnp.where(valid[:, None], y, 0.0)
+    expected = mi.club(mu, logvar, clean_y, mask=valid)
+    assert float(samples.mean()) == pytest.approx(float(expected), abs=0.05)
+
+
+def test_mine_gradient_uses_the_moving_average_denominator():
+    t_joint = jnp.array([0.3, -0.2])
+    t_marginal = jnp.array([0.1, 0.5, -0.4, 0.0])
+    mean_exp = float(jnp.mean(jnp.exp(t_marginal)))
+
+    estimate, _, first_state = mi.mine(t_joint, t_marginal, mi.mine_initial_state())
+    assert float(first_state) == pytest.approx(math.log(mean_exp), abs=1e-6)
+    assert float(estimate) == pytest.approx(float(t_joint.mean()) - math.log(mean_exp), abs=1e-6)
+
+    old_ema = 2.0
+    decay = 0.75
+    new_ema = decay * old_ema + (1 - decay) * mean_exp
+    _, _, state = mi.mine(t_joint, t_marginal, jnp.log(old_ema), decay=decay)
+    assert float(state) == pytest.approx(math.log(new_ema), abs=1e-6)
+    grad = jax.grad(lambda t: mi.mine(t_joint, t, jnp.log(old_ema), decay=decay)[1])(t_marginal)
+    np.testing.assert_allclose(grad, -np.exp(t_marginal) / (4 * new_ema), rtol=1e-5)
+
+
+def test_nwj_and_jsd_closed_forms():
+    t_joint = jnp.array([1.0, 2.0])
+    t_marginal = jnp.array([0.0, math.log(2.0)])
+    assert float(mi.nwj(t_joint, t_marginal)) == pytest.approx(1.5 - 1.5 / math.e, abs=1e-6)
+    objective, bound = mi.jsd(t_joint, t_marginal)
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    expected_objective = -(softplus(-1.0) + softplus(-2.0)) / 2 - (softplus(0.0) + softplus(math.log(2))) / 2
+    assert float(objective) == pytest.approx(expected_objective, abs=1e-6)
+    assert float(bound) == pytest.approx(1.5 + 1.0 - 1.5, abs=1e-6)
+
+
+def _brute_force_mmd(x, y, bandwidths, unbiased):
+    def kernel(a, b):
+        return sum(math.exp(-np.sum((a - b) ** 2) / (2 * s * s)) for s in bandwidths)
+
+    def mean_kernel(a, b, same):
+        pairs = [(i, j) for i in range(len(a)) for j in range(len(b)) if not (same and unbiased and i == j)]
+        return np.mean([kernel(a[i], b[j]) for i, j in pairs])
+
+    return mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2 * mean_kernel(x, y, False)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_mmd_matches_brute_force_with_masks(unbiased):
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(5, 3)), rng.normal(loc=0.5, size=(4, 3))
+    x_valid = np.array([True, True, False, True, True])
+    bandwidths = (0.5, 2.0)
+    got = mi.mmd(jnp.array(x), jnp.array(y), bandwidths, unbiased=unbiased, x_mask=jnp.array(x_valid))
+    expected = _brute_force_mmd(x[x_valid], y, bandwidths, unbiased)
+    assert float(got) == pytest.approx(expected, abs=1e-5)
+
+
+def test_mmd_zero_for_identical_and_unbiased_for_same_distribution():
+    x = jax.random.normal(jax.random.key(5), (64, 3))
+    assert abs(float(mi.mmd(x, x, unbiased=False))) < 1e-6
+    # U-statistic on x vs itself only keeps the O(1/n) diagonal difference.
+    assert abs(float(mi.mmd(x, x, unbiased=True))) < 0.2
+
+    def both(key):
+        key_x, key_y = jax.random.split(key)
+        a, b = jax.random.normal(key_x, (16, 3)), jax.random.normal(key_y, (16, 3))
+        return mi.mmd(a, b, unbiased=True), mi.mmd(a, b, unbiased=False)
+
+    unbiased, biased = jax.vmap(both)(jax.random.split(jax.random.key(6), 500))
+    standard_error = float(unbiased.std()) / math.sqrt(500)
+    assert abs(float(unbiased.mean())) < 4 * standard_error
+    assert float(biased.mean()) > 10 * standard_error
+
+
+def test_concat_critic_scores_every_pair():
+    critic = mi.MLPCritic(2, 3, 8, kind="concat", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(7), (4, 2))
+    y = jax.random.normal(jax.random.key(8), (5, 3))
+    scores = critic(x, y)
+    assert scores.shape == (4, 5)
+    for i in range(4):
+        for j in range(5):
+            pair = jnp.concatenate([x[i], y[j]])[None]
+            assert float(scores[i, j]) == pytest.approx(float(critic.pair_net(pair)[0, 0]), abs=1e-5)

@@ -1,0 +1,198 @@
+"""Session encoders: shapes, padding invariance, causality, SR-GNN graphs, content path, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import tpad_base
+from tpad_jax.models import msbr
+
+NUM_ITEMS = 12
+CONTENT_DIM = 5
+
+
+def _config(encoder, causal=True, dropout=0.0):
+    return msbr.EncoderConfig(
+        encoder=encoder, causal=causal, hidden_dim=16, num_layers=1, num_heads=2, dropout=dropout,
+        gnn_steps=2, max_length=8,
+    )
+
+
+def _content():
+    return jax.random.normal(jax.random.key(99), (NUM_ITEMS, CONTENT_DIM))
+
+
+def _encoder(encoder, causal=True, content=True, dropout=0.0, seed=0):
+    model = msbr.SessionEncoder(
+        _config(encoder, causal, dropout), NUM_ITEMS, _content() if content else None, rngs=nnx.Rngs(seed)
+    )
+    return nnx.view(model, deterministic=True)
+
+
+def _sessions():
+    """Two right-padded sessions of lengths 5 and 3 (one with a repeated item), width 5."""
+    items = jnp.array([[3, 7, 3, 9, 1], [4, 4, 2, 0, 0]], jnp.int32)
+    mask = jnp.array([[True] * 5, [True, True, True, False, False]])
+    return items, mask
+
+
+ALL_VARIANTS = [("transformer", True), ("transformer", False), ("srgnn", True), ("gru4rec", True)]
+
+
+@pytest.mark.parametrize("encoder, causal", ALL_VARIANTS)
+@pytest.mark.parametrize("content", [True, False])
+def test_shapes(encoder, causal, content):
+    model = _encoder(encoder, causal, content)
+    items, mask = _sessions()
+    assert model(items, mask).shape == (2, 16)
+    assert model.item_table().shape == (NUM_ITEMS, 16)
+    scores = model.scores(items, mask)
+    assert scores.shape == (2, NUM_ITEMS)
+    assert bool(jnp.all(jnp.isfinite(scores)))
+
+
+@pytest.mark.parametrize("encoder, causal", ALL_VARIANTS)
+def test_extra_padding_does_not_change_session_vectors(encoder, causal):
+    model = _encoder(encoder, causal)
+    items, mask = _sessions()
+    padded_items = jnp.pad(items, ((0, 0), (0, 3)))
+    padded_mask = jnp.pad(mask, ((0, 0), (0, 3)))
+    np.testing.assert_allclose(model(padded_items, padded_mask), model(items, mask), rtol=1e-5, atol=1e-6)
+    # The second session alone (no batch neighbour, no trailing padding) gives the same vector too.
+    np.testing.assert_allclose(model(items[1:, :3], mask[1:, :3])[0], model(items, mask)[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_transformer_position_equals_truncated_prefix(causal):
+    model = _encoder("transformer", causal)
+    items, mask = _sessions()
+    states = model.body.hidden_states(model.item_table()[items], mask)
+    prefix_vec = model(items[:, :3], mask[:, :3])
+    gap = float(jnp.max(jnp.abs(states[0, 2] - prefix_vec[0])))
+    if causal:
+        assert gap < 1e-5
+    else:
+        # Bidirectional position 2 sees the later clicks, so the check above really tests causality.
+        assert gap > 1e-3
+
+
+def test_srgnn_graph_of_hand_made_session():
+    # Clicks 5 2 7 2 9 then two padding slots: nodes sit at positions 0 (5), 1 (2), 2 (7), 4 (9).
+    items = jnp.array([5, 2, 7, 2, 9, 0, 0], jnp.int32)
+    mask = jnp.array([True] * 5 + [False] * 2)
+    alias, a_in, a_out = msbr.srgnn_graph(items, mask)
+    np.testing.assert_array_equal(alias[:5], [0, 1, 2, 1, 4])
+    # Edges 5->2, 2->7, 7->2, 2->9; node 2 has out-degree 2 and in-degree 2.
+    expected_out = np.zeros((7, 7))
+    expected_out[0, 1] = 1.0
+    expected_out[1, 2] = expected_out[1, 4] = 0.5
+    expected_out[2, 1] = 1.0
+    expected_in = np.zeros((7, 7))
+    expected_in[1, 0] = expected_in[1, 2] = 0.5
+    expected_in[2, 1] = 1.0
+    expected_in[4, 1] = 1.0
+    np.testing.assert_allclose(a_out, expected_out)
+    np.testing.assert_allclose(a_in, expected_in)
+
+
+def test_srgnn_graph_counts_a_repeated_transition_once():
+    alias, a_in, a_out = msbr.srgnn_graph(jnp.array([1, 2, 1, 2], jnp.int32), jnp.ones((4,), bool))
+    np.testing.assert_array_equal(alias, [0, 1, 0, 1])
+    expected = np.zeros((4, 4))
+    expected[0, 1] = expected[1, 0] = 1.0
+    np.testing.assert_allclose(a_out, expected)
+    np.testing.assert_allclose(a_in, expected.T)
+
+
+def test_item_with_zeroed_id_embedding_scores_by_content():
+    model = _encoder("transformer")
+    cold = 6
+    model.id_embedding.embedding[...] = model.id_embedding.embedding[...].at[cold].set(0.0)
+    items, mask = _sessions()
+    session_vecs = model(items, mask)
+    projected = model.content_projection(model.content[...][cold])
+    np.testing.assert_allclose(model.scores(items, mask)[:, cold], session_vecs @ projected, rtol=1e-5)
+    assert float(jnp.min(jnp.abs(model.scores(items, mask)[:, cold]))) > 1e-4
+    # Without its content the cold item is blind: its score collapses to zero.
+    model.content[...] = model.content[...].at[cold].set(0.0)
+    np.testing.assert_allclose(model.scores(items, mask)[:, cold], 0.0, atol=1e-7)
+
+
+def test_content_is_frozen_not_a_parameter():
+    model = _encoder("srgnn")
+    params = nnx.state(model, nnx.Param)
+    top_level = {path[0] for path, _ in nnx.to_flat_state(params)}
+    assert "content" not in top_level
+    assert "content_projection" in top_level
+    assert isinstance(model.content, msbr.FrozenFeatures)
+
+
+@pytest.mark.parametrize("chunk", [5, 12, 64])
+def test_chunked_cross_entropy_equals_dense(chunk):
+    key_vecs, key_table = jax.random.split(jax.random.key(3))
+    session_vecs = jax.random.normal(key_vecs, (6, 8))
+    table = jax.random.normal(key_table, (NUM_ITEMS, 8))
+    targets = jnp.array([0, 11, 5, 5, 3, 7], jnp.int32)
+    valid = jnp.array([True, True, False, True, True, True])
+
+    def dense(vecs, tab):
+        per_row = optax.softmax_cross_entropy_with_integer_labels(vecs @ tab.T, targets)
+        return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)
+
+    def chunked(vecs, tab):
+        return msbr.chunked_softmax_cross_entropy(vecs, tab, targets, chunk, mask=valid)
+
+    np.testing.assert_allclose(chunked(session_vecs, table), dense(session_vecs, table), rtol=1e-5)
+    for got, expected in zip(
+        jax.grad(chunked, argnums=(0, 1))(session_vecs, table),
+        jax.grad(dense, argnums=(0, 1))(session_vecs, table),
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def _toy_next_item_batch(key, batch=32, width=6):
+    """Sessions walking the catalogue (v, v+1, ...); the target is the next item after the last click."""
+    key_start, key_length = jax.random.split(key)
+    start = jax.random.randint(key_start, (batch, 1), 0, NUM_ITEMS)
+    length = jax.random.randint(key_length, (batch, 1), 2, width + 1)
+    positions = jnp.arange(width)[None, :]
+    mask = positions < length
+    items = jnp.where(mask, (start + positions) % NUM_ITEMS, 0).astype(jnp.int32)
+    targets = ((start[:, 0] + length[:, 0]) % NUM_ITEMS).astype(jnp.int32)
+    return items, mask, targets
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "srgnn", "gru4rec"])
+def test_training_steps_reduce_next_item_loss(encoder):
+    model = msbr.SessionEncoder(_config(encoder, dropout=0.1), NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    def loss_fn(model, items, mask, targets):
+        return msbr.chunked_softmax_cross_entropy(model(items, mask), model.item_table(), targets, 5)
+
+    @nnx.jit
+    def train_step(model, optimizer, items, mask, targets):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, items, mask, targets)
+        optimizer.update(model, grads)
+        return loss
+
+    eval_batch = _toy_next_item_batch(jax.random.key(1000), batch=64)
+    evaluate = nnx.jit(lambda m: loss_fn(nnx.view(m, deterministic=True), *eval_batch))
+    initial = float(evaluate(model))
+    for step in range(60):
+        train_step(model, optimizer, *_toy_next_item_batch(jax.random.key(step)))
+    final = float(evaluate(model))
+    assert initial > 2.0  # about log 12 before training
+    assert final < 0.5 * initial, (initial, final)
+
+
+def test_encoder_config_reads_the_run_config():
+    config = tpad_base.get_config("tiny")
+    cfg = msbr.EncoderConfig.from_config(config)
+    assert (cfg.encoder, cfg.hidden_dim, cfg.num_layers) == ("transformer", 32, 1)
+    assert cfg.max_length == config.data.max_session_length
+    with pytest.raises(ValueError, match="msbr.encoder"):
+        msbr.EncoderConfig(encoder="lstm")

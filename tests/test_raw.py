@@ -1,0 +1,148 @@
+"""Canonical format readers: one test per bad-input case, plus writer round trips."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tpad_jax.data import raw
+
+GOOD_ITEM = {"item_id": "a", "title": "Red mug", "category": "mug", "image": None}
+
+
+def write_lines(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def read_one_bad_item(tmp_path, bad):
+    """Reads [good, bad, good'] in both modes; returns the raised error and the skip report."""
+    path = write_lines(tmp_path / "items.jsonl", [GOOD_ITEM, bad, {**GOOD_ITEM, "item_id": "z"}])
+    with pytest.raises(raw.RawFormatError) as error:
+        raw.read_items(path, on_error="raise")
+    report = raw.SkipReport()
+    items = raw.read_items(path, on_error="skip", report=report)
+    assert [i.item_id for i in items] == ["a", "z"]
+    return error.value, report.as_dict()
+
+
+def test_error_message_names_file_line_and_field():
+    error = raw.RawFormatError("items.jsonl", 17, "title", "missing")
+    assert str(error) == "items.jsonl:17: field 'title': missing"
+
+
+def test_malformed_json(tmp_path):
+    error, skipped = read_one_bad_item(tmp_path, '{"item_id": "b", "title": ')
+    assert (error.line, error.field) == (2, None) and "malformed JSON" in str(error)
+    assert skipped == {"malformed_json": 1}
+
+
+def test_missing_title(tmp_path):
+    error, skipped = read_one_bad_item(tmp_path, {"item_id": "b", "category": None})
+    assert (error.line, error.field, error.message) == (2, "title", "missing")
+    assert skipped == {"missing_field": 1}
+
+
+def test_empty_title(tmp_path):
+    error, skipped = read_one_bad_item(tmp_path, {"item_id": "b", "title": "  "})
+    assert (error.line, error.field) == (2, "title")
+    assert skipped == {"missing_title": 1}
+
+
+def test_wrong_type(tmp_path):
+    error, skipped = read_one_bad_item(tmp_path, {"item_id": 7, "title": "Seven"})
+    assert (error.line, error.field) == (2, "item_id") and "expected string, got int" in str(error)
+    assert skipped == {"wrong_type": 1}
+
+
+def test_duplicate_item_id(tmp_path):
+    error, skipped = read_one_bad_item(tmp_path, {**GOOD_ITEM, "title": "Again"})
+    assert (error.line, error.field) == (2, "item_id") and "duplicate" in str(error)
+    assert skipped == {"duplicate_item_id": 1}
+
+
+def test_missing_image(tmp_path):
+    error, skipped = read_one_bad_item(tmp_path, {"item_id": "b", "title": "B", "image": "images/none.jpg"})
+    assert (error.line, error.field) == (2, "image") and "does not exist" in str(error)
+    assert skipped == {"image_missing": 1}
+
+
+def test_undecodable_image(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    error, skipped = read_one_bad_item(tmp_path, {"item_id": "b", "title": "B", "image": "broken.jpg"})
+    assert (error.line, error.field) == (2, "image") and "cannot be decoded" in str(error)
+    assert skipped == {"image_unreadable": 1}
+
+
+def test_good_image_is_kept_relative(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "images" / "b.png")
+    path = write_lines(tmp_path / "items.jsonl", [{"item_id": "b", "title": "B", "image": "images/b.png"}])
+    assert raw.read_items(path) == [raw.Item("b", "B", None, "images/b.png")]
+
+
+@pytest.mark.parametrize("name", ["items.jsonl", "sessions.jsonl"])
+def test_empty_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("\n")
+    with pytest.raises(raw.RawFormatError, match="empty file"):
+        if name == "items.jsonl":
+            raw.read_items(path, on_error="skip")
+        else:
+            raw.read_sessions(path, {"a"}, on_error="skip")
+
+
+def test_unknown_item_in_session_drops_the_click(tmp_path):
+    path = write_lines(tmp_path / "sessions.jsonl", [
+        {"session_id": "s1", "items": ["a", "ghost", "b", "ghost"], "timestamp": 5},
+        {"session_id": "s2", "items": ["b", "a"]},
+    ])
+    with pytest.raises(raw.RawFormatError) as error:
+        raw.read_sessions(path, {"a", "b"})
+    assert (error.value.line, error.value.field) == (1, "items") and "ghost" in str(error.value)
+    report = raw.SkipReport()
+    sessions = raw.read_sessions(path, {"a", "b"}, on_error="skip", report=report)
+    assert sessions == [raw.Session("s1", ["a", "b"], 5), raw.Session("s2", ["b", "a"], None)]
+    assert report.as_dict() == {"unknown_item_click": 2}
+
+
+def test_session_wrong_types(tmp_path):
+    path = write_lines(tmp_path / "sessions.jsonl", [
+        {"session_id": "s1", "items": ["a"], "timestamp": "yesterday"},
+        {"session_id": "s2", "items": "a"},
+        {"session_id": "s3", "items": ["a"], "timestamp": True},
+        {"session_id": "s4", "items": ["a", 3]},
+        {"session_id": "s5", "items": ["a", "a"], "timestamp": 9},
+    ])
+    with pytest.raises(raw.RawFormatError, match="sessions.jsonl:1: field 'timestamp': expected int, got"):
+        raw.read_sessions(path, {"a"})
+    report = raw.SkipReport()
+    sessions = raw.read_sessions(path, {"a"}, on_error="skip", report=report)
+    assert sessions == [raw.Session("s5", ["a", "a"], 9)]
+    assert report.as_dict() == {"wrong_type": 4}
+
+
+def test_items_round_trip(tmp_path):
+    items = [raw.Item("a", "Red mug", "mug", None), raw.Item("b", "Été lamp", None, None)]
+    raw.write_items(tmp_path / "items.jsonl", items)
+    assert raw.read_items(tmp_path / "items.jsonl") == items
+    sessions = [raw.Session("s1", ["a", "b", "a"], 3), raw.Session("s2", ["b", "a"], None)]
+    raw.write_sessions(tmp_path / "sessions.jsonl", sessions)
+    assert raw.read_sessions(tmp_path / "sessions.jsonl", {"a", "b"}) == sessions
+
+
+def test_write_npz_is_byte_identical_and_loadable(tmp_path):
+    arrays = {"b": np.arange(5, dtype=np.int32), "a": np.array(["x", "yz"])}
+    raw.write_npz(tmp_path / "1.npz", arrays)
+    raw.write_npz(tmp_path / "2.npz", arrays)
+    assert (tmp_path / "1.npz").read_bytes() == (tmp_path / "2.npz").read_bytes()
+    with np.load(tmp_path / "1.npz") as loaded:
+        np.testing.assert_array_equal(loaded["b"], arrays["b"])
+        np.testing.assert_array_equal(loaded["a"], arrays["a"])
+
+
+def test_on_error_must_be_known(tmp_path):
+    path = write_lines(tmp_path / "items.jsonl", [GOOD_ITEM])
+    with pytest.raises(ValueError, match="on_error"):
+        raw.read_items(path, on_error="ignore")

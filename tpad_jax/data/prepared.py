@@ -1,0 +1,277 @@
+"""PreparedData: the item table and protocol splits every stage consumes, prepared once per workdir.
+
+`load_or_prepare(config, workdir)` resolves the data source, generates the synthetic catalogue when needed,
+reads and validates the raw data, applies the protocol, and writes DIR/data/prepared/{catalogue.json,
+splits.npz, stats.json, fingerprint.txt} (byte-identical for the same inputs). Later calls load those
+files; they are prepared again only when the data config they were made from differs. Delete
+DIR/data/prepared after editing the raw files of a canonical/adapter source.
+"""
+
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+
+from tpad_jax.data import amazon2018, protocol, raw, srgnn_pickle, synthetic
+
+SOURCES = ("synthetic", "canonical", "amazon2018", "srgnn_pickle")
+SPLITS = ("train", "valid", "test")
+PREPARED_FILES = ("catalogue.json", "splits.npz", "stats.json")
+SIGNATURE_KEYS = ("raw_dir", "amazon_category", "protocol", "min_item_count", "min_session_length",
+                  "max_session_length", "test_fraction", "valid_fraction", "on_error", "cold_threshold")
+
+
+def resolve_source(data_config):
+    """The effective source: "synthetic" with `raw_dir` set means "canonical"."""
+    source = data_config.source
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+    if source == "synthetic" and data_config.raw_dir is not None:
+        return "canonical"
+    if source != "synthetic" and data_config.raw_dir is None:
+        raise ValueError(f"data.source={source!r} needs data.raw_dir")
+    return source
+
+
+def raw_dir_for(config, workdir):
+    """Directory holding the raw catalogue (and its images) for this config, as an absolute path."""
+    if resolve_source(config.data) == "synthetic":
+        return os.path.abspath(os.path.join(workdir, "data", "raw"))
+    return os.path.abspath(config.data.raw_dir)
+
+
+def data_signature(config):
+    """The config values the prepared files depend on (stored in catalogue.json)."""
+    source = resolve_source(config.data)
+    signature = {"source": source, **{key: config.data[key] for key in SIGNATURE_KEYS}}
+    if source == "synthetic":
+        signature["synthetic"] = dict(sorted(config.data.synthetic.to_dict().items()))
+        signature["image_size"] = config.data.image_size
+    return signature
+
+
+def _write_atomic(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def _json_bytes(value):
+    return (json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def ensure_synthetic(config, raw_dir):
+    """Generates the synthetic catalogue into `raw_dir` unless one with the same settings is there."""
+    settings = {**config.data.synthetic.to_dict(), "image_size": config.data.image_size}
+    marker = os.path.join(raw_dir, "generator.json")
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == settings:
+                return
+    logging.info("generating the synthetic catalogue in %s", raw_dir)
+    s = config.data.synthetic
+    synthetic.generate(raw_dir, num_items=s.num_items, num_sessions=s.num_sessions,
+                       cold_item_fraction=s.cold_item_fraction, noise=s.noise, seed=s.seed,
+                       image_size=config.data.image_size)
+    _write_atomic(marker, _json_bytes(settings))  # written last: marks a complete catalogue
+
+
+def _read_raw(source, config, raw_dir, report):
+    """Items and sessions of a session-level source."""
+    on_error = config.data.on_error
+    if source == "amazon2018":
+        return amazon2018.load(raw_dir, config.data.amazon_category, on_error, report)
+    items = raw.read_items(os.path.join(raw_dir, "items.jsonl"), on_error, report)
+    sessions = raw.read_sessions(os.path.join(raw_dir, "sessions.jsonl"), {i.item_id for i in items},
+                                 on_error, report)
+    return items, sessions
+
+
+def _pickled_splits(config, raw_dir):
+    """SR-GNN pickles as given: examples per split; validation = last valid_fraction of train examples."""
+    if config.data.protocol != "srgnn":
+        raise ValueError(f"{raw_dir}: SR-GNN pickles come filtered, split and augmented; "
+                         "set data.protocol='srgnn' to use them as given")
+    items, train, test = srgnn_pickle.load(raw_dir)
+    num_valid = int(round(len(train.targets) * config.data.valid_fraction))
+    cut = len(train.targets) - num_valid
+    examples = {
+        "train": (train.prefixes[:cut], train.targets[:cut]),
+        "valid": (train.prefixes[cut:], train.targets[cut:]),
+        "test": (test.prefixes, test.targets),
+    }
+    sessions = {name: [p + [t] for p, t in zip(*pair)] for name, pair in examples.items()}
+    return items, sessions, examples, {"as_given": "srgnn pickles: no filtering, split or augmentation"}
+
+
+def _session_splits(config, items, sessions):
+    """Protocol splits of raw sessions; the item table keeps only items that occur in some split."""
+    d = config.data
+    splits = protocol.split_sessions(
+        sessions, min_item_count=d.min_item_count, min_session_length=d.min_session_length,
+        max_session_length=d.max_session_length, test_fraction=d.test_fraction,
+        valid_fraction=d.valid_fraction)
+    by_split = {name: getattr(splits, name) for name in SPLITS}
+    used = set().union(*(protocol.count_items(s) for s in by_split.values()))
+    items = [item for item in items if item.item_id in used]
+    examples = {name: protocol.make_examples(s, d.protocol) for name, s in by_split.items()}
+    return items, by_split, examples, splits.stats
+
+
+def _ragged(sequences, row):
+    """Concatenated int32 rows and int64 offsets of a list of item-id sequences."""
+    lengths = [len(s) for s in sequences]
+    flat = np.array([row[i] for s in sequences for i in s], np.int32)
+    return flat, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+
+
+def _unragged(flat, offsets):
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def _statistics(source, config, items, sessions, examples, report, filtering):
+    train_counts = protocol.count_items(sessions["train"])
+    test_targets = examples["test"][1]
+    cold = sum(train_counts.get(t, 0) < config.data.cold_threshold for t in test_targets)
+    return {
+        "source": source,
+        "protocol": config.data.protocol,
+        "items": len(items),
+        "items_with_image": sum(item.image is not None for item in items),
+        "sessions": {name: len(sessions[name]) for name in SPLITS},
+        "examples": {name: len(examples[name][1]) for name in SPLITS},
+        "clicks": {name: sum(map(len, sessions[name])) for name in SPLITS},
+        "avg_session_length": {
+            name: round(float(np.mean([len(s) for s in sessions[name]])) if sessions[name] else 0.0, 4)
+            for name in SPLITS},
+        "cold_threshold": config.data.cold_threshold,
+        "cold_target_share_test": round(cold / max(len(test_targets), 1), 4),
+        "skipped": report.as_dict(),
+        "filtering": filtering,
+    }
+
+
+def prepare(config, workdir):
+    """Reads the raw data, applies the protocol and writes DIR/data/prepared/ (see module docstring)."""
+    source = resolve_source(config.data)
+    raw.check_on_error(config.data.on_error)
+    raw_dir = raw_dir_for(config, workdir)
+    report = raw.SkipReport()
+    if source == "synthetic":
+        ensure_synthetic(config, raw_dir)
+    if source == "srgnn_pickle":
+        items, sessions, examples, filtering = _pickled_splits(config, raw_dir)
+    else:
+        items, sessions, examples, filtering = _session_splits(config, *_read_raw(source, config, raw_dir,
+                                                                                   report))
+    row = {item.item_id: r for r, item in enumerate(items)}
+    arrays = {}
+    for name in SPLITS:
+        arrays[f"{name}_session_items"], arrays[f"{name}_session_offsets"] = _ragged(sessions[name], row)
+        prefixes, targets = examples[name]
+        arrays[f"{name}_prefix_items"], arrays[f"{name}_prefix_offsets"] = _ragged(prefixes, row)
+        arrays[f"{name}_targets"] = np.array([row[t] for t in targets], np.int32)
+    catalogue = {
+        "data_config": data_signature(config),
+        "item_ids": [item.item_id for item in items],
+        "titles": [item.title for item in items],
+        "categories": [item.category for item in items],
+        "images": [item.image for item in items],
+    }
+    stats = _statistics(source, config, items, sessions, examples, report, filtering)
+    prepared_dir = os.path.join(workdir, "data", "prepared")
+    os.makedirs(prepared_dir, exist_ok=True)
+    _write_atomic(os.path.join(prepared_dir, "catalogue.json"), _json_bytes(catalogue))
+    _write_atomic(os.path.join(prepared_dir, "stats.json"), _json_bytes(stats))
+    raw.write_npz(os.path.join(prepared_dir, "splits.npz.tmp"), arrays)
+    os.replace(os.path.join(prepared_dir, "splits.npz.tmp"), os.path.join(prepared_dir, "splits.npz"))
+    # fingerprint.txt is written last: its presence marks a complete preparation.
+    _write_atomic(os.path.join(prepared_dir, "fingerprint.txt"), (fingerprint(prepared_dir) + "\n").encode())
+
+
+def fingerprint(prepared_dir):
+    """sha256 over the prepared files' names and bytes."""
+    digest = hashlib.sha256()
+    for name in PREPARED_FILES:
+        digest.update(name.encode())
+        with open(os.path.join(prepared_dir, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+class PreparedData:
+    """The prepared dataset: item table, split sessions and examples (item rows), statistics."""
+
+    def __init__(self, prepared_dir, raw_dir, workdir):
+        self.workdir = workdir  # where DIR/data/tfds and the other derived tables live
+        with open(os.path.join(prepared_dir, "catalogue.json"), encoding="utf-8") as f:
+            catalogue = json.load(f)
+        with open(os.path.join(prepared_dir, "stats.json"), encoding="utf-8") as f:
+            self.stats = json.load(f)
+        with open(os.path.join(prepared_dir, "fingerprint.txt"), encoding="utf-8") as f:
+            self.fingerprint = f.read().strip()
+        with np.load(os.path.join(prepared_dir, "splits.npz"), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        config = catalogue["data_config"]
+        self.source, self.protocol = config["source"], config["protocol"]
+        self.cold_threshold = config["cold_threshold"]
+        self.raw_dir = raw_dir
+        self.item_ids = catalogue["item_ids"]
+        self.titles = catalogue["titles"]
+        self.categories = catalogue["categories"]
+        self.image_paths = [None if image is None else os.path.join(raw_dir, image)
+                            for image in catalogue["images"]]
+        self.has_image = np.array([path is not None for path in self.image_paths], bool)
+        self.num_items = len(self.item_ids)
+        self._sessions, self._examples = {}, {}
+        for name in SPLITS:
+            sessions = _unragged(arrays[f"{name}_session_items"], arrays[f"{name}_session_offsets"])
+            prefixes = _unragged(arrays[f"{name}_prefix_items"], arrays[f"{name}_prefix_offsets"])
+            self._sessions[name], self._examples[name] = sessions, (prefixes, arrays[f"{name}_targets"])
+        self.train, self.valid, self.test = (self._sessions[name] for name in SPLITS)
+        self.train_item_counts = np.bincount(arrays["train_session_items"], minlength=self.num_items)
+        self.train_item_counts = self.train_item_counts.astype(np.int64)
+        self._oracle = {}
+
+    def examples(self, split):
+        """(prefixes: list of int32 arrays, targets: int32 [n]) of `split`, as the protocol defines them."""
+        return self._examples[split]
+
+    def cold_mask(self, targets):
+        """True where a target item occurs fewer than `cold_threshold` times in train."""
+        return self.train_item_counts[np.asarray(targets)] < self.cold_threshold
+
+    def oracle_scores(self, split):
+        """True next-item probabilities float32 [num_examples, num_items] (synthetic only, else None).
+
+        See `synthetic.oracle_scores` for the approximation where the protocol removed items.
+        """
+        if self.source != "synthetic":
+            return None
+        if split not in self._oracle:
+            process = synthetic.SessionProcess.load(os.path.join(self.raw_dir, "oracle.npz"))
+            prefixes = [[self.item_ids[r] for r in prefix] for prefix in self._examples[split][0]]
+            self._oracle[split] = synthetic.oracle_scores(process, prefixes, self.item_ids)
+        return self._oracle[split]
+
+
+def _is_current(prepared_dir, config):
+    """Whether complete prepared files made from this data config are in `prepared_dir`."""
+    marker = os.path.join(prepared_dir, "fingerprint.txt")
+    if not os.path.exists(marker):
+        return False
+    with open(os.path.join(prepared_dir, "catalogue.json"), encoding="utf-8") as f:
+        stored = json.load(f)["data_config"]
+    with open(marker, encoding="utf-8") as f:
+        recorded = f.read().strip()
+    return stored == data_signature(config) and recorded == fingerprint(prepared_dir)
+
+
+def load_or_prepare(config, workdir):
+    """PreparedData for `config` in `workdir`; prepares DIR/data/prepared/ on the first call."""
+    prepared_dir = os.path.join(workdir, "data", "prepared")
+    if not _is_current(prepared_dir, config):
+        prepare(config, workdir)
+    return PreparedData(prepared_dir, raw_dir_for(config, workdir), workdir)

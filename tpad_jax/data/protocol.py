@@ -1,0 +1,126 @@
+"""Evaluation protocols: filtering, truncation, the time split and the examples each split yields.
+
+Both protocols (`mmsbr`, the default, and `srgnn`) prepare sessions the same way, in this order:
+1. drop items with fewer than `min_item_count` occurrences over all sessions. This is done **once**, as
+   the SR-GNN / MMSBR / DIMO preprocessing scripts do, not iterated to a fixed point, so a surviving item
+   may end with fewer occurrences after the session filter below;
+2. drop sessions shorter than `min_session_length`;
+3. truncate sessions to their first `max_session_length` items;
+4. order sessions by timestamp (sessions without one after all timed ones; ties by session id in natural
+   order, "s2" < "s10") and cut the last `test_fraction` as test;
+5. drop test clicks on items never seen in train, then test sessions now shorter than `min_session_length`;
+6. validation = the last `valid_fraction` of the train sessions; its clicks on items not in the remaining
+   train are dropped the same way, so validation mirrors test.
+They differ in the examples: `mmsbr` gives one example per session (prefix = all but the last item,
+target = the last), `srgnn` every prefix of length >= 1 (prefix augmentation) in every split.
+"""
+
+import dataclasses
+import re
+
+PROTOCOLS = ("mmsbr", "srgnn")
+
+
+@dataclasses.dataclass
+class Splits:
+    train: list[list[str]]
+    valid: list[list[str]]
+    test: list[list[str]]
+    stats: dict  # what each filtering step removed
+
+
+def natural_key(text):
+    """Sort key that orders embedded numbers by value ("s2" < "s10")."""
+    return [int(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+)", text))]
+
+
+def time_order_key(session):
+    """Sessions by timestamp, untimed ones last, ties by natural session id order."""
+    return (session.timestamp is None, session.timestamp or 0, natural_key(session.session_id))
+
+
+def count_items(sessions):
+    """Occurrences of each item id over `sessions` (lists of item ids)."""
+    counts = {}
+    for session in sessions:
+        for item in session:
+            counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def _drop_unseen(sessions, seen, min_session_length):
+    """Removes clicks on items outside `seen`, then sessions that became too short."""
+    kept, clicks_dropped, sessions_dropped = [], 0, 0
+    for session in sessions:
+        filtered = [item for item in session if item in seen]
+        clicks_dropped += len(session) - len(filtered)
+        if len(filtered) < min_session_length:
+            sessions_dropped += 1
+        else:
+            kept.append(filtered)
+    return kept, clicks_dropped, sessions_dropped
+
+
+def split_sessions(sessions, *, min_item_count, min_session_length, max_session_length, test_fraction,
+                   valid_fraction):
+    """Applies steps 1-6 above to raw sessions.
+
+    Args:
+      sessions: list[raw.Session].
+    Returns:
+      Splits with sessions as lists of item ids, each in time order.
+    """
+    if min_session_length < 2:
+        raise ValueError(f"min_session_length must be >= 2 (a prefix and a target), got {min_session_length}")
+    counts = count_items([s.items for s in sessions])
+    frequent = {item for item, count in counts.items() if count >= min_item_count}
+    kept, clicks_rare, sessions_short = [], 0, 0
+    for session in sorted(sessions, key=time_order_key):
+        items = [item for item in session.items if item in frequent]
+        clicks_rare += len(session.items) - len(items)
+        if len(items) < min_session_length:
+            sessions_short += 1
+            continue
+        kept.append(items)
+    truncated = sum(len(items) > max_session_length for items in kept)
+    kept = [items[:max_session_length] for items in kept]
+
+    num_test = int(round(len(kept) * test_fraction))
+    train, test = kept[:len(kept) - num_test], kept[len(kept) - num_test:]
+    test, test_clicks_unseen, test_sessions_unseen = _drop_unseen(
+        test, set(count_items(train)), min_session_length)
+    num_valid = int(round(len(train) * valid_fraction))
+    train, valid = train[:len(train) - num_valid], train[len(train) - num_valid:]
+    valid, valid_clicks_unseen, valid_sessions_unseen = _drop_unseen(
+        valid, set(count_items(train)), min_session_length)
+    stats = {
+        "items_below_min_count": len(counts) - len(frequent),
+        "clicks_on_rare_items": clicks_rare,
+        "sessions_too_short": sessions_short,
+        "sessions_truncated": truncated,
+        "test_clicks_unseen_in_train": test_clicks_unseen,
+        "test_sessions_too_short_after_unseen": test_sessions_unseen,
+        "valid_clicks_unseen_in_train": valid_clicks_unseen,
+        "valid_sessions_too_short_after_unseen": valid_sessions_unseen,
+    }
+    return Splits(train, valid, test, stats)
+
+
+def make_examples(sessions, protocol):
+    """Prefix/target examples of one split.
+
+    Args:
+      sessions: sequences of items (any element type), each of length >= 2.
+      protocol: "mmsbr" (one example per session) or "srgnn" (every prefix, shortest first).
+    Returns:
+      (prefixes, targets): lists, prefixes[i] is a slice of its session, targets[i] its next item.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"data.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    prefixes, targets = [], []
+    for session in sessions:
+        cuts = range(1, len(session)) if protocol == "srgnn" else [len(session) - 1]
+        for cut in cuts:
+            prefixes.append(session[:cut])
+            targets.append(session[cut])
+    return prefixes, targets

@@ -1,0 +1,182 @@
+"""The results report: results.csv (long format), results.md (tables), bar charts and training curves."""
+
+import csv
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+CSV_FIELDS = ("model", "slice", "metric", "k", "value")
+TABLE_SLICES = ("all", "cold", "warm")
+METRICS = ("HR", "MRR", "NDCG")
+TABLE_COLUMNS = tuple((metric, k) for metric in METRICS for k in (5, 10, 20))
+PLOTTED = (("HR", 20), ("MRR", 20))
+NOT_RANKED = ("oracle",)  # an upper bound, not a competitor: never marked best
+
+
+def read_results(path: str) -> list[dict]:
+    """Rows of a results.csv as dicts with `k` int and `value` float.
+
+    Raises:
+      ValueError naming the file, line and field of the first malformed entry.
+    """
+    name = os.path.basename(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != CSV_FIELDS:
+            raise ValueError(f"{name}:1: header {header} is not {','.join(CSV_FIELDS)}")
+        rows = []
+        for line_number, fields in enumerate(reader, start=2):
+            if len(fields) != len(CSV_FIELDS):
+                raise ValueError(
+                    f"{name}:{line_number}: expected {len(CSV_FIELDS)} fields, got {len(fields)}")
+            row = dict(zip(CSV_FIELDS, fields))
+            for field, allowed in (("slice", TABLE_SLICES), ("metric", METRICS)):
+                if row[field] not in allowed:
+                    raise ValueError(
+                        f"{name}:{line_number}: field {field!r}: {row[field]!r} not in {allowed}")
+            for field, convert in (("k", int), ("value", float)):
+                try:
+                    row[field] = convert(row[field])
+                except ValueError:
+                    raise ValueError(
+                        f"{name}:{line_number}: field {field!r}: not a number: {row[field]!r}") from None
+            rows.append(row)
+    return rows
+
+
+def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
+    """Rows of `new` replace those of the same models in `existing`; other models are kept.
+
+    Models keep their place in `existing`; models seen only in `new` follow in their order there.
+    """
+    new_models = _models_in_order(new)
+    old_models = _models_in_order(existing)
+    order = old_models + [m for m in new_models if m not in old_models]
+    by_model = {m: [r for r in existing if r["model"] == m] for m in order if m not in new_models}
+    by_model.update({m: [r for r in new if r["model"] == m] for m in new_models})
+    return [row for model in order for row in by_model[model]]
+
+
+def write_results(rows: list[dict], results_dir: str) -> list[dict]:
+    """Merges `rows` into results_dir/results.csv and rewrites results.md and the bar charts.
+
+    Args:
+      rows: dicts with keys model, slice (all|cold|warm), metric (HR|MRR|NDCG), k (int), value (%).
+      results_dir: created when missing.
+    Returns:
+      All rows now in results.csv.
+    """
+    os.makedirs(results_dir, exist_ok=True)
+    csv_path = os.path.join(results_dir, "results.csv")
+    existing = read_results(csv_path) if os.path.exists(csv_path) else []
+    # Rounded as the csv stores them, so the returned rows equal what read_results gives back.
+    merged = merge_rows(existing, [dict(r, value=round(r["value"], 2)) for r in rows])
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        writer.writerows([r["model"], r["slice"], r["metric"], r["k"], f"{r['value']:.2f}"] for r in merged)
+    with open(os.path.join(results_dir, "results.md"), "w") as f:
+        f.write(markdown_tables(merged))
+    for metric, k in PLOTTED:
+        plot_bars(merged, metric, k, os.path.join(results_dir, f"{metric.lower()}{k}.png"))
+    return merged
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """One Markdown table per slice: models as rows, HR/MRR/NDCG @5/10/20 as columns, best in bold.
+
+    Ties for the best are all bold; a column where every model scores 0 has no bold.
+    """
+    models = _models_in_order(rows)
+    values = {(r["model"], r["slice"], r["metric"], r["k"]): round(r["value"], 2) for r in rows}
+    header = "| model | " + " | ".join(f"{m}@{k}" for m, k in TABLE_COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    sections = []
+    for slice_name in TABLE_SLICES:
+        best = {}
+        for column in TABLE_COLUMNS:
+            ranked = [values.get((m, slice_name, *column)) for m in models if m not in NOT_RANKED]
+            best[column] = max((v for v in ranked if v is not None), default=None)
+        lines = [f"### {slice_name}", "", header, rule]
+        for model in models:
+            cells = []
+            for column in TABLE_COLUMNS:
+                value = values.get((model, slice_name, *column))
+                if value is None:
+                    cells.append("–")
+                elif model not in NOT_RANKED and value == best[column] and value > 0:
+                    cells.append(f"**{value:.2f}**")
+                else:
+                    cells.append(f"{value:.2f}")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def plot_bars(rows: list[dict], metric: str, k: int, out_png: str) -> None:
+    """Grouped bar chart of metric@k per model, one bar per slice (missing values are left out)."""
+    models = _models_in_order(rows)
+    values = {(r["model"], r["slice"]): r["value"] for r in rows if r["metric"] == metric and r["k"] == k}
+    width = 0.8 / len(TABLE_SLICES)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(models) + 2.0), 4.0))
+    for offset, slice_name in enumerate(TABLE_SLICES):
+        heights = [values.get((m, slice_name), math.nan) for m in models]
+        positions = [i + (offset - (len(TABLE_SLICES) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(positions, heights, width, label=slice_name)
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_ylabel(f"{metric}@{k} (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def read_loss_curve(path: str) -> tuple[list[int], list[float]]:
+    """(steps, losses) of the records in a metrics.jsonl that carry both `step` and `loss`.
+
+    Records without a loss (evaluation records) are not part of the curve.
+
+    Raises:
+      ValueError naming the file and line of a record that is not a JSON object.
+    """
+    steps, losses = [], []
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{os.path.basename(path)}:{line_number}: not JSON: {e.msg}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{os.path.basename(path)}:{line_number}: not a JSON object")
+            if "step" in record and "loss" in record:
+                steps.append(int(record["step"]))
+                losses.append(float(record["loss"]))
+    return steps, losses
+
+
+def plot_training_curves(metrics_jsonl_paths: dict[str, str], out_png: str) -> None:
+    """Loss against step, one panel per stage (name -> its metrics.jsonl)."""
+    fig, axes = plt.subplots(1, len(metrics_jsonl_paths), figsize=(4.0 * len(metrics_jsonl_paths), 3.2),
+                             squeeze=False)
+    for ax, (name, path) in zip(axes[0], metrics_jsonl_paths.items()):
+        steps, losses = read_loss_curve(path)
+        ax.plot(steps, losses)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def _models_in_order(rows: list[dict]) -> list[str]:
+    """Distinct model names in order of first appearance."""
+    return list(dict.fromkeys(r["model"] for r in rows))

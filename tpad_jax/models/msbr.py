@@ -1,0 +1,280 @@
+"""Downstream session encoders (transformer, SR-GNN, GRU4Rec) and chunked full-softmax cross-entropy.
+
+Inputs: `items int32 [B, S]` item rows and `mask bool [B, S]` valid clicks, **right-padded**: the
+clicks of a session fill positions 0..len-1 (left-aligned, as in the session batches of the pipeline)
+and padding follows with row 0 and mask False. Positions count from the session start, so appending
+padding never changes a session vector.
+
+Item vectors: x_v = E_id[v] + W e_content[v]. This is the concatenation [E_id[v] ; W e_content[v]]
+seen through the fixed projection [I I]: the encoder inputs and the scoring table share one width, and
+an item whose ID embedding never trained (a cold item) still scores through its content. `content`
+is frozen (a `FrozenFeatures` variable, not a `Param`); `None` gives the ID-only model.
+Scores are `session_vec @ item_table().T`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ENCODERS = ("transformer", "srgnn", "gru4rec")
+
+
+class FrozenFeatures(nnx.Variable):
+    """Constant content features: state (checkpointed), never selected by an `nnx.Param` optimizer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Shape of a session encoder; `from_config` reads `config.msbr` and the data's max length."""
+
+    encoder: str = "transformer"
+    causal: bool = True
+    hidden_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1
+    gnn_steps: int = 1
+    max_length: int = 20
+
+    @classmethod
+    def from_config(cls, config):
+        """Builds the encoder config from the full run config (`config.msbr`, `config.data`)."""
+        msbr = config.msbr
+        return cls(
+            encoder=msbr.encoder,
+            causal=msbr.causal,
+            hidden_dim=msbr.hidden_dim,
+            num_layers=msbr.num_layers,
+            num_heads=msbr.num_heads,
+            dropout=msbr.dropout,
+            gnn_steps=msbr.gnn_steps,
+            max_length=config.data.max_session_length,
+        )
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"msbr.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+
+
+class SessionEncoder(nnx.Module):
+    """Item inputs + one encoder body; `__call__` gives session vectors, `item_table` the item vectors."""
+
+    def __init__(self, cfg: EncoderConfig, num_items: int, content=None, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dim = cfg.hidden_dim
+        self.id_embedding = nnx.Embed(num_items, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        if content is None:
+            self.content = None
+            self.content_projection = None
+        else:
+            content = jnp.asarray(content, jnp.float32)
+            if content.shape[0] != num_items:
+                raise ValueError(f"content has {content.shape[0]} rows for {num_items} items")
+            self.content = FrozenFeatures(content)
+            self.content_projection = nnx.Linear(content.shape[1], dim, use_bias=False, rngs=rngs)
+        self.input_dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs)
+        body = {"transformer": TransformerBody, "srgnn": SRGNNBody, "gru4rec": GRUBody}[cfg.encoder]
+        self.body = body(cfg, rngs=rngs)
+
+    def item_table(self):
+        """Item vectors [N, d] = ID embedding + projected content."""
+        table = self.id_embedding.embedding[...]
+        if self.content is not None:
+            table = table + self.content_projection(self.content[...])
+        return table
+
+    def __call__(self, items, mask):
+        """Session vectors [B, d] for right-padded `items` [B, S] with valid-click `mask` [B, S]."""
+        if items.shape[1] > self.cfg.max_length:
+            raise ValueError(f"sessions of length {items.shape[1]} exceed max_length {self.cfg.max_length}")
+        inputs = self.input_dropout(self.item_table()[items])
+        return self.body(inputs, items, mask)
+
+    def scores(self, items, mask):
+        """Scores [B, N] of every item as the next click."""
+        return self(items, mask) @ self.item_table().T
+
+
+def last_valid_index(mask):
+    """Index [B] of the last valid position of right-padded sessions (0 for empty ones)."""
+    return jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+
+
+class TransformerBody(nnx.Module):
+    """Pre-LN transformer with learned positions; reads out the last valid position."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        dim = cfg.hidden_dim
+        self.causal = cfg.causal
+        self.positions = nnx.Embed(cfg.max_length, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.blocks = nnx.List([_TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
+
+    def __call__(self, inputs, items, mask):
+        hidden = self.hidden_states(inputs, mask)
+        return jnp.take_along_axis(hidden, last_valid_index(mask)[:, None, None], axis=1)[:, 0]
+
+    def hidden_states(self, inputs, mask):
+        """Final-layer states [B, S, d] at every position."""
+        length = inputs.shape[1]
+        hidden = inputs + self.positions.embedding[...][:length]
+        # Padded keys are never attended; padded queries produce outputs that nothing reads.
+        attention_mask = jnp.broadcast_to(mask[:, None, None, :], (mask.shape[0], 1, length, length))
+        if self.causal:
+            attention_mask = attention_mask & jnp.tril(jnp.ones((length, length), bool))
+        for block in self.blocks:
+            hidden = block(hidden, attention_mask)
+        return self.final_norm(hidden)
+
+
+class _TransformerBlock(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        dim = cfg.hidden_dim
+        self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            cfg.num_heads, dim, decode=False, deterministic=True, rngs=rngs
+        )
+        self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs)
+
+    def __call__(self, hidden, attention_mask):
+        hidden = hidden + self.dropout(self.attention(self.attention_norm(hidden), mask=attention_mask))
+        return hidden + self.dropout(self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(hidden)))))
+
+
+def srgnn_graph(items, mask):
+    """The SR-GNN session graph of one right-padded session, built with array ops only.
+
+    Nodes are identified by the position of an item's first valid occurrence; `alias[i]` is the node
+    of position i. A[u, v] = 1 if some consecutive valid clicks go u -> v (repeated transitions count
+    once, as in the reference code). Normalisation follows Wu et al. 2019: node i aggregates
+    predecessors through A_in[i, j] = A[j, i] / indeg(i) and successors through
+    A_out[i, j] = A[i, j] / outdeg(i) (rows of isolated nodes stay zero).
+
+    Args:
+      items: int32 [S]; mask: bool [S] (valid prefix).
+
+    Returns:
+      (alias int32 [S], A_in float32 [S, S], A_out float32 [S, S]).
+    """
+    length = items.shape[0]
+    same_item = (items[:, None] == items[None, :]) & mask[:, None] & mask[None, :]
+    alias = jnp.argmax(same_item, axis=1).astype(jnp.int32)
+    is_transition = (mask[:-1] & mask[1:]).astype(jnp.float32)
+    source = jax.nn.one_hot(alias[:-1], length) * is_transition[:, None]
+    target = jax.nn.one_hot(alias[1:], length)
+    adjacency = (source.T @ target > 0).astype(jnp.float32)
+    in_degree = jnp.sum(adjacency, axis=0)
+    out_degree = jnp.sum(adjacency, axis=1)
+    a_in = adjacency.T / jnp.maximum(in_degree, 1.0)[:, None]
+    a_out = adjacency / jnp.maximum(out_degree, 1.0)[:, None]
+    return alias, a_in, a_out
+
+
+class SRGNNBody(nnx.Module):
+    """SR-GNN (Wu et al. 2019): gated GNN over the session graph + soft-attention readout."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        dim = cfg.hidden_dim
+        self.steps = cfg.gnn_steps
+        self.edge_in = nnx.Linear(dim, dim, rngs=rngs)
+        self.edge_out = nnx.Linear(dim, dim, rngs=rngs)
+        self.bias_in = nnx.Param(jnp.zeros((dim,)))
+        self.bias_out = nnx.Param(jnp.zeros((dim,)))
+        self.gate_input = nnx.Linear(2 * dim, 3 * dim, rngs=rngs)
+        self.gate_hidden = nnx.Linear(dim, 3 * dim, rngs=rngs)
+        self.attention_last = nnx.Linear(dim, dim, rngs=rngs)
+        self.attention_all = nnx.Linear(dim, dim, rngs=rngs)
+        self.attention_score = nnx.Linear(dim, 1, use_bias=False, rngs=rngs)
+        self.transform = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+    def _gated_step(self, a_in, a_out, hidden):
+        incoming = a_in @ self.edge_in(hidden) + self.bias_in[...]
+        outgoing = a_out @ self.edge_out(hidden) + self.bias_out[...]
+        input_reset, input_update, input_new = jnp.split(
+            self.gate_input(jnp.concatenate([incoming, outgoing], axis=-1)), 3, axis=-1
+        )
+        hidden_reset, hidden_update, hidden_new = jnp.split(self.gate_hidden(hidden), 3, axis=-1)
+        reset = jax.nn.sigmoid(input_reset + hidden_reset)
+        update = jax.nn.sigmoid(input_update + hidden_update)
+        candidate = jnp.tanh(input_new + reset * hidden_new)
+        return candidate + update * (hidden - candidate)
+
+    def __call__(self, inputs, items, mask):
+        alias, a_in, a_out = jax.vmap(srgnn_graph)(items, mask)
+        # Node j starts from the item at position j; positions that are not nodes are never read.
+        hidden = inputs
+        for _ in range(self.steps):
+            hidden = self._gated_step(a_in, a_out, hidden)
+        per_position = jnp.take_along_axis(hidden, alias[:, :, None], axis=1)
+        last = jnp.take_along_axis(per_position, last_valid_index(mask)[:, None, None], axis=1)[:, 0]
+        weights = self.attention_score(
+            jax.nn.sigmoid(self.attention_last(last)[:, None, :] + self.attention_all(per_position))
+        )
+        global_preference = jnp.sum(weights * per_position * mask[:, :, None], axis=1)
+        return self.transform(jnp.concatenate([last, global_preference], axis=-1))
+
+
+class GRUBody(nnx.Module):
+    """GRU4Rec: a GRU over the clicks; the session vector is the hidden state after the last click."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        self.cell = nnx.GRUCell(cfg.hidden_dim, cfg.hidden_dim, rngs=rngs)
+
+    def __call__(self, inputs, items, mask):
+        def step(carry, inputs_and_mask):
+            x, valid = inputs_and_mask
+            new_carry, _ = self.cell(carry, x)
+            # Padding steps keep the carry, so the final carry is the state after the last click.
+            return jnp.where(valid[:, None], new_carry, carry), None
+
+        initial = jnp.zeros((inputs.shape[0], self.cell.hidden_features), inputs.dtype)
+        final, _ = jax.lax.scan(step, initial, (jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(mask, 0, 1)))
+        return final
+
+
+def chunked_softmax_cross_entropy(session_vecs, item_table, targets, chunk, *, mask=None):
+    """Mean full-softmax cross-entropy over all items without building the [B, N] logits at once.
+
+    A running logsumexp scans chunks of `chunk` items; the scan body is rematerialised, so the backward
+    pass also holds one [B, chunk] block at a time.
+
+    Args:
+      session_vecs: [B, d]; item_table: [N, d]; targets: int32 [B] item rows.
+      chunk: items per chunk (the table is padded up to a multiple of it).
+      mask: optional bool [B] of valid rows; invalid rows do not count.
+
+    Returns:
+      Scalar mean cross-entropy over valid rows.
+    """
+    num_items, dim = item_table.shape
+    num_chunks = -(-num_items // chunk)
+    padded = jnp.pad(item_table, ((0, num_chunks * chunk - num_items), (0, 0)))
+    chunks = padded.reshape(num_chunks, chunk, dim)
+    real_item = (np.arange(num_chunks * chunk) < num_items).reshape(num_chunks, chunk)
+
+    @jax.checkpoint
+    def accumulate(carry, chunk_and_valid):
+        running_max, running_sum = carry
+        table_chunk, valid = chunk_and_valid
+        logits = jnp.where(valid[None, :], session_vecs @ table_chunk.T, -jnp.inf)
+        # The shift only keeps exp() finite; the logsumexp value and gradient do not depend on it.
+        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(logits, axis=1)))
+        new_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
+            jnp.exp(logits - new_max[:, None]), axis=1
+        )
+        return (new_max, new_sum), None
+
+    batch = session_vecs.shape[0]
+    initial = (jnp.full((batch,), -jnp.inf, session_vecs.dtype), jnp.zeros((batch,), session_vecs.dtype))
+    (running_max, running_sum), _ = jax.lax.scan(accumulate, initial, (chunks, jnp.asarray(real_item)))
+    log_partition = running_max + jnp.log(running_sum)
+    target_logits = jnp.sum(session_vecs * item_table[targets], axis=1)
+    cross_entropy = log_partition - target_logits
+    valid_rows = jnp.ones((batch,), bool) if mask is None else mask.astype(bool)
+    return jnp.sum(jnp.where(valid_rows, cross_entropy, 0.0)) / jnp.maximum(jnp.sum(valid_rows), 1)

@@ -1,0 +1,193 @@
+"""The one training loop of every stage: a pure step jitted once, logging, eval, checkpoints, resume."""
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import optax
+import tqdm
+from flax import nnx
+
+from tpad_jax.parallel import distributed
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.train import checkpointing
+from tpad_jax.train.logging import MetricsWriter
+
+# loss_fn(model, batch, rng) -> (scalar loss, {name: scalar}); may update non-trainable model state.
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+# eval_fn(model, step) -> {name: float}; logged as "eval/<name>".
+EvalFn = Callable[[Any, int], Mapping[str, float]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the offending state was not saved."""
+
+
+class TrainState(nnx.Module):
+    """The model and its optimizer (over the `wrt` parameters): what a step updates and a checkpoint holds."""
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, wrt):
+        self.model = model
+        self.optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """What `run_loop` ends with."""
+
+    state: TrainState  # state.model is the trained model
+    step: int
+    metrics: dict[str, float]  # the last logged metrics ({} when no step ran)
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt):
+    """The pure step `(state, batch, rng_data) -> (state, metrics)` of a TrainState split into graphdef + state.
+
+    The step's RNG is `fold_in(rng, optimizer step)`, so a resumed run draws the same keys.
+    """
+
+    def step(state, batch, rng_data):
+        train_state = nnx.merge(graphdef, state)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), train_state.optimizer.step[...])
+        model_def, params, rest = nnx.split(train_state.model, wrt, ...)
+
+        def loss_of(params):
+            model = nnx.merge(model_def, params, rest)
+            loss, aux = loss_fn(model, batch, rng)
+            # The non-trainable state may change (RNG counters, running statistics): carry it out.
+            return loss, (aux, nnx.state(model, nnx.Not(wrt)))
+
+        (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        nnx.update(train_state.model, new_rest)
+        train_state.optimizer.update(train_state.model, grads)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return nnx.state(train_state), metrics
+
+    return step
+
+
+def jit_train_step(step, abstract: nnx.State, mesh: jax.sharding.Mesh):
+    """Compiles `step` once: state on the shardings of `abstract` (donated), batch over the data axes."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    replicated = mesh_lib.replicated(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, mesh_lib.data_sharding(mesh), replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def _rng_data_shape() -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+
+
+def _host_metrics(step: int, metrics, last_checkpoint: int | None) -> dict[str, float]:
+    """Fetches the step's metrics; raises NonFiniteLossError on a NaN or infinite loss."""
+    values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    if not math.isfinite(values["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: metrics {values}; stopped without saving this state "
+            f"(last checkpoint: step {last_checkpoint})")
+    return values
+
+
+def _leading_dim(batch) -> int:
+    return jax.tree.leaves(batch)[0].shape[0]
+
+
+def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Mesh,
+             rules: mesh_lib.Rules, make_model: Callable[[], nnx.Module],
+             tx: optax.GradientTransformation, wrt, loss_fn: LossFn, data_iterator: Iterator,
+             num_steps: int, seed: int, eval_fn: EvalFn | None = None, desc: str = "train") -> LoopResult:
+    """Trains `make_model()` for `num_steps` steps, resuming from the latest checkpoint in `workdir`.
+
+    Args:
+      workdir: the stage directory: checkpoints/, metrics.jsonl and tb/ go there.
+      train_config: `config.train` (log_every, eval_every, checkpoint_every, max_to_keep).
+      mesh: the device mesh; rules: logical axis rules for the model's variables.
+      make_model: builds the model from scratch, deterministically (the restore target uses it too).
+      tx: the optimizer (`optim.make_optimizer`); wrt: the trainable filter (`optim.trainable_filter`).
+      loss_fn: `loss_fn(model, batch, rng) -> (loss, aux_metrics)`, traced once.
+      data_iterator: a grain DatasetIterator of this process's numpy batches; its position is saved.
+      num_steps: the total number of steps of the stage (not the number left).
+      seed: seeds the step RNG of a fresh run (a resumed run restores it).
+      eval_fn: called every `train_config.eval_every` steps.
+      desc: the progress-bar label.
+    """
+    workdir = pathlib.Path(workdir)
+    is_main = distributed.is_main_process()
+
+    # ----------------------------------------------------------------------------------- model
+    def make_train_state():
+        return TrainState(make_model(), tx, wrt)
+
+    graphdef, abstract = mesh_lib.abstract_state(make_train_state, mesh, rules)
+    replicated = mesh_lib.replicated(mesh)
+    rng_shape = _rng_data_shape()
+
+    # ------------------------------------------------------------------------------ checkpoint
+    manager = checkpointing.make_manager(workdir / "checkpoints", train_config.max_to_keep)
+    start = manager.latest_step()
+    if start is None:
+        start = 0
+        state = nnx.state(mesh_lib.sharded_init(make_train_state, mesh, rules))
+        rng_data = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
+    else:
+        target = {"train": abstract,
+                  "rng": jax.ShapeDtypeStruct(rng_shape.shape, rng_shape.dtype, sharding=replicated)}
+        restored = checkpointing.restore(manager, start, target, data_iterator)
+        state, rng_data = restored["train"], restored["rng"]
+        if is_main:
+            tqdm.tqdm.write(f"resuming {desc} from checkpoint step {start}")
+
+    # ------------------------------------------------------------------------------------ step
+    with mesh_lib.activate(mesh, rules):
+        train_step = jit_train_step(make_train_step(graphdef, loss_fn, wrt), abstract, mesh)
+
+    # ------------------------------------------------------------------------------------ loop
+    writer = MetricsWriter(workdir, enabled=is_main)
+    progress = tqdm.tqdm(total=num_steps, initial=start, desc=desc, disable=not is_main)
+    last_checkpoint = None if start == 0 else start
+    logged: dict[str, float] = {}
+    previous = None  # (step, metrics) still to check: checked while the next step runs
+    examples, clock = 0, time.perf_counter()
+    try:
+        for step in range(start + 1, num_steps + 1):
+            try:
+                local_batch = next(data_iterator)
+            except StopIteration:
+                raise ValueError(f"{desc}: the data iterator ended before step {step} of {num_steps}")
+            batch = mesh_lib.global_batch(local_batch, mesh)
+            with mesh_lib.activate(mesh, rules):
+                state, metrics = train_step(state, batch, rng_data)
+            if previous is not None:
+                _host_metrics(*previous, last_checkpoint)
+            previous = (step, metrics)
+            examples += _leading_dim(batch)
+            progress.update(1)
+
+            if step % train_config.log_every == 0 or step == num_steps:
+                logged = _host_metrics(step, metrics, last_checkpoint)
+                elapsed = time.perf_counter() - clock
+                logged["examples_per_s"] = examples / elapsed
+                examples, clock = 0, time.perf_counter()
+                writer.write(step, logged)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
+
+            if eval_fn is not None and step % train_config.eval_every == 0:
+                with mesh_lib.activate(mesh, rules):
+                    results = eval_fn(nnx.merge(graphdef, state).model, step)
+                writer.write(step, {f"eval/{name}": value for name, value in results.items()})
+
+            if step % train_config.checkpoint_every == 0 or step == num_steps:
+                _host_metrics(step, metrics, last_checkpoint)
+                checkpointing.save(manager, step, {"train": state, "rng": rng_data}, data_iterator)
+                last_checkpoint = step
+    finally:
+        # Lets an in-flight save of the last good state complete, even when a step failed.
+        manager.wait_until_finished()
+        manager.close()
+        progress.close()
+        writer.close()
+    return LoopResult(state=nnx.merge(graphdef, state), step=max(start, num_steps), metrics=logged)

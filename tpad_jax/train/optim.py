@@ -1,0 +1,84 @@
+"""Optimizers: per-group learning-rate schedules chosen by parameter path, and the trainable filter."""
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import optax
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSchedule:
+    """Warmup + cosine schedule for the trainable parameters whose path matches `pattern`."""
+
+    pattern: str  # regex, searched in the "/"-joined path, e.g. "knowledge/.*lora"
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+
+
+def path_string(path: Sequence) -> str:
+    """"/"-joined parameter path from nnx state keys or jax key paths."""
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def path_matches(pattern: str):
+    """nnx filter: variables whose "/"-joined path contains a match of the regex `pattern`."""
+    compiled = re.compile(pattern)
+    return lambda path, value: compiled.search(path_string(path)) is not None
+
+
+def trainable_filter(full_finetune: bool, extra_trainable: Sequence[str] = ()):
+    """The parameters the optimizer updates.
+
+    Args:
+      full_finetune: train every `nnx.Param` (LoRA factors included) instead of LoRA only.
+      extra_trainable: path regexes of whole modules trained besides LoRA (projector, heads).
+    """
+    if full_finetune:
+        return nnx.Param
+    extras = [nnx.All(nnx.Param, path_matches(pattern)) for pattern in extra_trainable]
+    return nnx.Any(nnx.LoRAParam, *extras)
+
+
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `peak_lr`, then cosine decay to 0 at `total_steps`."""
+    decay_steps = max(total_steps, warmup_steps + 1)  # optax needs a non-empty decay phase
+    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, decay_steps, end_value=0.0)
+
+
+def group_labels(tree, groups: Mapping[str, GroupSchedule]):
+    """Labels each leaf of `tree` (nnx.Variables are leaves) with the first group whose pattern matches."""
+    compiled = {name: re.compile(group.pattern) for name, group in groups.items()}
+    unmatched = []
+
+    def label(path, _):
+        text = path_string(path)
+        name = next((name for name, regex in compiled.items() if regex.search(text)), None)
+        if name is None:
+            unmatched.append(text)
+        return name
+
+    labels = jax.tree_util.tree_map_with_path(label, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if unmatched:
+        raise ValueError(f"trainable parameters match no optimizer group {list(groups)}: {unmatched}")
+    return labels
+
+
+def make_optimizer(groups: Mapping[str, GroupSchedule], grad_clip: float = 0.0,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """AdamW with one schedule per parameter group, after global-norm clipping of all gradients.
+
+    Args:
+      groups: group name -> schedule; a parameter joins the first group (in order) matching its path.
+      grad_clip: maximum global gradient norm; 0 disables clipping.
+      weight_decay: decoupled AdamW weight decay.
+    """
+    per_group = {
+        name: optax.adamw(warmup_cosine(g.peak_lr, g.warmup_steps, g.total_steps), weight_decay=weight_decay)
+        for name, g in groups.items()
+    }
+    update = optax.multi_transform(per_group, lambda tree: group_labels(tree, groups))
+    return optax.chain(optax.clip_by_global_norm(grad_clip), update) if grad_clip > 0 else update
