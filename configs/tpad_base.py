@@ -48,18 +48,20 @@ def get_config(arg=None):
     c.data.image_size = 64
     c.data.tokenizer_vocab_size = 2048
     c.data.tokenizer_path = config_dict.placeholder(str)  # a real checkpoint's tokenizer.json
-    c.data.max_item_tokens = 32  # item prompt length in text tokens (stage 1, export)
-    c.data.max_title_tokens = 12  # title tokens per item inside a session prompt
-    c.data.visual_tokens_per_item = 4  # pooled visual tokens per item in session prompts
-    c.data.max_prompt_items = 8  # last items of a session shown to the Transfer-MLLM
+    c.data.max_item_tokens = 16  # item prompt length in text tokens (stage 1, export)
+    c.data.max_title_tokens = 8  # title tokens per item inside a session prompt
+    c.data.item_visual_tokens = 4  # pooled visual tokens per item in item prompts (a square number)
+    c.data.visual_tokens_per_item = 1  # pooled visual tokens per item in session prompts
+    c.data.max_prompt_items = 5  # last items of a session shown to the Transfer-MLLM
     c.data.worker_count = 0  # grain mp_prefetch workers (0 = in-process)
     c.data.read_threads = 2  # grain threads reading and mapping (each prefetches 2 batches)
 
     c.data.synthetic = ml_collections.ConfigDict()
-    c.data.synthetic.num_items = 2000
-    c.data.synthetic.num_sessions = 30000
-    c.data.synthetic.cold_item_fraction = 0.15
-    c.data.synthetic.noise = 0.1
+    c.data.synthetic.num_items = 3000
+    c.data.synthetic.num_sessions = 20000
+    # The long tail: this share of items is calibrated to ~9 clicks each (cold: < 10 train occurrences).
+    c.data.synthetic.cold_item_fraction = 0.6
+    c.data.synthetic.noise = 0.03  # uniform clicks; small, so cold items are reached by their content
     c.data.synthetic.seed = 0
 
     # ---------------------------------------------------------------------------------- model
@@ -100,6 +102,7 @@ def get_config(arg=None):
     c.stage2.align_weight = 1.0
     c.stage2.mmd_weight = 0.0
     c.stage2.keep_weight = 0.5
+    c.stage2.keep_batch_size = 8  # items per step for the keep-knowledge term
     c.stage2.temperature = 0.1
     c.stage2.negatives = 0  # extra sampled negative items per batch for alignment (0 = in-batch only)
 
@@ -112,11 +115,12 @@ def get_config(arg=None):
     c.msbr.num_heads = 2
     c.msbr.dropout = 0.1
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
-    c.msbr.batch_size = 256
+    c.msbr.batch_size = 512
     c.msbr.learning_rate = 3e-3
-    c.msbr.max_epochs = 20
-    c.msbr.patience = 3
+    c.msbr.max_epochs = 8  # an epoch = every prefix of every train session once
+    c.msbr.patience = 2  # epochs without a better validation MRR@20 before training stops
     c.msbr.score_chunk = 4096  # items per chunk of the full-softmax loss
+    c.msbr.eval_batch_size = 1024  # prefixes per chunk when ranking validation / test
 
     # ----------------------------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()
@@ -159,7 +163,8 @@ def _tiny(c):
     c.data.tokenizer_vocab_size = 400
     c.data.max_item_tokens = 24
     c.data.max_title_tokens = 8
-    c.data.visual_tokens_per_item = 2
+    c.data.item_visual_tokens = 4
+    c.data.visual_tokens_per_item = 1
     c.data.max_prompt_items = 4
     c.model.preset = "tiny"
     c.model.embed_dim = 32
@@ -168,11 +173,13 @@ def _tiny(c):
     c.stage1.batch_size = 8
     c.stage2.steps = 6
     c.stage2.batch_size = 4
+    c.stage2.keep_batch_size = 4
     c.msbr.hidden_dim = 32
     c.msbr.num_layers = 1
     c.msbr.batch_size = 64
     c.msbr.max_epochs = 2
     c.msbr.patience = 1
+    c.msbr.eval_batch_size = 256
     c.eval.sknn_k = 20
     c.eval.sknn_sample_size = 100
     c.train.log_every = 2

@@ -13,79 +13,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tpad_jax.data import prepared  # noqa: E402
-from tpad_jax.eval import baselines, metrics, report  # noqa: E402
-
-BASELINE_MODELS = ("oracle",) + baselines.BASELINE_NAMES
-TEST_SPLIT = "test"
-
-
-def expand_models(spec: str, config) -> list[str]:
-    """Model names from a comma list, with `baselines` and `all` expanded and duplicates dropped."""
-    names = []
-    for name in (n.strip() for n in spec.split(",") if n.strip()):
-        names.extend({"baselines": BASELINE_MODELS, "all": tuple(config.eval.models)}.get(name, (name,)))
-    known = set(BASELINE_MODELS) | set(config.eval.models)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}, "
-                         "or the groups 'baselines' and 'all'")
-    return list(dict.fromkeys(names))
-
-
-def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.ndarray | None:
-    """Test ranks of one model; None for the oracle on data without a known generator."""
-    batch_size = config.eval.batch_size
-    if name == "oracle":
-        scores = data.oracle_scores(TEST_SPLIT)
-        if scores is None:
-            return None
-        # The oracle's rows follow the examples, so its chunks are indexed by example position.
-        oracle = baselines.Oracle(scores)
-        return metrics.rank_targets(oracle.score, np.arange(len(targets)), targets, batch_size)
-    if name in baselines.BASELINE_NAMES:
-        model = baselines.make_baseline(name, config).fit(data.train, data.num_items)
-        return metrics.rank_targets(model.score, prefixes, targets, batch_size)
-    from tpad_jax.train import msbr  # noqa: PLC0415 (only neural models need the training stack)
-
-    return np.asarray(msbr.evaluate_neural(name, config, workdir, data))
-
-
-def run(config, workdir: str, models: str) -> list[dict]:
-    """Evaluates the `--models` spec on the test split and writes DIR/results/.
-
-    Returns:
-      All rows of the updated results.csv.
-    """
-    names = expand_models(models, config)
-    data = prepared.load_or_prepare(config, workdir)
-    prefixes, targets = data.examples(TEST_SPLIT)
-    cold_mask = data.cold_mask(targets)
-    print(f"test examples: {len(targets)} ({int(np.sum(cold_mask))} with cold targets), "
-          f"items: {data.num_items}")
-    rows = []
-    for name in names:
-        start = time.perf_counter()
-        ranks = rank_model(name, config, workdir, data, prefixes, targets)
-        if ranks is None:
-            print(f"{name}: skipped (only synthetic data knows the true next-item distribution)")
-            continue
-        if ranks.shape != targets.shape:
-            raise ValueError(f"{name}: {ranks.shape[0]} ranks for {targets.shape[0]} test examples")
-        rows.extend(metrics.slice_rows(name, ranks, cold_mask, tuple(config.eval.ks)))
-        print(f"{name}: ranked in {time.perf_counter() - start:.1f} s")
-    merged = report.write_results(rows, os.path.join(workdir, "results"))
-    print(report.markdown_tables(merged))
-    return merged
+from tpad_jax.eval.evaluate import expand_models, run  # noqa: E402,F401  (expand_models: used by tests)
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.models)

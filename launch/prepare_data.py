@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib  # noqa: E402
@@ -64,6 +64,7 @@ def _flat_counts(stats, prefix=""):
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = _CONFIG.value, _WORKDIR.value

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:preset]).",
@@ -24,10 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     del argv
-    from tpad_jax import pipeline
+    from tpad_jax import runner
 
-    pipeline.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage)
+    runner.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ MESH_SHAPE = (2, 2, 2)
 
 def run(workdir: str, steps: int, delay_s: float, eval_fn=None):
     """The toy run shared by this worker and the in-process reference of tests/test_loop.py."""
+    mesh = mesh_lib.make_mesh(toy.mesh_config(MESH_SHAPE))
     return loop.run_loop(
-        workdir=workdir, train_config=toy.train_config(), mesh=mesh_lib.make_mesh(toy.mesh_config(MESH_SHAPE)),
+        workdir=workdir, train_config=toy.train_config(), mesh=mesh,
         rules=toy.RULES, make_model=toy.make_model, tx=toy.make_tx(steps), wrt=toy.TRAINABLE,
         loss_fn=toy.loss_fn, data_iterator=iter(toy.dataset(BATCH, delay_s=delay_s)), num_steps=steps,
         seed=0, eval_fn=eval_fn)

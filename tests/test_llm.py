@@ -106,7 +106,7 @@ def test_causal_and_padding_masks():
 
 
 def test_scan_and_remat_equal_unrolled_forward_and_gradients():
-    cfg = LMConfig.tiny(vocab_size=64, num_layers=3)
+    cfg = LMConfig.tiny(vocab_size=64)
     unrolled = LM(cfg, rngs=nnx.Rngs(0))
     scanned = LM(dataclasses.replace(cfg, scan_layers=True, remat=True), rngs=nnx.Rngs(5))
     nnx.update(scanned, nnx.state(unrolled))  # one parameter layout whatever the execution mode

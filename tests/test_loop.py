@@ -1,7 +1,5 @@
 """The training loop: resume after SIGKILL, the non-finite guard, mesh equivalence, optimizer groups."""
 
-import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -11,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -86,21 +83,25 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     mesh = mesh_lib.make_mesh(toy.mesh_config((-1, 1, 1)))
+    models = dict(mesh=mesh, rules=toy.RULES, make_model=toy.make_model, tx=toy.make_tx(), wrt=toy.TRAINABLE)
+    # Batch 5 is poisoned; log_every=4 makes the guard catch it one step late (while step 6 runs),
+    # before the checkpoint of step 6 is written.
+    frozen_kernel = np.full((toy.IN_DIM, toy.HIDDEN_DIM), 0.5, np.float32)
+
+    def set_frozen_kernel_from_host(model):  # init_fn: an unsharded host value for a sharded weight
+        model.body.kernel[...] = frozen_kernel
+
     with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step 5: .*'loss': (nan|inf)"):
-        loop.run_loop(workdir=tmp_path, train_config=toy.train_config(checkpoint_every=2), mesh=mesh,
-                      rules=toy.RULES, make_model=toy.make_model, tx=toy.make_tx(), wrt=toy.TRAINABLE,
+        loop.run_loop(workdir=tmp_path, train_config=toy.train_config(log_every=4, checkpoint_every=2),
                       loss_fn=toy.loss_fn, data_iterator=iter(toy.dataset(8, poison_from=4)),
-                      num_steps=10, seed=0)
+                      num_steps=10, seed=0, init_fn=set_frozen_kernel_from_host, **models)
     manager = checkpointing.make_manager(tmp_path / "checkpoints", max_to_keep=2)
     assert manager.all_steps() == [2, 4]
-    graphdef, abstract = mesh_lib.abstract_state(
-        lambda: loop.TrainState(toy.make_model(), toy.make_tx(), toy.TRAINABLE), mesh, toy.RULES)
-    rng_shape = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=mesh_lib.replicated(mesh))
-    restored = checkpointing.restore(manager, 4, {"train": abstract, "rng": rng_shape})
-    state = nnx.merge(graphdef, restored["train"])
+    state = loop.load_train_state(workdir=tmp_path, **models)
     assert int(state.optimizer.step[...]) == 4
+    np.testing.assert_array_equal(np.asarray(state.model.body.kernel[...]), frozen_kernel)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(state.model)))
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [4]
 
 
 def _one_step(mesh):
@@ -129,7 +130,8 @@ def unsharded_step():
 def test_sharded_step_matches_unsharded_step(shape, unsharded_step):
     loss_ref, params_ref = unsharded_step
     loss, params = _one_step(mesh_lib.make_mesh(toy.mesh_config(shape)))
-    param_diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, params_ref)))
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, params_ref)
+    param_diff = max(jax.tree.leaves(diffs))
     print(f"mesh {shape}: |loss diff| = {abs(loss - loss_ref):.3g}, max |param diff| = {param_diff:.3g}")
     assert abs(loss - loss_ref) < 1e-6
     assert param_diff < 1e-6
@@ -158,12 +160,13 @@ def test_groups_follow_their_own_schedules_and_frozen_params_stay(on_one_device)
     # global-norm clipping scales every gradient alike, which Adam ignores. rtol 1e-4: Adam's float32
     # bias correction 1 - 0.999**2 loses digits to cancellation.
     ones = jax.tree.map(jnp.ones_like, nnx.state(model, toy.TRAINABLE))
+    update = nnx.jit(lambda optimizer, model, grads: optimizer.update(model, grads))
     for _ in range(2):
-        optimizer.update(model, ones)
+        update(optimizer, model, ones)
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     lr_at_1 = {name: float(optim.warmup_cosine(g.peak_lr, 1, 5)(1)) for name, g in groups.items()}
-    np.testing.assert_allclose(before["head"]["kernel"] - after["head"]["kernel"], lr_at_1["heads"], rtol=1e-4)
-    np.testing.assert_allclose(before["head"]["bias"] - after["head"]["bias"], lr_at_1["heads"], rtol=1e-4)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(before["head"][name] - after["head"][name], lr_at_1["heads"], rtol=1e-4)
     for factor in ("lora_a", "lora_b"):
         np.testing.assert_allclose(before["body"]["lora"][factor] - after["body"]["lora"][factor],
                                    lr_at_1["lora"], rtol=1e-4)

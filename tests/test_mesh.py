@@ -48,7 +48,8 @@ def test_sharded_init_places_variables_by_logical_axes_and_matches_local_init():
     expected_specs = {"body/kernel": P("fsdp", "tensor"), "body/bias": P("tensor"),
                       "body/lora/lora_a": P("fsdp", None), "body/lora/lora_b": P(None, "tensor"),
                       "head/kernel": P("tensor", "fsdp")}
-    flat = {"/".join(map(str, path)): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat_state = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    flat = {"/".join(map(str, path)): var[...] for path, var in flat_state}
     for name, spec in expected_specs.items():
         assert flat[name].sharding.spec == spec, name
         assert flat[name].sharding.mesh == mesh

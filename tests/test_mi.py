@@ -5,88 +5,26 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks import mi_table
 from tpad_jax.models import mi
 
-# Correlated Gaussians always in 2 dims: d = 1 cases leave the second dimension independent, so
-# every case shares one critic shape and one vmapped training function per estimator.
+# d = 1 cases leave the second dimension independent, so every case shares one critic shape.
 CASES = ((1, 0.5), (1, 0.8), (2, 0.5), (2, 0.8))
-RHOS = jnp.array([[rho] * d + [0.0] * (2 - d) for d, rho in CASES])
-TRUE_MI = np.array([-d / 2 * math.log(1 - rho**2) for d, rho in CASES])
-# vCLUB with the exact conditional q(y|x) = N(rho x, 1 - rho^2) equals sum_k rho_k^2 / (1 - rho_k^2).
-CLUB_AT_OPTIMUM = np.array([d * rho**2 / (1 - rho**2) for d, rho in CASES])
+RHOS = mi_table.case_rhos(CASES, width=2)
+TRUE_MI = mi_table.gaussian_mi(CASES)
 BATCH = 128
-STEPS = 800
-REPORT_STEPS = 150
 
 
-def _sample(key, rho, batch):
-    key_x, key_noise = jax.random.split(key)
-    x = jax.random.normal(key_x, (batch, rho.shape[0]))
-    noise = jax.random.normal(key_noise, (batch, rho.shape[0]))
-    return x, rho * x + jnp.sqrt(1.0 - rho**2) * noise
-
-
-def _fit(build, objective, aux_init, *, steps=STEPS, batch=BATCH, learning_rate=3e-3):
-    """Trains one critic per case (vmapped) and returns each case's per-step held-out estimates.
-
-    `objective(model, x, y, aux, key) -> (value_to_maximise, (new_aux, estimate))`. The estimate of a
-    step uses the parameters from before that step's update on a fresh batch, so it is held out.
-    """
-    graphdef, _ = nnx.split(build(jax.random.key(0)))
-    optimizer = optax.adam(learning_rate)
-
-    def run_case(key, rho):
-        init_key, data_key = jax.random.split(key)
-        params = nnx.state(build(init_key))
-
-        def step(carry, step_key):
-            params, opt_state, aux = carry
-            sample_key, objective_key = jax.random.split(step_key)
-            x, y = _sample(sample_key, rho, batch)
-
-            def loss(p):
-                value, (new_aux, estimate) = objective(nnx.merge(graphdef, p), x, y, aux, objective_key)
-                return -value, (new_aux, estimate)
-
-            grads, (aux, estimate) = jax.grad(loss, has_aux=True)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, aux), estimate
-
-        carry = (params, optimizer.init(params), aux_init)
-        _, estimates = jax.lax.scan(step, carry, jax.random.split(data_key, steps))
-        return estimates
-
-    keys = jax.random.split(jax.random.key(42), len(CASES))
-    estimates = jax.jit(jax.vmap(run_case))(keys, RHOS)
-    return jax.tree.map(lambda e: np.asarray(e[:, -REPORT_STEPS:].mean(axis=1)), estimates)
-
-
-def _separable_critic(key):
-    return mi.MLPCritic(2, 2, 32, kind="separable", embed_dim=16, rngs=nnx.Rngs(key))
-
-
-def _lower_bound_objective(name):
-    def objective(critic, x, y, aux, key):
-        scores = critic(x, y)
-        joint, marginal = mi.joint_and_marginal(scores)
-        if name == "infonce":
-            bound = mi.infonce(scores)
-            return bound, (aux, bound)
-        if name == "mine":
-            estimate, surrogate, aux = mi.mine(joint, marginal, aux)
-            return surrogate, (aux, estimate)
-        if name == "nwj":
-            bound = mi.nwj(joint, marginal)
-            return bound, (aux, bound)
-        objective_value, bound = mi.jsd(joint, marginal)
-        return objective_value, (aux, bound)
-
-    return objective
+def test_closed_forms_of_the_gaussian_cases():
+    # I = -d/2 log(1 - rho^2) at rho = 0.8, d = 2 is -log(0.36).
+    assert TRUE_MI[3] == pytest.approx(-math.log(0.36))
+    assert mi_table.club_at_exact_q(CASES)[1] == pytest.approx(0.64 / 0.36)
+    x, y = mi_table.correlated_gaussians(jax.random.key(0), RHOS[3], 20000)
+    np.testing.assert_allclose(np.corrcoef(x[:, 0], y[:, 0])[0, 1], 0.8, atol=0.01)
 
 
 @pytest.mark.parametrize(
@@ -100,8 +38,7 @@ def _lower_bound_objective(name):
     ],
 )
 def test_lower_bounds_track_gaussian_mi(name, excess, shortfall):
-    aux = mi.mine_initial_state() if name == "mine" else jnp.zeros(())
-    estimates = _fit(_separable_critic, _lower_bound_objective(name), aux)
+    estimates = mi_table.fit_estimator(name, RHOS, batch=BATCH)
     # InfoNCE can never exceed log B; all cases here stay well below log 128 = 4.85.
     assert TRUE_MI.max() < math.log(BATCH) - 3.0
     assert np.all(estimates <= TRUE_MI + excess), (name, estimates, TRUE_MI)
@@ -109,17 +46,10 @@ def test_lower_bounds_track_gaussian_mi(name, excess, shortfall):
 
 
 def test_club_upper_bounds_gaussian_mi():
-    def objective(q_net, x, y, aux, key):
-        mu, logvar = q_net(x)
-        estimates = (mi.club(mu, logvar, y), mi.club_sample(mu, logvar, y, key))
-        return -mi.club_q_loss(mu, logvar, y), (aux, estimates)
-
-    club, club_sample = _fit(
-        lambda key: mi.GaussianCritic(2, 2, 32, rngs=nnx.Rngs(key)), objective, jnp.zeros(())
-    )
+    club, club_sample = mi_table.fit_estimator("club", RHOS, batch=BATCH)
     for estimate in (club, club_sample):
         assert np.all(estimate >= TRUE_MI - 0.05), (estimate, TRUE_MI)
-        np.testing.assert_allclose(estimate, CLUB_AT_OPTIMUM, rtol=0.12, atol=0.05)
+        np.testing.assert_allclose(estimate, mi_table.club_at_exact_q(CASES), rtol=0.12, atol=0.05)
 
 
 def test_infonce_hand_computed_3x3():

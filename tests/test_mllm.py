@@ -91,9 +91,12 @@ def test_pool_tokens_matches_brute_force_adaptive_average():
         rows = max(d for d in range(1, m + 1) if m % d == 0 and d * d <= m)
         cols = m // rows
         cells = tokens.reshape(2, grid, grid, 5)
-        want = np.stack([
-            cells[:, (i * grid) // rows:-(-(i + 1) * grid // rows), (j * grid) // cols:-(-(j + 1) * grid // cols)]
-            .mean(axis=(1, 2)) for i in range(rows) for j in range(cols)], axis=1)
+
+        def span(i, bins):  # torch adaptive_avg_pool2d: [floor(i*g/bins), ceil((i+1)*g/bins))
+            return slice(int(np.floor(i * grid / bins)), int(np.ceil((i + 1) * grid / bins)))
+
+        want = np.stack([cells[:, span(i, rows), span(j, cols)].mean(axis=(1, 2))
+                         for i in range(rows) for j in range(cols)], axis=1)
         np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="square"):
         mllm.pool_tokens(jnp.zeros((1, 17, 4)), 4)
@@ -128,7 +131,8 @@ def test_config_from_the_run_config_and_trainable_filter():
         f"{t}.lora_{ab}" for t in ("q", "k", "v", "o", "gate", "up", "down") for ab in "ab"}
     lora_only = nnx.state(towers, mllm.trainable_filter(train_projector=False))
     rank, d, f = 4, 32, 64
-    per_layer = rank * (2 * d + d + d // 2 + d + d // 2 + 2 * d + d + 2 * (d + f) + f + d)
+    kv = d // 2  # 2 kv heads of 8
+    per_layer = rank * ((d + d) + 2 * (d + kv) + (d + d) + 3 * (d + f))  # q, k+v, o, gate+up+down
     assert sum(x.size for x in jax.tree.leaves(lora_only)) == 2 * 2 * per_layer  # 2 towers x 2 layers
 
 

@@ -5,6 +5,7 @@ Writes `DIR/<name>/item_embeddings.npy` (float32 [N, d]), `item_ids.json` (row -
 give the same arrays: the computation is deterministic and padded to a fixed batch shape.
 """
 
+import functools
 import json
 import os
 
@@ -17,23 +18,21 @@ from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import tpad as tpad_lib
 
 
-def item_embeddings(model, vision_table, item_table: dict, batch_size: int, pool_to=None) -> np.ndarray:
-    """e_K for all N items, computed in fixed-size padded batches: float32 [N, d]."""
-    num_items = len(item_table["tokens"])
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef, state, rows):
+    _, e_k, _, _ = tpad_lib.item_forward(nnx.merge(graphdef, state), rows)
+    return e_k.astype(jnp.float32)
+
+
+def item_embeddings(model, batch_size: int) -> np.ndarray:
+    """e_K for all N items of `model`'s tables, in fixed-size padded batches: float32 [N, d]."""
+    num_items = model.cfg.num_items
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def embed(state, batch):
-        _, e_k, _ = tpad_lib.item_forward(nnx.merge(graphdef, state), vision_table, batch, pool_to)
-        return e_k.astype(jnp.float32)
-
     chunks = []
     for start in range(0, num_items, batch_size):
-        rows = np.arange(start, start + batch_size) % num_items  # pad the last batch by wrapping
-        batch = {key: jnp.asarray(value[rows]) for key, value in item_table.items()}
-        batch["rows"] = jnp.asarray(rows, jnp.int32)
-        chunks.append(np.asarray(embed(state, batch))[: min(batch_size, num_items - start)])
-    return np.concatenate(chunks, axis=0)
+        rows = np.arange(start, start + batch_size) % num_items  # the last batch wraps around: one shape
+        chunks.append(np.asarray(_embed(graphdef, state, jnp.asarray(rows, jnp.int32))))
+    return np.concatenate(chunks, axis=0)[:num_items]
 
 
 def write_export(out_dir: str, embeddings: np.ndarray, item_ids, meta: dict) -> None:
@@ -56,19 +55,18 @@ def load_export(out_dir: str):
     return embeddings, item_ids, meta
 
 
-def retrieval_probe(embeddings: np.ndarray, data, split: str = "test", ks=(20,), batch_size: int = 512):
-    """Next-item retrieval by embedding similarity: rank all items by cosine to the last item's vector.
+def retrieval_ranks(embeddings: np.ndarray, data, split: str = "test", batch_size: int = 512) -> np.ndarray:
+    """Next-item retrieval by embedding similarity: the target's rank among all items by cosine to the
+    last item's vector, per example of `split` (int32 [num_examples]).
 
-    A direct probe of what an export learned, with no downstream model in between. Returns
-    {slice: {(metric, k): %}} for the slices all / cold / warm.
+    A direct probe of what an export learned, with no downstream model in between.
     """
     unit = embeddings / (np.linalg.norm(embeddings, axis=1, keepdims=True) + 1e-8)
     table = jnp.asarray(unit)
     prefixes, targets = data.examples(split)
 
     def score(chunk):
-        last = np.array([p[-1] for p in chunk], dtype=np.int32)
+        last = jnp.asarray(np.array([prefix[-1] for prefix in chunk], dtype=np.int32))
         return table[last] @ table.T
 
-    ranks = metrics_lib.rank_targets(score, prefixes, targets, batch_size)
-    return metrics_lib.slice_metrics(ranks, data.cold_mask(targets), ks)
+    return metrics_lib.rank_targets(score, prefixes, targets, batch_size)

@@ -60,6 +60,22 @@ def session_batches(config, data, tokenizer, split, batch_size, *, shuffle, repe
                     process_index=process_index, process_count=process_count)
 
 
+def item_row_batches(config, num_items, batch_size, *, shuffle, repeat, seed, process_index=None,
+                     process_count=None):
+    """Iterator over batches of item rows ({rows, valid}) when prompts and pixels live on device."""
+    return _batches(config, np.arange(num_items, dtype=np.int32), RowExample(), batch_size, shuffle=shuffle,
+                    repeat=repeat, seed=seed, process_index=process_index, process_count=process_count)
+
+
+def item_prompt_table(config, data, tokenizer, n_img):
+    """Every item's prompt (tokens, attention_mask, loss_mask, item_pos), stacked by row."""
+    titles, categories = _item_texts(data, tokenizer)
+    vocab = prompts.prompt_vocab(tokenizer)
+    rows = [prompts.item_prompt(vocab, titles[row], categories[row], bool(data.has_image[row]), n_img=n_img,
+                                max_item_tokens=config.data.max_item_tokens) for row in range(data.num_items)]
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+
 def item_pixel_table(config, data):
     """Every item's image, decoded once from the TFDS item table, for device-side lookup.
 
@@ -82,6 +98,15 @@ def to_pixels(image, size):
     """uint8 [h, w, 3] -> float32 [size, size, 3] in [-1, 1] (bicubic resize, aspect not kept)."""
     resized = Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(resized, np.float32) / 127.5 - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RowExample:
+    """Maps (row, valid) to {rows, valid} (a picklable grain map)."""
+
+    def __call__(self, row_and_valid):
+        row, valid = row_and_valid
+        return dict(rows=np.int32(row), valid=np.bool_(valid))
 
 
 @dataclasses.dataclass(frozen=True)

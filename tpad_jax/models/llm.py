@@ -34,6 +34,8 @@ from flax import nnx
 from tpad_jax.parallel.rules import constrain, param_metadata, partitioned
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# HF initializer_range: random weights look like an untrained HF model (and are cheap to compile).
+INIT_STD = 0.02
 
 # Values that HF config classes fill in when config.json omits them (LLaVA's text_config often does).
 _HF_DEFAULTS = {
@@ -242,7 +244,7 @@ def dense(in_features, out_features, names, *, bias, dtype, param_dtype, rngs):
     """nnx.Linear with logical axis names on its kernel (and bias)."""
     return nnx.Linear(
         in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=partitioned(nnx.initializers.lecun_normal(), names),
+        kernel_init=partitioned(nnx.initializers.normal(INIT_STD), names),
         bias_init=partitioned(nnx.initializers.zeros_init(), names[-1:]), rngs=rngs)
 
 
@@ -360,7 +362,7 @@ class LM(nnx.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")))
+            embedding_init=partitioned(nnx.initializers.normal(INIT_STD), ("vocab", "embed")))
         self.layers = create_stacked(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_embeddings else dense(

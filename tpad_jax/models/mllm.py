@@ -208,9 +208,13 @@ class TPADTowers(nnx.Module):
         self.cfg = cfg
         self.image_token_id = image_token_id
         base = Base(cfg, rngs=rngs)
-        # An unshared second base starts as an exact copy (real weights would load the same checkpoint).
-        bases = {"shared": base} if cfg.share_base else {"knowledge": base, "transfer": nnx.clone(base)}
-        self.bases = nnx.Dict(bases)
+        if cfg.share_base:
+            self.bases = nnx.Dict({"shared": base})
+        else:
+            # The second base starts equal (real weights load the same checkpoint) in buffers of its own.
+            copy = nnx.clone(base)
+            nnx.update(copy, jax.tree.map(jnp.copy, nnx.state(base)))
+            self.bases = nnx.Dict({"knowledge": base, "transfer": copy})
         self.towers = nnx.Dict({name: Tower(cfg, rngs=rngs) for name in TOWERS})
 
     def base(self, tower=None):

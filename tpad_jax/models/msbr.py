@@ -109,7 +109,9 @@ class TransformerBody(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         dim = cfg.hidden_dim
         self.causal = cfg.causal
-        self.positions = nnx.Embed(cfg.max_length, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.positions = nnx.Embed(
+            cfg.max_length, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+        )
         self.blocks = nnx.List([_TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
 

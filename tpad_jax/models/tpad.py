@@ -1,24 +1,37 @@
-"""TPAD: the two towers plus the heads that turn their hidden states into item and transition features.
+"""TPAD: the two towers, the heads that read item and transition features off them, and the losses.
 
-Parameter groups (optimizer and trainable filters select them by path):
-  towers/...knowledge...   Knowledge-MLLM adapters (LoRA, projector)      group "knowledge"
-  knowledge_head, image_view_head                                          group "knowledge"
-  towers/...transfer...    Transfer-MLLM adapters                          group "transfer"
-  trans_head, know_head                                                    group "transfer"
-  club_critic              the variational q(z_know | z_trans) of CLUB     group "critic"
-The shared base (ViT + LM) is frozen unless `model.full_finetune`.
+Parameter paths (optimizer groups and trainable filters select them by regex):
+  towers/bases/...                       the frozen shared base (ViT + LM)
+  towers/towers/knowledge/...            Knowledge-MLLM projector + LoRA     group "knowledge"
+  knowledge_head, image_view_head                                           group "knowledge"
+  towers/towers/transfer/...             Transfer-MLLM projector + LoRA      group "transfer"
+  trans_head, know_head                                                     group "transfer"
+  club_critic                            q(z_know | z_trans) of CLUB          group "critic"
+  tables/...                             per-item constants (ItemTable): never trained
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tpad_jax.models import mi
-from tpad_jax.models.mllm import MLLMConfig, TPADTowers
+from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
+GROUP_PATTERNS = {
+    KNOWLEDGE: r"towers/towers/knowledge/|knowledge_head/|image_view_head/",
+    TRANSFER: r"towers/towers/transfer/|trans_head/|know_head/",
+    "critic": r"club_critic/",
+    "base": r"towers/bases/",
+}
+ITEM_PROMPT_FIELDS = ("tokens", "attention_mask", "loss_mask", "item_pos")
+
+
+class ItemTable(nnx.Variable):
+    """Per-item constants (frozen ViT features, tokenized item prompts): model state, never trained."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +39,13 @@ class TPADConfig:
     mllm: MLLMConfig
     embed_dim: int
     image_token_id: int
+    num_items: int
+    item_prompt_length: int
+    item_visual_tokens: int  # visual tokens per item in item prompts (0 for text-only catalogues)
 
 
 class TPAD(nnx.Module):
-    """Knowledge- and Transfer-MLLM over one base, with the TPAD heads."""
+    """Knowledge- and Transfer-MLLM over one base, the TPAD heads, and the per-item tables."""
 
     def __init__(self, cfg: TPADConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -39,7 +55,20 @@ class TPAD(nnx.Module):
         self.image_view_head = nnx.Linear(width, dim, rngs=rngs)
         self.trans_head = _Head(width, dim, rngs=rngs)
         self.know_head = _Head(width, dim, rngs=rngs)
-        self.club_critic = mi.GaussianCritic(dim, dim, hidden=2 * dim, rngs=rngs)
+        self.club_critic = mi.GaussianCritic(dim, dim, 2 * dim, rngs=rngs)
+        # Filled by `fill_tables`; zeros here so that an abstract model has the right shapes.
+        n, length = cfg.num_items, cfg.item_prompt_length
+        self.tables = nnx.Dict({
+            "tokens": ItemTable(jnp.zeros((n, length), jnp.int32)),
+            "attention_mask": ItemTable(jnp.zeros((n, length), bool)),
+            "loss_mask": ItemTable(jnp.zeros((n, length), bool)),
+            "item_pos": ItemTable(jnp.zeros((n,), jnp.int32)),
+            "has_image": ItemTable(jnp.zeros((n,), bool)),
+        })
+        if cfg.item_visual_tokens:
+            vision_dim = cfg.mllm.vision.hidden_size
+            self.tables["vision"] = ItemTable(jnp.zeros((n, cfg.item_visual_tokens, vision_dim),
+                                                        jnp.dtype(cfg.mllm.lm.dtype)))
 
 
 class _Head(nnx.Module):
@@ -53,134 +82,189 @@ class _Head(nnx.Module):
         return self.out(jax.nn.gelu(self.hidden(x)))
 
 
+# ----------------------------------------------------------------------------------------- tables
+
+
+def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, batch_size: int = 64):
+    """The frozen ViT's patch features of every item, pooled to `num_tokens`: [N, num_tokens, Dv].
+
+    The ViT is shared and frozen, so this runs once per run instead of once per step.
+    """
+    vision = towers.base(KNOWLEDGE).vision
+    graphdef, state = nnx.split(vision)
+
+    @jax.jit
+    def encode(state, chunk):
+        return pool_tokens(nnx.merge(graphdef, state)(chunk), num_tokens)
+
+    chunks = []
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        chunks.append(np.asarray(encode(state, padded))[: len(chunk)])
+    return np.concatenate(chunks, axis=0)
+
+
+def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None):
+    """The `tables` state of `model` filled with concrete per-item arrays (for `run_loop`'s start)."""
+    state = nnx.state(model, ItemTable)
+    values = {name: item_prompts[name] for name in ITEM_PROMPT_FIELDS}
+    values["has_image"] = has_image
+    if vision is not None:
+        values["vision"] = vision
+    for name, value in values.items():
+        variable = state["tables"][name]
+        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+    return state
+
+
 # ------------------------------------------------------------------------------------- features
 
 
-def visual_tokens(model: TPAD, tower: str, vision_table, rows, pool_to=None):
-    """Projected visual tokens of items `rows` ([...]) for `tower`: [..., T, D].
-
-    `vision_table` holds the frozen ViT's patch features per item row ([N, P, Dv]); the projector is
-    per tower, so only it runs here.
-    """
-    feats = vision_table[rows.reshape(-1)]
-    tokens = model.towers.project(tower, feats, pool_to=pool_to)
+def visual_tokens(model: TPAD, tower: str, rows, pool_to=None):
+    """Projected visual tokens of the items `rows` (any shape) for `tower`: [*rows.shape, T, D]."""
+    feats = model.tables["vision"][...][rows.reshape(-1)]
+    if pool_to is not None and pool_to < feats.shape[1]:
+        feats = pool_tokens(feats, pool_to)
+    tokens = model.towers.towers[tower].projector(feats)
     return tokens.reshape(*rows.shape, *tokens.shape[1:])
 
 
-def item_forward(model: TPAD, vision_table, items: dict, pool_to=None):
-    """K over item prompts. Returns (hidden [B,L,D], e_K [B,d], image_view [B,d])."""
-    rows = items["rows"]
-    image = visual_tokens(model, KNOWLEDGE, vision_table, rows, pool_to)
-    hidden = model.towers(KNOWLEDGE, items["tokens"], image, items["attention_mask"])
-    at_item = jnp.take_along_axis(hidden, items["item_pos"][:, None, None], axis=1)[:, 0]
+def item_forward(model: TPAD, rows):
+    """K over the stored item prompts of `rows` [B]. Returns (hidden [B,L,D], e_K [B,d], image view)."""
+    prompt = {name: model.tables[name][...][rows] for name in ITEM_PROMPT_FIELDS}
+    image = visual_tokens(model, KNOWLEDGE, rows) if model.cfg.item_visual_tokens else None
+    hidden = model.towers(KNOWLEDGE, prompt["tokens"], image, prompt["attention_mask"])
+    at_item = jnp.take_along_axis(hidden, prompt["item_pos"][:, None, None], axis=1)[:, 0]
     e_k = model.knowledge_head(at_item)
-    image_view = model.image_view_head(jnp.mean(image, axis=1))
-    return hidden, e_k, image_view
+    image_view = None if image is None else model.image_view_head(jnp.mean(image, axis=1))
+    return hidden, e_k, image_view, prompt
 
 
-def token_cross_entropy(model: TPAD, hidden, tokens, loss_mask):
-    """Mean next-token cross-entropy over positions whose *next* token is a target."""
+def token_cross_entropy(model: TPAD, hidden, tokens, loss_mask, valid=None):
+    """Mean next-token cross-entropy over positions whose *next* token is a target (loss_mask there)."""
+    mask = loss_mask[:, 1:]
+    if valid is not None:
+        mask = mask & valid[:, None]
     logits = model.towers.logits(hidden[:, :-1]).astype(jnp.float32)
-    targets = tokens[:, 1:]
-    mask = loss_mask[:, :-1].astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def nce(za, zb, temperature, mask, ids=None):
+    """InfoNCE(za_i ; zb_i) over the batch and its top-1 accuracy.
+
+    Args:
+      ids: optional [B] item ids of the positives; a column holding the same item as the row's positive
+        is not a negative (it would be a false one).
+    """
+    scores = mi.critic_scores(za, zb, temperature=temperature)
+    if ids is not None:
+        same = (ids[:, None] == ids[None, :]) & ~jnp.eye(len(ids), dtype=bool)
+        scores = jnp.where(same, -jnp.inf, scores)
+    return mi.infonce(scores, mask=mask), mi.infonce_accuracy(scores, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------- losses
 
 
-def knowledge_loss(model: TPAD, vision_table, items: dict, has_image, contrastive_weight, temperature,
-                   pool_to=None):
-    """Stage-1 loss of K on an item batch: caption generation + image-view/text-view InfoNCE."""
-    hidden, e_k, image_view = item_forward(model, vision_table, items, pool_to)
-    gen = token_cross_entropy(model, hidden, items["tokens"], items["loss_mask"])
-    valid = items["valid"] & has_image[items["rows"]]
-    nce, acc = mi.infonce(e_k, image_view, temperature=temperature, mask=valid)
-    loss = gen - contrastive_weight * nce
-    return loss, {"gen": gen, "view_infonce": nce, "view_acc": acc}
+def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperature: float):
+    """Stage-1 loss of K on items `rows` [B]: caption generation + image-view/text-view InfoNCE."""
+    hidden, e_k, image_view, prompt = item_forward(model, rows)
+    gen = token_cross_entropy(model, hidden, prompt["tokens"], prompt["loss_mask"], valid)
+    metrics = {"caption_ce": gen}
+    loss = gen
+    if image_view is not None and contrastive_weight:
+        view_valid = valid & model.tables["has_image"][...][rows]
+        view, view_acc = nce(e_k, image_view, temperature, view_valid, ids=rows)
+        loss = loss - contrastive_weight * view
+        metrics.update(view_infonce=view, view_acc=view_acc)
+    return loss, metrics
 
 
-def transition_losses(model: TPAD, vision_table, item_table: dict, session: dict, cfg, m: int,
-                      pool_to=None):
-    """Stage-2 terms on a session batch. Returns (weighted loss, metrics).
+def transition_loss(model: TPAD, session: dict, cfg, m: int):
+    """Stage-2 objective on a session batch: generation, disentanglement, alignment, MMD.
 
-    `item_table` holds the tokenized item prompts of every item (device arrays indexed by row) so that
-    e_K of the shown and next items is computed by K in the same step, letting alignment reach K.
+    Args:
+      session: a session batch (docs/architecture.md §2).
+      cfg: `config.stage2` (weights, disentangle mode, temperature).
+      m: visual tokens per item in session prompts.
     """
-    rows, row_mask = session["rows"], session["row_mask"] & session["valid"][:, None]
-    # Shown items are left-aligned and each owns m consecutive <image> slots, so slot k is item k // m.
-    image = visual_tokens(model, TRANSFER, vision_table, rows, pool_to=m)
-    slots = image.reshape(rows.shape[0], -1, image.shape[-1])
+    rows, next_rows = session["rows"], session["next_rows"]  # next_rows only names the positives
+    mask = (session["row_mask"] & session["valid"][:, None]).reshape(-1)
+    if model.cfg.item_visual_tokens:
+        # Shown items are left-aligned and own m consecutive <image> slots each: slot k is item k // m.
+        slots = visual_tokens(model, TRANSFER, rows, pool_to=m)
+        slots = slots.reshape(rows.shape[0], -1, slots.shape[-1])
+    else:
+        slots = None
     hidden = model.towers(TRANSFER, session["tokens"], slots, session["attention_mask"])
-    metrics = {}
-    gen = token_cross_entropy(model, hidden, session["tokens"], session["loss_mask"])
-    metrics["gen"] = gen
+    gen = token_cross_entropy(model, hidden, session["tokens"], session["loss_mask"], session["valid"])
+    metrics = {"gen_ce": gen}
+    loss = cfg.gen_weight * gen
 
     states = jnp.take_along_axis(hidden, session["sep_pos"][..., None], axis=1)  # [B, S, D]
-    z_trans = model.trans_head(states)
-    z_know = model.know_head(states)
+    width = states.shape[-1]
+    z_trans = model.trans_head(states.reshape(-1, width))
+    # e_K of the shown items and the target in one K pass; gradients reach K: the distillation.
+    e_all = _shown_and_target_embeddings(model, rows, session["target"])
+    e_cur = e_all[:, :-1].reshape(-1, e_all.shape[-1])
+    e_next = _next_embeddings(e_all, session["row_mask"]).reshape(-1, e_all.shape[-1])
 
-    both = jnp.concatenate([rows, session["next_rows"][:, -1:]], axis=1)  # shown items + the target
-    e_all = _item_embeddings(model, vision_table, item_table, both, pool_to)
-    e_cur, e_next = e_all[:, :-1], _next_embeddings(e_all, session)
-
-    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    mask = row_mask.reshape(-1)
-    next_ids = session["next_rows"].reshape(-1)
-    align, align_acc = mi.infonce(flat(z_trans), flat(e_next), temperature=cfg.temperature, mask=mask,
-                                  positive_ids=next_ids)
+    align, align_acc = nce(z_trans, e_next, cfg.temperature, mask, ids=next_rows.reshape(-1))
     metrics.update(align_infonce=align, align_acc=align_acc)
-    loss = cfg.gen_weight * gen - cfg.align_weight * align
+    loss = loss - cfg.align_weight * align
 
     if cfg.disentangle != "none":
-        know, know_acc = mi.infonce(flat(z_know), flat(e_cur), temperature=cfg.temperature, mask=mask,
-                                    positive_ids=rows.reshape(-1))
+        z_know = model.know_head(states.reshape(-1, width))
+        know, know_acc = nce(z_know, e_cur, cfg.temperature, mask, ids=rows.reshape(-1))
         if cfg.disentangle == "club":
-            separation, critic_nll = _club_terms(model, flat(z_trans), flat(z_know), mask)
-            loss = loss + critic_nll  # fits q(z_know | z_trans); touches only the critic's parameters
+            separation, critic_nll = _club_terms(model, z_trans, z_know, mask)
+            loss = loss + critic_nll  # fits q(z_know | z_trans); only the critic's weights see it
             metrics["critic_nll"] = critic_nll
         elif cfg.disentangle == "orthogonal":
-            separation = _masked_mean(_cosine(flat(z_trans), flat(z_know)) ** 2, mask)
+            separation = _masked_mean(_cosine(z_trans, z_know) ** 2, mask)
         else:
             raise ValueError(f"stage2.disentangle must be club, orthogonal or none, got {cfg.disentangle!r}")
         loss = loss + cfg.disentangle_weight * (separation - know)
         metrics.update(know_infonce=know, know_acc=know_acc, separation=separation)
     if cfg.mmd_weight:
-        discrepancy = mi.mmd(flat(e_next), flat(z_trans), mask_x=mask, mask_y=mask)
+        discrepancy = mi.mmd(e_next, z_trans, x_mask=mask, y_mask=mask)
         loss = loss + cfg.mmd_weight * discrepancy
         metrics["mmd"] = discrepancy
     return loss, metrics
 
 
-def _item_embeddings(model, vision_table, item_table, rows, pool_to):
-    """e_K of the items `rows` [B, S'] from their stored item prompts: [B, S', d]."""
-    flat_rows = rows.reshape(-1)
-    items = {key: value[flat_rows] for key, value in item_table.items()}
-    items["rows"] = flat_rows
-    _, e_k, _ = item_forward(model, vision_table, items, pool_to)
-    return e_k.reshape(*rows.shape, -1)
+def _shown_and_target_embeddings(model: TPAD, rows, target):
+    """e_K of the S shown items and of the target: [B, S + 1, d]."""
+    both = jnp.concatenate([rows, target[:, None]], axis=1)
+    _, e_k, _, _ = item_forward(model, both.reshape(-1))
+    return e_k.reshape(*both.shape, -1)
 
 
-def _next_embeddings(e_all, session):
-    """e_K of the item after each shown item: the next shown item, or the target after the last."""
-    shown = session["row_mask"].astype(jnp.int32)
-    last = jnp.sum(shown, axis=1) - 1  # index of the last shown item; left-aligned rows
-    idx = jnp.arange(e_all.shape[1] - 1)[None, :] + 1
-    idx = jnp.where(idx > last[:, None], e_all.shape[1] - 1, idx)
-    return jnp.take_along_axis(e_all, idx[..., None], axis=1)
+def _next_embeddings(e_all, row_mask):
+    """e_K of the item after each shown item: the next shown one, or the target after the last.
+
+    Equals e_K(next_rows) of the session batch for left-aligned rows, at half the cost of a second pass.
+    """
+    num_shown = e_all.shape[1] - 1
+    last = jnp.sum(row_mask.astype(jnp.int32), axis=1, keepdims=True) - 1
+    index = jnp.arange(num_shown)[None, :] + 1
+    index = jnp.where(index > last, num_shown, index)
+    return jnp.take_along_axis(e_all, index[..., None], axis=1)
 
 
-def _club_terms(model, z_trans, z_know, mask):
-    """(CLUB upper bound with the critic frozen, critic's NLL with the encoders frozen)."""
+def _club_terms(model: TPAD, z_trans, z_know, mask):
+    """(CLUB bound with the critic frozen, the critic's NLL with the encoders frozen)."""
     graphdef, state = nnx.split(model.club_critic)
     frozen_critic = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-    mu, logvar = frozen_critic(z_trans)
-    bound = mi.club(mu, logvar, z_know, mask=mask)
-    critic_nll = mi.gaussian_nll(*model.club_critic(jax.lax.stop_gradient(z_trans)),
-                                 jax.lax.stop_gradient(z_know), mask=mask)
-    return bound, critic_nll
+    bound = mi.club(*frozen_critic(z_trans), z_know, mask=mask)
+    critic_nll = mi.club_q_loss(*model.club_critic(jax.lax.stop_gradient(z_trans)),
+                                jax.lax.stop_gradient(z_know), mask=mask)
+    # Per dimension, so the critic's gradient does not dominate the shared global-norm clip.
+    return bound, critic_nll / z_know.shape[-1]
 
 
 def _cosine(a, b):

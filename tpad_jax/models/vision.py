@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpad_jax.models.llm import _preset, attend, create_stacked, dense, run_stacked
+from tpad_jax.models.llm import INIT_STD, _preset, attend, create_stacked, dense, run_stacked
 from tpad_jax.parallel.rules import constrain, partitioned
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -188,7 +188,7 @@ class AttentionPoolHead(nnx.Module):
     """SigLIP's multi-head attention pooling: a learned probe attends to all tokens."""
 
     def __init__(self, cfg, *, rngs):
-        self.probe = nnx.Param(partitioned(nnx.initializers.normal(0.02), (None, None, "vis_embed"))(
+        self.probe = nnx.Param(partitioned(nnx.initializers.normal(INIT_STD), (None, None, "vis_embed"))(
             rngs.params(), (1, 1, cfg.hidden_size), jnp.dtype(cfg.param_dtype)))
         self.attn = VisionAttention(cfg, rngs=rngs)
         self.norm = layer_norm(cfg.hidden_size, cfg, rngs)
@@ -211,9 +211,9 @@ class VisionEncoder(nnx.Module):
             3, cfg.hidden_size, kernel_size=(cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2,
             padding="VALID",
             use_bias=cfg.patch_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, None, "vis_embed")),
+            kernel_init=partitioned(nnx.initializers.normal(INIT_STD), (None, None, None, "vis_embed")),
             bias_init=partitioned(nnx.initializers.zeros_init(), ("vis_embed",)))
-        normal = nnx.initializers.normal(0.02)
+        normal = nnx.initializers.normal(INIT_STD)
         self.class_embedding = nnx.Param(partitioned(normal, ("vis_embed",))(
             rngs.params(), (cfg.hidden_size,), param_dtype)) if cfg.class_token else None
         self.position_embedding = nnx.Param(partitioned(normal, ("patch", "vis_embed"))(

@@ -1,52 +1,65 @@
-"""What every TPAD stage needs besides its own batches: data, tokenizer, model config, item tables."""
+"""What every TPAD stage shares: prepared data, tokenizer, model config, per-item tables, mesh."""
 
 import dataclasses
 import os
 
+import jax
 import numpy as np
+from flax import nnx
 
 from tpad_jax.data import pipeline, prepared, prompts, tokenizer as tokenizer_lib
-from tpad_jax.models import mllm
-from tpad_jax.models.tpad import TPADConfig
+from tpad_jax.models import mllm, tpad as tpad_lib
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.parallel import rules as rules_lib
 
 
 @dataclasses.dataclass
 class StageInputs:
-    """The catalogue and the static, per-item tables the stages index by item row."""
+    """The catalogue, the tokenizer, the TPAD config, the per-item tables, the mesh and its rules."""
 
     config: object
     workdir: str
     data: prepared.PreparedData
     tokenizer: object
-    special: dict
-    tpad_cfg: TPADConfig
-    item_visual_tokens: int  # visual tokens per item in item prompts (pooled patch grid)
-    item_table: dict  # tokenized item prompts of every item: rows-indexed numpy arrays
-    pixels: np.ndarray | None  # [N, H, W, 3] in [-1, 1], None for text-only catalogues
+    tpad_cfg: tpad_lib.TPADConfig
+    item_prompts: dict  # rows-indexed numpy arrays of the item prompts
+    pixels: np.ndarray | None  # [N, H, W, 3] in [-1, 1]; None for text-only catalogues
     has_image: np.ndarray  # bool [N]
+    mesh: jax.sharding.Mesh
+    rules: tuple
+
+    def make_model(self) -> tpad_lib.TPAD:
+        """A fresh TPAD model; the seed fixes the frozen base, so every stage sees the same one."""
+        return tpad_lib.TPAD(self.tpad_cfg, rngs=nnx.Rngs(self.config.seed))
+
+    def fill_tables(self, model: tpad_lib.TPAD) -> None:
+        """Writes the per-item constants into `model` (frozen ViT features are computed here, once)."""
+        vision = None
+        if self.tpad_cfg.item_visual_tokens:
+            vision = tpad_lib.vision_features(model.towers, self.pixels, self.tpad_cfg.item_visual_tokens)
+        nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision))
 
 
 def build_inputs(config, workdir: str) -> StageInputs:
-    """Prepares data and tokenizer if needed and tokenizes every item prompt once."""
+    """Prepares data and tokenizer when needed and tokenizes every item prompt once."""
     data = prepared.load_or_prepare(config, workdir)
-    tok = tokenizer_lib.load_or_train(config, workdir, data)
-    special = tokenizer_lib.special_ids(tok)
+    tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
     with_images = bool(np.any(data.has_image))
-    mllm_cfg = mllm.MLLMConfig.preset(config.model.preset, vocab_size=tok.get_vocab_size(),
-                                      image_size=config.data.image_size, with_vision=with_images)
-    mllm_cfg = mllm_cfg.replace(lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha,
-                                lora_targets=tuple(config.model.lora_targets),
-                                share_base=config.model.share_base, remat=config.model.remat,
-                                scan_layers=config.model.scan_layers)
-    n_img = min(config.data.item_visual_tokens, mllm_cfg.num_visual_tokens) if with_images else 0
-    tpad_cfg = TPADConfig(mllm=mllm_cfg, embed_dim=config.model.embed_dim,
-                          image_token_id=special["<image>"])
-    item_table = prompts.item_prompt_table(data, tok, n_img=n_img,
-                                           max_item_tokens=config.data.max_item_tokens)
-    pixels = pipeline.item_pixel_table(config, data) if with_images else None
-    return StageInputs(config=config, workdir=workdir, data=data, tokenizer=tok, special=special,
-                       tpad_cfg=tpad_cfg, item_visual_tokens=n_img, item_table=item_table,
-                       pixels=pixels, has_image=np.asarray(data.has_image, bool))
+    mllm_cfg = mllm.config_from(config.model, vocab_size=tokenizer.get_vocab_size(),
+                                image_size=config.data.image_size)
+    if not with_images:  # a text-only catalogue needs no vision tower at all
+        mllm_cfg = dataclasses.replace(mllm_cfg, vision=None)
+    n_img = min(config.data.item_visual_tokens, mllm_cfg.vision.num_features) if with_images else 0
+    tpad_cfg = tpad_lib.TPADConfig(
+        mllm=mllm_cfg, embed_dim=config.model.embed_dim, image_token_id=tokenizer_lib.special_ids(tokenizer)[
+            "image"], num_items=data.num_items,
+        item_prompt_length=prompts.item_prompt_length(n_img, config.data.max_item_tokens),
+        item_visual_tokens=n_img)
+    item_prompts = pipeline.item_prompt_table(config, data, tokenizer, n_img)
+    pixels = pipeline.item_pixel_table(config, data)[0] if with_images else None
+    return StageInputs(config=config, workdir=workdir, data=data, tokenizer=tokenizer, tpad_cfg=tpad_cfg,
+                       item_prompts=item_prompts, pixels=pixels, has_image=np.asarray(data.has_image, bool),
+                       mesh=mesh_lib.make_mesh(config.mesh), rules=rules_lib.get_rules(config.mesh.rules))
 
 
 def stage_dir(workdir: str, name: str) -> str:

@@ -45,7 +45,7 @@ class LoopResult:
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt):
-    """The pure step `(state, batch, rng_data) -> (state, metrics)` of a TrainState split into graphdef + state.
+    """The pure step `(state, batch, rng_data) -> (state, metrics)` of a TrainState's graphdef + state.
 
     The step's RNG is `fold_in(rng, optimizer step)`, so a resumed run draws the same keys.
     """
@@ -78,8 +78,27 @@ def jit_train_step(step, abstract: nnx.State, mesh: jax.sharding.Mesh):
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def _rng_data_shape() -> jax.ShapeDtypeStruct:
-    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+def checkpoint_target(abstract: nnx.State, mesh: jax.sharding.Mesh) -> dict:
+    """The restore target of a loop checkpoint: the TrainState's abstract state and the base RNG."""
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return {"train": abstract,
+            "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=mesh_lib.replicated(mesh))}
+
+
+def load_train_state(*, workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules,
+                     make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, wrt,
+                     step: int | None = None) -> TrainState:
+    """The TrainState saved by `run_loop` in `workdir` (the latest checkpoint unless `step` is given)."""
+    graphdef, abstract = mesh_lib.abstract_state(lambda: TrainState(make_model(), tx, wrt), mesh, rules)
+    manager = checkpointing.make_manager(pathlib.Path(workdir) / "checkpoints", max_to_keep=1)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
+        restored = checkpointing.restore(manager, step, checkpoint_target(abstract, mesh))
+    finally:
+        manager.close()
+    return nnx.merge(graphdef, restored["train"])
 
 
 def _host_metrics(step: int, metrics, last_checkpoint: int | None) -> dict[str, float]:
@@ -99,7 +118,8 @@ def _leading_dim(batch) -> int:
 def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Mesh,
              rules: mesh_lib.Rules, make_model: Callable[[], nnx.Module],
              tx: optax.GradientTransformation, wrt, loss_fn: LossFn, data_iterator: Iterator,
-             num_steps: int, seed: int, eval_fn: EvalFn | None = None, desc: str = "train") -> LoopResult:
+             num_steps: int, seed: int, eval_fn: EvalFn | None = None, desc: str = "train",
+             init_fn: Callable[[nnx.Module], None] | None = None) -> LoopResult:
     """Trains `make_model()` for `num_steps` steps, resuming from the latest checkpoint in `workdir`.
 
     Args:
@@ -114,6 +134,8 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
       seed: seeds the step RNG of a fresh run (a resumed run restores it).
       eval_fn: called every `train_config.eval_every` steps.
       desc: the progress-bar label.
+      init_fn: called once on a fresh model (never on resume) before training, to set state that is
+        not a random init: an earlier stage's weights, per-item constant tables.
     """
     workdir = pathlib.Path(workdir)
     is_main = distributed.is_main_process()
@@ -123,20 +145,23 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
         return TrainState(make_model(), tx, wrt)
 
     graphdef, abstract = mesh_lib.abstract_state(make_train_state, mesh, rules)
-    replicated = mesh_lib.replicated(mesh)
-    rng_shape = _rng_data_shape()
 
     # ------------------------------------------------------------------------------ checkpoint
     manager = checkpointing.make_manager(workdir / "checkpoints", train_config.max_to_keep)
     start = manager.latest_step()
     if start is None:
         start = 0
-        state = nnx.state(mesh_lib.sharded_init(make_train_state, mesh, rules))
-        rng_data = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated)
+        train_state = mesh_lib.sharded_init(make_train_state, mesh, rules)
+        if init_fn is not None:
+            with mesh_lib.activate(mesh, rules):
+                init_fn(train_state.model)
+            # What init_fn wrote may live on one device: put it back on the planned shardings.
+            state = jax.device_put(nnx.state(train_state), jax.tree.map(lambda x: x.sharding, abstract))
+        else:
+            state = nnx.state(train_state)
+        rng_data = jax.device_put(jax.random.key_data(jax.random.key(seed)), mesh_lib.replicated(mesh))
     else:
-        target = {"train": abstract,
-                  "rng": jax.ShapeDtypeStruct(rng_shape.shape, rng_shape.dtype, sharding=replicated)}
-        restored = checkpointing.restore(manager, start, target, data_iterator)
+        restored = checkpointing.restore(manager, start, checkpoint_target(abstract, mesh), data_iterator)
         state, rng_data = restored["train"], restored["rng"]
         if is_main:
             tqdm.tqdm.write(f"resuming {desc} from checkpoint step {start}")
@@ -157,7 +182,8 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
             try:
                 local_batch = next(data_iterator)
             except StopIteration:
-                raise ValueError(f"{desc}: the data iterator ended before step {step} of {num_steps}")
+                raise ValueError(
+                    f"{desc}: the data iterator ended before step {step} of {num_steps}") from None
             batch = mesh_lib.global_batch(local_batch, mesh)
             with mesh_lib.activate(mesh, rules):
                 state, metrics = train_step(state, batch, rng_data)

@@ -1,0 +1,98 @@
+"""Multi-host: cluster detection, and two JAX processes on 127.0.0.1 training and checkpointing together."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import multihost_worker as worker
+import toy_training as toy
+from tpad_jax.parallel import distributed
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.train import loop
+from tpad_jax.train.logging import read_metrics
+
+WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "slurm"),
+    ({"TPU_WORKER_HOSTNAMES": "t0"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, "cloud_tpu"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "open_mpi"),
+])
+def test_detect_cluster(env, expected):
+    assert distributed.detect_cluster(env) == expected
+
+
+def test_maybe_initialize_is_a_noop_on_one_host():
+    dist = ml_collections.ConfigDict({"coordinator": None, "num_processes": None, "process_id": None})
+    assert not distributed.maybe_initialize(dist, env={})
+    assert distributed.is_main_process() and jax.process_count() == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference_run():
+    """Losses and parameters of the same 3 steps in one process, on the concatenated global batches."""
+    mesh = toy.single_device_mesh()
+    make = lambda: loop.TrainState(toy.make_model(), toy.make_tx(), toy.TRAINABLE)  # noqa: E731
+    graphdef, abstract = mesh_lib.abstract_state(make, mesh, toy.RULES)
+    state = nnx.state(mesh_lib.sharded_init(make, mesh, toy.RULES))
+    halves = [iter(toy.dataset(worker.LOCAL_BATCH, process_index=p, process_count=worker.NUM_PROCESSES))
+              for p in range(worker.NUM_PROCESSES)]
+    rng = jax.random.key_data(jax.random.key(0))
+    losses = []
+    with mesh_lib.activate(mesh, toy.RULES):
+        step = loop.jit_train_step(loop.make_train_step(graphdef, toy.loss_fn, toy.TRAINABLE), abstract, mesh)
+        for _ in range(worker.STEPS):
+            parts = [next(half) for half in halves]
+            batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+            state, metrics = step(state, mesh_lib.global_batch(batch, mesh), rng)
+            losses.append(float(metrics["loss"]))
+    return losses, toy.trained_params(loop.LoopResult(nnx.merge(graphdef, state), worker.STEPS, {}))
+
+
+def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    processes = [
+        subprocess.Popen([sys.executable, str(WORKER), str(process_id), str(port), str(tmp_path / "run"),
+                          str(tmp_path / "params.npz")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        for process_id in range(worker.NUM_PROCESSES)]
+    try:
+        outputs = [process.communicate(timeout=180)[0].decode() for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+
+    losses, params = _reference_run()
+    logged = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    loss_diff = float(np.max(np.abs(np.array(logged) - losses)))
+    got = np.load(tmp_path / "params.npz")
+    param_diff = max(float(np.max(np.abs(got[f"trained/{k}"] - v))) for k, v in params.items())
+    print(f"2 processes vs 1: max |loss diff| over {len(losses)} steps = {loss_diff:.3g}, "
+          f"max |param diff| = {param_diff:.3g}")
+    assert len(logged) == worker.STEPS and loss_diff < 1e-6 and param_diff < 1e-6
+    # Both processes wrote one checkpoint (each its part of the data state) and restored it.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "3" / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    for name in params:
+        np.testing.assert_array_equal(got[f"restored/{name}"], got[f"trained/{name}"])

@@ -1,0 +1,129 @@
+"""The whole method in order: prepare -> stage 1 -> stage 2 (+ ablations) -> export -> downstream -> report.
+
+Every step reads what earlier steps wrote in the workdir, so any of them can be run alone and a re-run
+resumes where the last one stopped (finished stages are restored, not retrained).
+"""
+
+import json
+import os
+import time
+
+from tpad_jax import export
+from tpad_jax.eval import evaluate, report
+from tpad_jax.eval import metrics as metrics_lib
+from tpad_jax.parallel import distributed
+from tpad_jax.train import inputs as inputs_lib
+from tpad_jax.train import stages
+
+# Which stage-2 variant (and which export directory) each comparison row needs.
+EXPORT_OF_MODEL = {
+    "transformer+raw": "raw", "transformer+stage1": "stage1", "tpad": "tpad", "srgnn+tpad": "tpad",
+    "tpad-no-gen": "no-gen", "tpad-no-disentangle": "no-disentangle", "tpad-no-align": "no-align",
+}
+
+
+def export_dir_name(variant: str) -> str:
+    return "export" if variant == "tpad" else f"export_{variant}"
+
+
+def needed_exports(models) -> list[str]:
+    """Export variants the requested comparison rows read, in a stable order."""
+    wanted = {EXPORT_OF_MODEL[name] for name in models if name in EXPORT_OF_MODEL}
+    return [variant for variant in ("raw", "stage1", *stages.STAGE2_VARIANTS) if variant in wanted]
+
+
+def run(config, workdir: str, stage: str = "all") -> None:
+    """Runs `stage` (prepare, 1, 2, export, msbr or all) of TPAD in `workdir`."""
+    distributed.maybe_initialize(config.dist)
+    os.makedirs(workdir, exist_ok=True)
+    clock = time.perf_counter()
+    if distributed.is_main_process():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    inputs = inputs_lib.build_inputs(config, workdir)
+    print(f"data: {inputs.data.num_items} items, {len(inputs.data.train)} train / {len(inputs.data.valid)} "
+          f"valid / {len(inputs.data.test)} test sessions ({time.perf_counter() - clock:.1f} s)", flush=True)
+    if stage == "prepare":
+        return
+    variants = needed_exports(config.eval.models) if stage == "all" else ["tpad"]
+    models = train_towers(inputs, stage, variants)
+    if stage in ("all", "export"):
+        write_exports(inputs, models)
+    if stage in ("all", "msbr"):
+        evaluate_all(config, workdir, inputs)
+    print(f"done in {time.perf_counter() - clock:.0f} s; workdir {os.path.abspath(workdir)}", flush=True)
+
+
+def train_towers(inputs, stage: str, variants) -> dict:
+    """Trains (or restores) what `stage` needs; returns {export variant: model}."""
+    if stage == "msbr":
+        return {}
+    models = {}
+    if "raw" in variants:
+        raw = inputs.make_model()
+        inputs.fill_tables(raw)
+        models["raw"] = raw
+    stage1_model = stages.run_stage1(inputs)
+    models["stage1"] = stage1_model
+    if stage == "1":
+        return models
+    for variant in variants:
+        if variant in stages.STAGE2_VARIANTS:
+            models[variant] = stages.run_stage2(inputs, stage1_model, variant)
+    return models
+
+
+def write_exports(inputs, models: dict) -> None:
+    """Writes one export per trained variant and prints the retrieval probe of each."""
+    rows = []
+    for variant, model in models.items():
+        embeddings = export.item_embeddings(model, inputs.config.eval.batch_size)
+        if distributed.is_main_process():
+            meta = {"variant": variant, "config": inputs.config.to_dict(),
+                    "checkpoint_step": _checkpoint_step(inputs.workdir, variant),
+                    "dataset_fingerprint": inputs.data.fingerprint}
+            export.write_export(os.path.join(inputs.workdir, export_dir_name(variant)), embeddings,
+                                inputs.data.item_ids, meta)
+        ranks = export.retrieval_ranks(embeddings, inputs.data, "test", inputs.config.eval.batch_size)
+        _, targets = inputs.data.examples("test")
+        rows += metrics_lib.slice_rows(f"probe:{variant}", ranks, inputs.data.cold_mask(targets), (20,))
+    if rows and distributed.is_main_process():
+        path = os.path.join(inputs.workdir, "results", "probe.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(_probe_table(rows), flush=True)
+
+
+def _checkpoint_step(workdir: str, variant: str):
+    name = {"raw": None, "stage1": "stage1"}.get(variant, stages.stage2_dir_name(variant))
+    if name is None:
+        return 0
+    steps = [int(entry) for entry in os.listdir(os.path.join(workdir, name, "checkpoints")) if entry.isdigit()]
+    return max(steps) if steps else None
+
+
+def _probe_table(rows) -> str:
+    """Markdown: next-item retrieval by e_K similarity (HR@20 / MRR@20) per export and slice."""
+    table = {}
+    for row in rows:
+        table.setdefault(row["model"], {})[(row["slice"], row["metric"])] = row["value"]
+    lines = ["| export (probe) | HR@20 all | MRR@20 all | HR@20 cold | MRR@20 cold |", "|---|---|---|---|---|"]
+    for model, values in table.items():
+        cells = [values.get(key, float("nan")) for key in
+                 (("all", "HR"), ("all", "MRR"), ("cold", "HR"), ("cold", "MRR"))]
+        lines.append(f"| {model} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_all(config, workdir: str, inputs) -> None:
+    """Baselines and downstream models of `config.eval.models` on the test split; writes the report."""
+    del inputs
+    rows = evaluate.run(config, workdir, ",".join(config.eval.models))
+    if distributed.is_main_process():
+        curves = {name: os.path.join(workdir, name, "metrics.jsonl")
+                  for name in sorted(os.listdir(workdir)) if name.startswith("stage")}
+        curves = {name: path for name, path in curves.items() if os.path.exists(path)}
+        if curves:
+            report.plot_training_curves(curves, os.path.join(workdir, "results", "training_curves.png"))
+    return rows

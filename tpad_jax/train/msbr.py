@@ -1,0 +1,327 @@
+"""Stage 4: train the downstream session recommenders, select them on validation, rank the test split.
+
+Every neural row of the comparison is one session encoder (`models/msbr.py`) over item inputs
+[ID embedding ; W e_content], where the content features come from an export directory of the
+workdir (or are absent for ID-only models). Training examples are all prefixes of the train sessions;
+the loss is the full-softmax cross-entropy. After every epoch the model is ranked on the validation
+split (never on test): the best epoch's parameters are kept in `DIR/msbr/<name>/best.npz` and training
+stops after `msbr.patience` epochs without improvement. `selection.json` records the choice; a
+workdir whose selection is finished is never trained again.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from tpad_jax import export
+from tpad_jax.data import pipeline, raw
+from tpad_jax.eval import metrics as metrics_lib
+from tpad_jax.models import msbr as msbr_models
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.parallel import rules as rules_lib
+from tpad_jax.train import loop, optim
+
+# name -> (session encoder, export directory of the content features in DIR, or None for ID only).
+NEURAL_MODELS = {
+    "gru4rec": ("gru4rec", None),
+    "transformer": ("transformer", None),
+    "srgnn": ("srgnn", None),
+    "transformer+raw": ("transformer", "export_raw"),
+    "transformer+stage1": ("transformer", "export_stage1"),
+    "tpad": ("transformer", "export"),
+    "srgnn+tpad": ("srgnn", "export"),
+    "tpad-no-gen": ("transformer", "export_no-gen"),
+    "tpad-no-disentangle": ("transformer", "export_no-disentangle"),
+    "tpad-no-align": ("transformer", "export_no-align"),
+    "transformer+minilm": ("transformer", "export_minilm"),
+}
+SELECTION_METRIC = ("MRR", 20)  # validation metric that picks the epoch (and the default model)
+SELECTION_FILE = "selection.json"
+BEST_PARAMS = "best.npz"
+VALID_SPLIT = "valid"
+TEST_SPLIT = "test"
+
+
+class _PatienceExhausted(Exception):
+    """Raised by the validation callback to end `run_loop` early (it has no stop signal of its own)."""
+
+
+def model_dir(workdir: str, name: str) -> str:
+    """DIR/msbr/<name>/."""
+    return os.path.join(workdir, "msbr", name)
+
+
+def prefix_width(config) -> int:
+    """Items an encoder sees: the last `max_session_length - 1` clicks (a whole session minus its target)."""
+    return config.data.max_session_length - 1
+
+
+def padded_examples(examples: pipeline.SessionExamples, width: int):
+    """Right-padded prefixes (their last `width` items) of `examples`.
+
+    Returns:
+      (items int32 [n, width] with row 0 on padding, mask bool [n, width]).
+    """
+    count = np.minimum(examples.lengths, width)
+    begin = examples.starts + examples.lengths - count
+    mask = np.arange(width)[None, :] < count[:, None]
+    index = np.where(mask, begin[:, None] + np.arange(width)[None, :], 0)
+    items = np.where(mask, examples.flat_rows[index] if len(examples.flat_rows) else 0, 0)
+    return items.astype(np.int32), mask
+
+
+def pad_prefixes(prefixes, width: int):
+    """(items int32 [n, width], mask bool [n, width]) of a list of prefixes (item rows)."""
+    examples = pipeline.SessionExamples.from_prefixes(prefixes, np.zeros(len(prefixes), np.int32))
+    return padded_examples(examples, width)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTable:
+    """Random-access training examples (items [width], mask [width], target) stored as padded arrays."""
+
+    items: np.ndarray
+    mask: np.ndarray
+    targets: np.ndarray
+
+    @classmethod
+    def every_prefix(cls, sessions, width: int):
+        """One example per position j >= 1 of each session: prefix session[:j], target session[j]."""
+        examples = pipeline.SessionExamples.every_position(sessions)
+        return cls(*padded_examples(examples, width), examples.targets.astype(np.int32))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.items[index], self.mask[index], self.targets[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixExample:
+    """Maps ((items, mask, target), valid) to one training example (a picklable grain map)."""
+
+    def __call__(self, record_and_valid):
+        (items, mask, target), valid = record_and_valid
+        return dict(items=items, mask=mask, target=np.int32(target), valid=np.bool_(valid))
+
+
+def load_content(workdir: str, export_subdir: str | None, data) -> np.ndarray | None:
+    """Frozen content features [N, d_c] from DIR/<export_subdir>, L2-normalised per item (None: ID only)."""
+    if export_subdir is None:
+        return None
+    directory = os.path.join(workdir, export_subdir)
+    if not os.path.exists(os.path.join(directory, "item_embeddings.npy")):
+        raise FileNotFoundError(
+            f"{directory}/item_embeddings.npy: missing; run the stage that exports these features first")
+    embeddings, item_ids, _ = export.load_export(directory)
+    if list(item_ids) != list(data.item_ids):
+        raise ValueError(f"{directory}/item_ids.json: rows do not match the prepared catalogue "
+                         f"({len(item_ids)} ids vs {data.num_items}); re-export for this data")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def model_factory(name: str, config, num_items: int, content):
+    """A deterministic `make_model()` for the neural model `name`."""
+    encoder, _ = _model_spec(name)
+    cfg = dataclasses.replace(msbr_models.EncoderConfig.from_config(config), encoder=encoder)
+    return lambda: msbr_models.SessionEncoder(cfg, num_items, content, rngs=nnx.Rngs(config.seed))
+
+
+@nnx.jit
+def _scores(model, items, mask):
+    return model.scores(items, mask)
+
+
+def rank_examples(model, prefixes, targets, width: int, batch_size: int) -> np.ndarray:
+    """0-based ranks [n] of `targets` after `prefixes` with dropout off, in fixed-size chunks."""
+    eval_model = nnx.view(model, deterministic=True)
+
+    def score_fn(chunk):
+        items, mask = pad_prefixes(chunk, width)
+        # Padding every chunk to the full batch keeps one compiled shape for all of them.
+        filler = batch_size - len(chunk)
+        items = np.pad(items, ((0, filler), (0, 0)))
+        mask = np.pad(mask, ((0, filler), (0, 0)))
+        return _scores(eval_model, items, mask)[:len(chunk)]
+
+    return metrics_lib.rank_targets(score_fn, prefixes, targets, batch_size)
+
+
+def selection_state(history: dict, patience: int) -> dict:
+    """Best epoch (earliest on ties), its metric and whether patience ran out, from {epoch: metric}."""
+    best_epoch = max(sorted(history), key=lambda epoch: history[epoch])
+    last_epoch = max(history)
+    return {"best_epoch": best_epoch, "best_metric": history[best_epoch],
+            "stop": last_epoch - best_epoch >= patience}
+
+
+def read_selection(directory: str) -> dict | None:
+    """The selection.json of a model directory, or None before the first validation."""
+    path = os.path.join(directory, SELECTION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def save_params(path: str, model) -> None:
+    """Writes the model's nnx.Param values to an .npz keyed by "/"-joined path (byte-deterministic)."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    arrays = {optim.path_string(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(pure)}
+    raw.write_npz(path + ".tmp", arrays)
+    os.replace(path + ".tmp", path)
+
+
+def load_params(path: str, model) -> None:
+    """Sets the model's nnx.Param values from `save_params`' file; every path and shape must match."""
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    expected = {optim.path_string(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(pure)}
+    problems = [f"missing {k}" for k in expected if k not in arrays]
+    problems += [f"unexpected {k}" for k in arrays if k not in expected]
+    problems += [f"{k}: shape {arrays[k].shape} != {shape}" for k, shape in expected.items()
+                 if k in arrays and arrays[k].shape != shape]
+    if problems:
+        raise ValueError(f"{path}: parameters do not fit the model: {'; '.join(problems)}")
+    nnx.replace_by_pure_dict(
+        state, jax.tree_util.tree_map_with_path(lambda p, _: arrays[optim.path_string(p)], pure))
+    nnx.update(model, state)
+
+
+def load_selected(name: str, config, workdir: str, data):
+    """The model `name` with its selected (best validation) parameters, on the default device."""
+    _, export_subdir = _model_spec(name)
+    model = model_factory(name, config, data.num_items, load_content(workdir, export_subdir, data))()
+    load_params(os.path.join(model_dir(workdir, name), BEST_PARAMS), model)
+    return model
+
+
+def _model_spec(name: str):
+    if name not in NEURAL_MODELS:
+        raise ValueError(f"unknown neural model {name!r}; known: {', '.join(NEURAL_MODELS)}")
+    return NEURAL_MODELS[name]
+
+
+def train_msbr(name: str, config, workdir: str, data):
+    """Trains `name` with validation model selection (resuming if interrupted); returns the selected model.
+
+    A finished selection in DIR/msbr/<name>/selection.json is loaded, not retrained.
+    """
+    _, export_subdir = _model_spec(name)
+    directory = model_dir(workdir, name)
+    os.makedirs(directory, exist_ok=True)
+    selection = read_selection(directory)
+    if selection is not None and selection["finished"]:
+        return load_selected(name, config, workdir, data)
+
+    msbr = config.msbr
+    if msbr.batch_size % jax.process_count():
+        raise ValueError(f"msbr.batch_size {msbr.batch_size} is not divisible by {jax.process_count()} "
+                         "processes")
+    width = prefix_width(config)
+    content = load_content(workdir, export_subdir, data)
+    make_model = model_factory(name, config, data.num_items, content)
+
+    # ----------------------------------------------------------------------------------- input
+    table = PrefixTable.every_prefix(data.train, width)
+    steps_per_epoch = max(1, len(table) // msbr.batch_size)
+    num_steps = msbr.max_epochs * steps_per_epoch
+    batches = pipeline._batches(config, table, PrefixExample(), msbr.batch_size // jax.process_count(),
+                                shuffle=True, repeat=True, seed=config.seed, process_index=None,
+                                process_count=None)
+
+    def loss_fn(model, batch, rng):
+        del rng  # dropout draws from the model's own RNG stream, which the loop carries
+        session_vecs = model(batch["items"], batch["mask"])
+        loss = msbr_models.chunked_softmax_cross_entropy(
+            session_vecs, model.item_table(), batch["target"], msbr.score_chunk, mask=batch["valid"])
+        return loss, {}
+
+    # ------------------------------------------------------------------------------ validation
+    valid_prefixes, valid_targets = data.examples(VALID_SPLIT)
+    history = {} if selection is None else {int(e): v for e, v in selection["history"].items()}
+    metric_name = f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}"
+
+    def validate(model, step):
+        epoch = step // steps_per_epoch
+        ranks = rank_examples(model, valid_prefixes, valid_targets, width, msbr.eval_batch_size)
+        values = metrics_lib.metrics_from_ranks(ranks, (SELECTION_METRIC[1],))
+        # Epochs after this one belong to a run that was interrupted before its checkpoint: redone now.
+        for stale in [e for e in history if e >= epoch]:
+            del history[stale]
+        history[epoch] = values[SELECTION_METRIC]
+        state = selection_state(history, msbr.patience)
+        if state["best_epoch"] == epoch:
+            save_params(os.path.join(directory, BEST_PARAMS), model)
+        _write_selection(directory, history, state, finished=False)
+        tqdm.tqdm.write(f"{name} epoch {epoch}: valid {metric_name} {history[epoch]:.2f} "
+                        f"(best {state['best_metric']:.2f} at epoch {state['best_epoch']})")
+        if state["stop"]:
+            raise _PatienceExhausted
+        return {f"valid_{m.lower()}{k}": v for (m, k), v in values.items()}
+
+    # ------------------------------------------------------------------------------------ loop
+    train_config = ml_collections.ConfigDict(
+        dict(config.train.to_dict(), eval_every=steps_per_epoch, checkpoint_every=steps_per_epoch))
+    groups = {"all": optim.GroupSchedule(".*", msbr.learning_rate, 0, num_steps)}
+    try:
+        loop.run_loop(
+            workdir=directory, train_config=train_config, mesh=mesh_lib.make_mesh(config.mesh),
+            rules=rules_lib.get_rules(config.mesh.rules), make_model=make_model,
+            tx=optim.make_optimizer(groups, config.train.grad_clip, config.train.weight_decay),
+            wrt=nnx.Param, loss_fn=loss_fn, data_iterator=batches, num_steps=num_steps, seed=config.seed,
+            eval_fn=validate, desc=f"msbr {name}")
+    except _PatienceExhausted:
+        pass
+    if not history:
+        raise ValueError(f"{name}: training ended without a validation epoch")
+    _write_selection(directory, history, selection_state(history, msbr.patience), finished=True)
+    return load_selected(name, config, workdir, data)
+
+
+def _write_selection(directory: str, history: dict, state: dict, finished: bool) -> None:
+    metric = f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}"
+    _write_json(os.path.join(directory, SELECTION_FILE), {
+        "metric": metric, "split": VALID_SPLIT, "best_epoch": state["best_epoch"],
+        "best_metric": state["best_metric"], "history": {str(e): v for e, v in sorted(history.items())},
+        "finished": finished})
+
+
+def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
+    """Test ranks int32 [num_test] of the neural model `name`, aligned with data.examples("test").
+
+    Trains the model first when DIR/msbr/<name>/ holds no finished selection.
+    """
+    model = train_msbr(name, config, workdir, data)
+    prefixes, targets = data.examples(TEST_SPLIT)
+    ranks = rank_examples(model, prefixes, targets, prefix_width(config), config.msbr.eval_batch_size)
+    return ranks.astype(np.int32)
+
+
+def best_trained_model(workdir: str) -> str:
+    """The model in DIR/msbr/ with a finished selection and the highest validation metric."""
+    root = os.path.join(workdir, "msbr")
+    candidates = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        selection = read_selection(os.path.join(root, name))
+        if name in NEURAL_MODELS and selection is not None and selection["finished"]:
+            candidates.append((selection["best_metric"], name))
+    if not candidates:
+        raise FileNotFoundError(f"{root}: no trained neural model; train one first (launch/evaluate.py)")
+    return max(candidates, key=lambda candidate: candidate[0])[1]
