@@ -121,6 +121,9 @@ def get_config(arg=None):
     c.msbr.patience = 2  # epochs without a better validation MRR@20 before training stops
     c.msbr.score_chunk = 4096  # items per chunk of the full-softmax loss
     c.msbr.eval_batch_size = 1024  # prefixes per chunk when ranking validation / test
+    # Training batches hold prefixes of one length bucket: up to 3 items, up to 8, then the full width
+    # (max_session_length - 1). Most prefixes are short; each bucket is one more compiled step shape.
+    c.msbr.length_buckets = (3, 8)
 
     # ----------------------------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()

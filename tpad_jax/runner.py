@@ -45,7 +45,7 @@ def run(config, workdir: str, stage: str = "all") -> None:
           f"valid / {len(inputs.data.test)} test sessions ({time.perf_counter() - clock:.1f} s)", flush=True)
     if stage == "prepare":
         return
-    variants = needed_exports(config.eval.models) if stage == "all" else ["tpad"]
+    variants = needed_exports(config.eval.models)
     models = train_towers(inputs, stage, variants)
     if stage in ("all", "export"):
         write_exports(inputs, models)

@@ -90,9 +90,13 @@ class LMConfig:
 
     @classmethod
     def base(cls, vocab_size, **overrides):
-        """CPU default: d=192, 4 layers, 4 query / 2 kv heads (about 1.6 M parameters + embeddings)."""
-        return _preset(cls, overrides, vocab_size=vocab_size, hidden_size=192, num_layers=4, num_heads=4,
-                       num_kv_heads=2, mlp_size=512)
+        """CPU default: d=128, 2 layers, 4 query / 2 kv heads (about 0.4 M parameters + embeddings).
+
+        Sized so that stage 2 (four variants) fits in minutes on a 2-core laptop CPU; the synthetic
+        catalogue's text needs no more.
+        """
+        return _preset(cls, overrides, vocab_size=vocab_size, hidden_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, mlp_size=384)
 
     @classmethod
     def llama_7b(cls, vocab_size=32064, **overrides):

@@ -58,7 +58,7 @@ class MLLMConfig:
 
     @classmethod
     def base(cls, vocab_size, image_size=64, **overrides):
-        """CPU default: CLIP-layout ViT d=128 over 64 patches, LM d=192 x 4 layers."""
+        """CPU default: CLIP-layout ViT d=128 over 64 patches, LM d=128 x 2 layers."""
         return cls(vision=VisionConfig.base(image_size), lm=LMConfig.base(vocab_size), **overrides)
 
     @classmethod

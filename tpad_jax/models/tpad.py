@@ -1,7 +1,8 @@
 """TPAD: the two towers, the heads that read item and transition features off them, and the losses.
 
 Parameter paths (optimizer groups and trainable filters select them by regex):
-  towers/bases/...                       the frozen shared base (ViT + LM)
+  towers/bases/shared/...                the frozen shared base (ViT + LM)    group "base"
+  towers/bases/{knowledge,transfer}/...  each tower's own base (share_base=False), in its tower's group
   towers/towers/knowledge/...            Knowledge-MLLM projector + LoRA     group "knowledge"
   knowledge_head, image_view_head                                           group "knowledge"
   towers/towers/transfer/...             Transfer-MLLM projector + LoRA      group "transfer"
@@ -22,10 +23,10 @@ from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
 GROUP_PATTERNS = {
-    KNOWLEDGE: r"towers/towers/knowledge/|knowledge_head/|image_view_head/",
-    TRANSFER: r"towers/towers/transfer/|trans_head/|know_head/",
+    KNOWLEDGE: r"towers/(towers|bases)/knowledge/|knowledge_head/|image_view_head/",
+    TRANSFER: r"towers/(towers|bases)/transfer/|trans_head/|know_head/",
     "critic": r"club_critic/",
-    "base": r"towers/bases/",
+    "base": r"towers/bases/shared/",
 }
 ITEM_PROMPT_FIELDS = ("tokens", "attention_mask", "loss_mask", "item_pos")
 
@@ -257,7 +258,12 @@ def _next_embeddings(e_all, row_mask):
 
 
 def _club_terms(model: TPAD, z_trans, z_know, mask):
-    """(CLUB bound with the critic frozen, the critic's NLL with the encoders frozen)."""
+    """(CLUB bound with the critic frozen, the critic's NLL with the encoders frozen).
+
+    On unit vectors, like every other term here: on raw head outputs the encoders can scale their
+    features to drive the estimate of a lagging critic to minus infinity.
+    """
+    z_trans, z_know = _unit(z_trans), _unit(z_know)
     graphdef, state = nnx.split(model.club_critic)
     frozen_critic = nnx.merge(graphdef, jax.lax.stop_gradient(state))
     bound = mi.club(*frozen_critic(z_trans), z_know, mask=mask)
@@ -267,10 +273,12 @@ def _club_terms(model: TPAD, z_trans, z_know, mask):
     return bound, critic_nll / z_know.shape[-1]
 
 
+def _unit(x):
+    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+
+
 def _cosine(a, b):
-    a = a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)
-    b = b / (jnp.linalg.norm(b, axis=-1, keepdims=True) + 1e-6)
-    return jnp.sum(a * b, axis=-1)
+    return jnp.sum(_unit(a) * _unit(b), axis=-1)
 
 
 def _masked_mean(x, mask):

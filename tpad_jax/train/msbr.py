@@ -2,8 +2,9 @@
 
 Every neural row of the comparison is one session encoder (`models/msbr.py`) over item inputs
 [ID embedding ; W e_content], where the content features come from an export directory of the
-workdir (or are absent for ID-only models). Training examples are all prefixes of the train sessions;
-the loss is the full-softmax cross-entropy. After every epoch the model is ranked on the validation
+workdir (or are absent for ID-only models). Training examples are all prefixes of the train sessions,
+batched by length bucket (`msbr.length_buckets`) so that short prefixes are not padded to the full
+width; the loss is the full-softmax cross-entropy. After every epoch the model is ranked on the validation
 split (never on test): the best epoch's parameters are kept in `DIR/msbr/<name>/best.npz` and training
 stops after `msbr.patience` epochs without improvement. `selection.json` records the choice; a
 workdir whose selection is finished is never trained again.
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import os
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -103,13 +105,70 @@ class PrefixTable:
         return self.items[index], self.mask[index], self.targets[index]
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefixExample:
-    """Maps ((items, mask, target), valid) to one training example (a picklable grain map)."""
+class BucketedBatches:
+    """Random-access training batches of prefixes grouped by length; batch i is batch i % n of epoch i // n.
 
-    def __call__(self, record_and_valid):
-        (items, mask, target), valid = record_and_valid
-        return dict(items=items, mask=mask, target=np.int32(target), valid=np.bool_(valid))
+    Every epoch shuffles the examples (seeded by `seed` and the epoch), sorts them into the first
+    width of `widths` that holds them, and cuts each group into global batches of that width, so short
+    prefixes (most of them) are not padded to the full width. A group's last batch is filled with
+    `valid=False` rows, which keeps the number of batches per epoch fixed. Element i is this process's
+    slice of global batch i: {items int32 [b, w], mask bool [b, w], target int32 [b], valid bool [b]}.
+    """
+
+    def __init__(self, table: PrefixTable, widths, batch_size: int, seed: int, num_epochs: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.table, self.widths, self.batch_size, self.seed = table, tuple(widths), batch_size, seed
+        self.num_epochs, self.process_index, self.process_count = num_epochs, process_index, process_count
+        if list(self.widths) != sorted(self.widths) or self.widths[-1] != table.items.shape[1]:
+            raise ValueError(f"bucket widths {self.widths} must increase up to the full width "
+                             f"{table.items.shape[1]}")
+        self.bucket_of_example = np.searchsorted(np.asarray(self.widths), table.mask.sum(axis=1))
+        counts = np.bincount(self.bucket_of_example, minlength=len(self.widths))
+        self.batches_per_epoch = int(np.sum(-(-counts // batch_size)))
+        self._plans = {}
+
+    def plan(self, epoch: int) -> list:
+        """[(width, example indices [batch_size], -1 on filler rows)] of one epoch, in training order."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng((self.seed, epoch))
+            order = rng.permutation(len(self.table))
+            buckets = self.bucket_of_example[order]
+            batches = []
+            for bucket, width in enumerate(self.widths):
+                members = order[buckets == bucket]
+                filler = -len(members) % self.batch_size
+                members = np.concatenate([members, np.full(filler, -1, members.dtype)])
+                batches += [(width, chunk) for chunk in members.reshape(-1, self.batch_size)]
+            self._plans[epoch] = [batches[i] for i in rng.permutation(len(batches))]
+        return self._plans[epoch]
+
+    def __len__(self):
+        return self.num_epochs * self.batches_per_epoch
+
+    def __getitem__(self, index):
+        epoch, position = divmod(index, self.batches_per_epoch)
+        width, rows = self.plan(epoch)[position]
+        local = self.batch_size // self.process_count
+        rows = rows[self.process_index * local:(self.process_index + 1) * local]
+        valid = rows >= 0
+        rows = np.where(valid, rows, 0)
+        return dict(items=self.table.items[rows, :width], mask=self.table.mask[rows, :width],
+                    target=self.table.targets[rows], valid=valid)
+
+
+def training_batches(config, table: PrefixTable, num_epochs: int):
+    """The grain iterator over this process's `BucketedBatches` (checkpointable) and batches per epoch."""
+    msbr = config.msbr
+    if msbr.batch_size % jax.process_count():
+        raise ValueError(f"msbr.batch_size {msbr.batch_size} is not divisible by {jax.process_count()} "
+                         "processes")
+    full_width = table.items.shape[1]
+    widths = sorted({w for w in msbr.length_buckets if w < full_width} | {full_width})
+    source = BucketedBatches(table, widths, msbr.batch_size, config.seed, num_epochs,
+                             jax.process_index(), jax.process_count())
+    threads = config.data.read_threads
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+    return iter(grain.MapDataset.source(source).to_iter_dataset(read_options)), source.batches_per_epoch
 
 
 def load_content(workdir: str, export_subdir: str | None, data) -> np.ndarray | None:
@@ -140,19 +199,26 @@ def _scores(model, items, mask):
     return model.scores(items, mask)
 
 
-def rank_examples(model, prefixes, targets, width: int, batch_size: int) -> np.ndarray:
-    """0-based ranks [n] of `targets` after `prefixes` with dropout off, in fixed-size chunks."""
+def prefix_scorer(model, width: int, batch_size: int):
+    """score_fn(prefixes) -> scores [len(prefixes) <= batch_size, N] of `model` with dropout off.
+
+    Every chunk is padded to `batch_size` rows, so all chunks share one compiled shape.
+    """
     eval_model = nnx.view(model, deterministic=True)
 
-    def score_fn(chunk):
-        items, mask = pad_prefixes(chunk, width)
-        # Padding every chunk to the full batch keeps one compiled shape for all of them.
-        filler = batch_size - len(chunk)
+    def score_fn(prefixes):
+        items, mask = pad_prefixes(prefixes, width)
+        filler = batch_size - len(prefixes)
         items = np.pad(items, ((0, filler), (0, 0)))
         mask = np.pad(mask, ((0, filler), (0, 0)))
-        return _scores(eval_model, items, mask)[:len(chunk)]
+        return _scores(eval_model, items, mask)[:len(prefixes)]
 
-    return metrics_lib.rank_targets(score_fn, prefixes, targets, batch_size)
+    return score_fn
+
+
+def rank_examples(model, prefixes, targets, width: int, batch_size: int) -> np.ndarray:
+    """0-based ranks [n] of `targets` after `prefixes` (dropout off), `batch_size` prefixes at a time."""
+    return metrics_lib.rank_targets(prefix_scorer(model, width, batch_size), prefixes, targets, batch_size)
 
 
 def selection_state(history: dict, patience: int) -> dict:
@@ -231,23 +297,20 @@ def train_msbr(name: str, config, workdir: str, data):
         return load_selected(name, config, workdir, data)
 
     msbr = config.msbr
-    if msbr.batch_size % jax.process_count():
-        raise ValueError(f"msbr.batch_size {msbr.batch_size} is not divisible by {jax.process_count()} "
-                         "processes")
     width = prefix_width(config)
     content = load_content(workdir, export_subdir, data)
     make_model = model_factory(name, config, data.num_items, content)
 
     # ----------------------------------------------------------------------------------- input
-    table = PrefixTable.every_prefix(data.train, width)
-    steps_per_epoch = max(1, len(table) // msbr.batch_size)
+    batches, steps_per_epoch = training_batches(config, PrefixTable.every_prefix(data.train, width),
+                                                msbr.max_epochs)
     num_steps = msbr.max_epochs * steps_per_epoch
-    batches = pipeline._batches(config, table, PrefixExample(), msbr.batch_size // jax.process_count(),
-                                shuffle=True, repeat=True, seed=config.seed, process_index=None,
-                                process_count=None)
 
     def loss_fn(model, batch, rng):
-        del rng  # dropout draws from the model's own RNG stream, which the loop carries
+        # Dropout draws from a copy reseeded with the loop's per-step key: the stored stream stays as it
+        # is (the loop's model variables belong to an outer trace), and a resumed run draws the same masks.
+        model = nnx.clone(model)
+        nnx.reseed(model, default=rng)
         session_vecs = model(batch["items"], batch["mask"])
         loss = msbr_models.chunked_softmax_cross_entropy(
             session_vecs, model.item_table(), batch["target"], msbr.score_chunk, mask=batch["valid"])

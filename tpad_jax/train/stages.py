@@ -27,11 +27,13 @@ STAGE2_VARIANTS = {
 
 
 def _trainable(config, group_names):
-    """The parameters of `group_names` (plus the frozen base under full fine-tuning)."""
+    """The parameters of `group_names`; base weights only under full fine-tuning."""
     patterns = [tpad_lib.GROUP_PATTERNS[name] for name in group_names]
     if config.model.full_finetune:
         patterns.append(tpad_lib.GROUP_PATTERNS["base"])
     selected = nnx.All(nnx.Param, optim.path_matches("|".join(patterns)))
+    if not config.model.full_finetune:
+        selected = nnx.All(selected, nnx.Not(optim.path_matches("towers/bases/")))
     if not config.model.train_projector:
         selected = nnx.All(selected, nnx.Not(nnx.PathContains("projector")))
     return selected

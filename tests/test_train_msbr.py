@@ -1,0 +1,182 @@
+"""Downstream recommender training: prefixes, validation-only model selection, early stop, no retraining."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import tpad_base
+from tpad_jax import export
+from tpad_jax.data import prepared
+from tpad_jax.eval import baselines, metrics
+from tpad_jax.train import logging, loop, msbr
+
+
+class RecordingData:
+    """A PreparedData that records which splits training reads (examples() calls and attributes)."""
+
+    def __init__(self, data):
+        self._data = data
+        self.example_splits = []
+        self.attributes = set()
+
+    def examples(self, split):
+        self.example_splits.append(split)
+        return self._data.examples(split)
+
+    def __getattr__(self, name):
+        self.attributes.add(name)
+        return getattr(self._data, name)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny preset's data with a `transformer` trained on it (recording what training read)."""
+    config = tpad_base.get_config("tiny")
+    workdir = str(tmp_path_factory.mktemp("msbr"))
+    data = prepared.load_or_prepare(config, workdir)
+    recording = RecordingData(data)
+    model = msbr.train_msbr("transformer", config, workdir, recording)
+    return config, workdir, data, recording, model
+
+
+def test_padded_examples_keep_the_last_items_of_every_prefix():
+    sessions = [np.array([5, 6, 7], np.int32), np.array([1, 2, 3, 4, 9], np.int32)]
+    table = msbr.PrefixTable.every_prefix(sessions, width=3)
+    expected = [([5], 6), ([5, 6], 7), ([1], 2), ([1, 2], 3), ([1, 2, 3], 4), ([2, 3, 4], 9)]
+    assert len(table) == len(expected)
+    for index, (prefix, target) in enumerate(expected):
+        items, mask, got_target = table[index]
+        assert got_target == target
+        assert mask.tolist() == [True] * len(prefix) + [False] * (3 - len(prefix))
+        assert items.tolist() == prefix + [0] * (3 - len(prefix))
+    items, mask = msbr.pad_prefixes([np.array([8, 9, 10, 11], np.int32)], width=3)
+    assert items.tolist() == [[9, 10, 11]] and mask.all()
+
+
+def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width():
+    rng = np.random.default_rng(0)
+    sessions = [rng.integers(1, 50, size=rng.integers(2, 12)).astype(np.int32) for _ in range(40)]
+    table = msbr.PrefixTable.every_prefix(sessions, width=10)
+    batches = msbr.BucketedBatches(table, (3, 10), batch_size=8, seed=1, num_epochs=2)
+    assert len(batches) == 2 * batches.batches_per_epoch
+    epochs = []
+    for epoch in range(2):
+        seen = []
+        for position in range(batches.batches_per_epoch):
+            batch = batches[epoch * batches.batches_per_epoch + position]
+            width = batch["items"].shape[1]
+            assert width in (3, 10) and batch["items"].shape[0] == 8
+            for items, mask, target, valid in zip(batch["items"], batch["mask"], batch["target"],
+                                                  batch["valid"]):
+                if not valid:
+                    continue
+                # Find the example by content: the padded row of a table entry, cut to the batch width.
+                matches = [i for i in range(len(table)) if table.targets[i] == target
+                           and np.array_equal(table.items[i][:width], items)
+                           and table.mask[i].sum() == mask.sum() and not table.mask[i][width:].any()]
+                assert matches
+                seen.append(tuple(table.items[matches[0]]) + (int(target),))
+                assert (mask.sum() <= 3) == (width == 3)
+        everything = [tuple(table.items[i]) + (int(table.targets[i]),) for i in range(len(table))]
+        assert sorted(seen) == sorted(everything)
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    again = msbr.BucketedBatches(table, (3, 10), batch_size=8, seed=1, num_epochs=2)
+    halves = [msbr.BucketedBatches(table, (3, 10), 8, 1, 2, process_index=p, process_count=2) for p in (0, 1)]
+    for index in (0, 5):
+        np.testing.assert_array_equal(again[index]["items"], batches[index]["items"])
+        np.testing.assert_array_equal(np.concatenate([h[index]["target"] for h in halves]),
+                                      batches[index]["target"])
+
+
+def test_selection_state_keeps_the_earliest_best_and_counts_patience():
+    assert msbr.selection_state({1: 3.0, 2: 5.0, 3: 5.0}, patience=2) == (
+        {"best_epoch": 2, "best_metric": 5.0, "stop": False})
+    assert msbr.selection_state({1: 3.0, 2: 5.0, 3: 5.0, 4: 4.0}, patience=2)["stop"]
+    assert not msbr.selection_state({1: 3.0}, patience=1)["stop"]
+
+
+def test_training_reduces_loss_and_beats_pop(tiny):
+    config, workdir, data, _, _ = tiny
+    losses = [r["loss"] for r in logging.read_metrics(msbr.model_dir(workdir, "transformer")) if "loss" in r]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+    ranks = msbr.evaluate_neural("transformer", config, workdir, data)
+    prefixes, targets = data.examples("test")
+    assert ranks.dtype == np.int32 and ranks.shape == targets.shape
+    pop = baselines.make_baseline("pop", config).fit(data.train, data.num_items)
+    pop_ranks = metrics.rank_targets(pop.score, prefixes, targets, config.eval.batch_size)
+    ours, theirs = metrics.metrics_from_ranks(ranks, (20,)), metrics.metrics_from_ranks(pop_ranks, (20,))
+    assert ours[("MRR", 20)] > theirs[("MRR", 20)] + 5.0
+    assert ours[("HR", 20)] > theirs[("HR", 20)]
+
+
+def test_model_selection_reads_validation_never_test(tiny):
+    config, workdir, data, recording, model = tiny
+    assert set(recording.example_splits) == {"valid"}
+    assert "test" not in recording.attributes
+    selection = msbr.read_selection(msbr.model_dir(workdir, "transformer"))
+    assert selection["split"] == "valid" and selection["metric"] == "MRR@20" and selection["finished"]
+    history = {int(e): v for e, v in selection["history"].items()}
+    assert sorted(history) == list(range(1, config.msbr.max_epochs + 1))
+    assert selection["best_metric"] == max(history.values())
+    # The returned parameters are the selected epoch's: they reproduce its validation metric.
+    prefixes, targets = data.examples("valid")
+    width, batch_size = msbr.prefix_width(config), config.msbr.eval_batch_size
+    ranks = msbr.rank_examples(model, prefixes, targets, width, batch_size)
+    assert metrics.metrics_from_ranks(ranks, (20,))[("MRR", 20)] == pytest.approx(selection["best_metric"],
+                                                                                 abs=1e-6)
+
+
+def test_rerun_on_a_finished_workdir_does_not_train(tiny, monkeypatch):
+    config, workdir, data, _, model = tiny
+    metrics_file = os.path.join(msbr.model_dir(workdir, "transformer"), logging.METRICS_FILE)
+    before = open(metrics_file).read()
+
+    def no_training(**kwargs):
+        raise AssertionError("run_loop called on a finished workdir")
+
+    monkeypatch.setattr(loop, "run_loop", no_training)
+    again = msbr.train_msbr("transformer", config, workdir, data)
+    assert open(metrics_file).read() == before
+    np.testing.assert_array_equal(again.id_embedding.embedding[...], model.id_embedding.embedding[...])
+
+
+def test_early_stop_after_patience_epochs_without_improvement(tiny):
+    _, workdir, data, _, _ = tiny
+    config = tpad_base.get_config("tiny")
+    config.msbr.learning_rate = 0.0  # nothing improves after the first epoch
+    config.msbr.max_epochs = 5
+    msbr.train_msbr("gru4rec", config, workdir, data)
+    selection = msbr.read_selection(msbr.model_dir(workdir, "gru4rec"))
+    assert sorted(int(e) for e in selection["history"]) == [1, 2]
+    assert selection["best_epoch"] == 1 and selection["finished"]
+
+
+def test_content_features_are_normalised_and_frozen(tiny):
+    _, workdir, data, _, _ = tiny
+    config = tpad_base.get_config("tiny")
+    config.msbr.max_epochs = 1
+    features = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32) * 3.0
+    export.write_export(os.path.join(workdir, "export"), features, data.item_ids, {"source": "test"})
+    model = msbr.train_msbr("tpad", config, workdir, data)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(model.content[...]), unit, rtol=1e-5, atol=1e-6)
+    saved = np.load(os.path.join(msbr.model_dir(workdir, "tpad"), msbr.BEST_PARAMS))
+    assert "content_projection/kernel" in saved.files and "content" not in saved.files
+    ranks = msbr.evaluate_neural("tpad", config, workdir, data)
+    assert ranks.shape == data.examples("test")[1].shape and ranks.max() < data.num_items
+
+    export.write_export(os.path.join(workdir, "export_raw"), features, data.item_ids[::-1], {})
+    with pytest.raises(ValueError, match="export_raw/item_ids.json"):
+        msbr.train_msbr("transformer+raw", config, workdir, data)
+    with pytest.raises(FileNotFoundError, match="export_stage1/item_embeddings.npy"):
+        msbr.train_msbr("transformer+stage1", config, workdir, data)
+
+
+def test_unknown_model_name_is_rejected(tiny):
+    config, workdir, data, _, _ = tiny
+    with pytest.raises(ValueError, match="unknown neural model 'bert4rec'"):
+        msbr.evaluate_neural("bert4rec", config, workdir, data)
+
