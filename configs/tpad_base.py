@@ -67,14 +67,17 @@ def get_config(arg=None):
     # ---------------------------------------------------------------------------------- model
     c.model = ml_collections.ConfigDict()
     c.model.preset = "base"  # see tpad_jax/models/mllm.py MLLMConfig presets
-    c.model.share_base = True  # two LoRA sets over one frozen base
+    # The CPU default's towers are random: a frozen random base only caps what they can learn, so both
+    # towers get their own base and train fully. Pretrained presets (tpad_smollm2, tpad_llava7b) use
+    # the method's production setting instead: LoRA sets over one shared frozen base.
+    c.model.share_base = False
     c.model.checkpoint_dir = config_dict.placeholder(str)  # HF checkpoint directory (real weights)
     c.model.gguf_path = config_dict.placeholder(str)  # GGUF file for the LM (real weights)
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
     c.model.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")
     c.model.train_projector = True
-    c.model.full_finetune = False  # train every LM weight instead of LoRA only
+    c.model.full_finetune = True  # train every base weight too, instead of LoRA (+ projector, heads) only
     c.model.embed_dim = 64  # e_K, z_trans, z_know dimension
     c.model.remat = False
     c.model.scan_layers = False
@@ -91,7 +94,7 @@ def get_config(arg=None):
 
     # -------------------------------------------------------- stage 2: transition distillation
     c.stage2 = ml_collections.ConfigDict()
-    c.stage2.steps = 400
+    c.stage2.steps = 300
     c.stage2.batch_size = 16
     c.stage2.learning_rate = 2e-3
     c.stage2.knowledge_learning_rate = 1e-3
@@ -117,9 +120,9 @@ def get_config(arg=None):
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 512
     c.msbr.learning_rate = 3e-3
-    c.msbr.max_epochs = 8  # an epoch = every prefix of every train session once
+    c.msbr.max_epochs = 6  # an epoch = every prefix of every train session once
     c.msbr.patience = 2  # epochs without a better validation MRR@20 before training stops
-    c.msbr.score_chunk = 4096  # items per chunk of the full-softmax loss
+    c.msbr.score_chunk = 1024  # items per chunk of the full-softmax loss
     c.msbr.eval_batch_size = 1024  # prefixes per chunk when ranking validation / test
     # Training batches hold prefixes of one length bucket: up to 3 items, up to 8, then the full width
     # (max_session_length - 1). Most prefixes are short; each bucket is one more compiled step shape.

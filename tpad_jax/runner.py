@@ -49,6 +49,8 @@ def run(config, workdir: str, stage: str = "all") -> None:
     models = train_towers(inputs, stage, variants)
     if stage in ("all", "export"):
         write_exports(inputs, models)
+        if "transformer+minilm" in config.eval.models:
+            write_minilm_export(inputs)
     if stage in ("all", "msbr"):
         evaluate_all(config, workdir, inputs)
     print(f"done in {time.perf_counter() - clock:.0f} s; workdir {os.path.abspath(workdir)}", flush=True)
@@ -61,7 +63,7 @@ def train_towers(inputs, stage: str, variants) -> dict:
     models = {}
     if "raw" in variants:
         raw = inputs.make_model()
-        inputs.fill_tables(raw)
+        inputs.initialize(raw)
         models["raw"] = raw
     stage1_model = stages.run_stage1(inputs)
     models["stage1"] = stage1_model
@@ -93,6 +95,26 @@ def write_exports(inputs, models: dict) -> None:
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         print(_probe_table(rows), flush=True)
+
+
+def item_texts(data) -> list[str]:
+    """The text a frozen text encoder reads per item: its title, and its category when there is one."""
+    return [title if not category else f"{title}. Category: {category}."
+            for title, category in zip(data.titles, data.categories)]
+
+
+def write_minilm_export(inputs) -> None:
+    """DIR/export_minilm: frozen all-MiniLM-L6-v2 embeddings of the item texts (the classic MSBR recipe)."""
+    from tpad_jax.models import bert  # noqa: PLC0415  (loads the wheel only when this row is requested)
+
+    out_dir = os.path.join(inputs.workdir, "export_minilm")
+    if os.path.exists(os.path.join(out_dir, "item_embeddings.npy")):
+        return
+    embeddings = bert.MiniLMEncoder.from_installed_wheel().encode(item_texts(inputs.data))
+    if distributed.is_main_process():
+        export.write_export(out_dir, embeddings, inputs.data.item_ids,
+                            {"variant": "minilm", "encoder": "sentence-transformers/all-MiniLM-L6-v2",
+                             "dataset_fingerprint": inputs.data.fingerprint})
 
 
 def _checkpoint_step(workdir: str, variant: str):

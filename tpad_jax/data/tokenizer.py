@@ -81,13 +81,18 @@ def encode(tokenizer, texts):
 def tokenizer_for(config, data, workdir):
     """The run's tokenizer: DIR/data/tokenizer.json, made on first use.
 
-    With `data.tokenizer_path` set the checkpoint's tokenizer is adopted (every call, it is cheap);
-    otherwise an existing DIR/data/tokenizer.json is loaded or a BPE is trained on the catalogue's
-    titles and categories. Delete the file to retrain after changing the catalogue or the vocab size.
+    A checkpoint's tokenizer is adopted (every call, it is cheap): `data.tokenizer_path` when set, else
+    that of the checkpoint the base loads (`model.gguf_path`: rebuilt from the GGUF; `model.checkpoint_dir`:
+    its tokenizer.json). Otherwise an existing DIR/data/tokenizer.json is loaded or a BPE is trained on
+    the catalogue's titles and categories. Delete the file to retrain after changing the catalogue or the
+    vocab size.
     """
+    from tpad_jax import pretrained  # noqa: PLC0415  (pretrained imports the model code, which is heavy)
+
     path = Path(workdir) / "data" / "tokenizer.json"
-    if config.data.tokenizer_path:
-        return adopt_tokenizer(config.data.tokenizer_path, path)
+    source = config.data.tokenizer_path or pretrained.tokenizer_source(config.model, path.parent)
+    if source:
+        return adopt_tokenizer(source, path)
     if path.exists():
         return load_tokenizer(path)
     texts = [*data.titles, *(category for category in data.categories if category)]

@@ -57,7 +57,7 @@ class TPAD(nnx.Module):
         self.trans_head = _Head(width, dim, rngs=rngs)
         self.know_head = _Head(width, dim, rngs=rngs)
         self.club_critic = mi.GaussianCritic(dim, dim, 2 * dim, rngs=rngs)
-        # Filled by `fill_tables`; zeros here so that an abstract model has the right shapes.
+        # Filled by `StageInputs.initialize`; zeros here so that an abstract model has the right shapes.
         n, length = cfg.num_items, cfg.item_prompt_length
         self.tables = nnx.Dict({
             "tokens": ItemTable(jnp.zeros((n, length), jnp.int32)),
@@ -91,7 +91,7 @@ def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, bat
 
     The ViT is shared and frozen, so this runs once per run instead of once per step.
     """
-    vision = towers.base(KNOWLEDGE).vision
+    vision = towers.base(KNOWLEDGE).vision  # frozen: both towers' copies are identical
     graphdef, state = nnx.split(vision)
 
     @jax.jit
@@ -142,12 +142,12 @@ def item_forward(model: TPAD, rows):
     return hidden, e_k, image_view, prompt
 
 
-def token_cross_entropy(model: TPAD, hidden, tokens, loss_mask, valid=None):
+def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, valid=None):
     """Mean next-token cross-entropy over positions whose *next* token is a target (loss_mask there)."""
     mask = loss_mask[:, 1:]
     if valid is not None:
         mask = mask & valid[:, None]
-    logits = model.towers.logits(hidden[:, :-1]).astype(jnp.float32)
+    logits = model.towers.logits(hidden[:, :-1], tower).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
@@ -174,7 +174,7 @@ def nce(za, zb, temperature, mask, ids=None):
 def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperature: float):
     """Stage-1 loss of K on items `rows` [B]: caption generation + image-view/text-view InfoNCE."""
     hidden, e_k, image_view, prompt = item_forward(model, rows)
-    gen = token_cross_entropy(model, hidden, prompt["tokens"], prompt["loss_mask"], valid)
+    gen = token_cross_entropy(model, KNOWLEDGE, hidden, prompt["tokens"], prompt["loss_mask"], valid)
     metrics = {"caption_ce": gen}
     loss = gen
     if image_view is not None and contrastive_weight:
@@ -202,7 +202,8 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int):
     else:
         slots = None
     hidden = model.towers(TRANSFER, session["tokens"], slots, session["attention_mask"])
-    gen = token_cross_entropy(model, hidden, session["tokens"], session["loss_mask"], session["valid"])
+    gen = token_cross_entropy(model, TRANSFER, hidden, session["tokens"], session["loss_mask"],
+                              session["valid"])
     metrics = {"gen_ce": gen}
     loss = cfg.gen_weight * gen
 

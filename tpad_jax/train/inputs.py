@@ -8,7 +8,8 @@ import numpy as np
 from flax import nnx
 
 from tpad_jax.data import pipeline, prepared, prompts, tokenizer as tokenizer_lib
-from tpad_jax.models import mllm, tpad as tpad_lib
+from tpad_jax import pretrained
+from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
 
@@ -29,11 +30,16 @@ class StageInputs:
     rules: tuple
 
     def make_model(self) -> tpad_lib.TPAD:
-        """A fresh TPAD model; the seed fixes the frozen base, so every stage sees the same one."""
+        """A fresh TPAD model; the seed fixes the random base, so every stage sees the same one."""
         return tpad_lib.TPAD(self.tpad_cfg, rngs=nnx.Rngs(self.config.seed))
 
-    def fill_tables(self, model: tpad_lib.TPAD) -> None:
-        """Writes the per-item constants into `model` (frozen ViT features are computed here, once)."""
+    def initialize(self, model: tpad_lib.TPAD) -> None:
+        """Readies a fresh `model`: real base weights when configured, then the per-item constants.
+
+        The checkpoint (config.model.gguf_path / checkpoint_dir) is loaded first, so the frozen ViT
+        features of the item table come from the real ViT; they are computed here, once.
+        """
+        pretrained.load_base(model, self.config.model, tokenizer_lib.special_ids(self.tokenizer))
         vision = None
         if self.tpad_cfg.item_visual_tokens:
             vision = tpad_lib.vision_features(model.towers, self.pixels, self.tpad_cfg.item_visual_tokens)
@@ -45,8 +51,8 @@ def build_inputs(config, workdir: str) -> StageInputs:
     data = prepared.load_or_prepare(config, workdir)
     tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
     with_images = bool(np.any(data.has_image))
-    mllm_cfg = mllm.config_from(config.model, vocab_size=tokenizer.get_vocab_size(),
-                                image_size=config.data.image_size)
+    mllm_cfg = pretrained.mllm_config(config.model, vocab_size=tokenizer.get_vocab_size(),
+                                      image_size=config.data.image_size, with_images=with_images)
     if not with_images:  # a text-only catalogue needs no vision tower at all
         mllm_cfg = dataclasses.replace(mllm_cfg, vision=None)
     n_img = min(config.data.item_visual_tokens, mllm_cfg.vision.num_features) if with_images else 0

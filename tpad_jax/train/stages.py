@@ -81,7 +81,7 @@ def run_stage1(inputs: StageInputs) -> tpad_lib.TPAD:
 
     result = loop.run_loop(
         workdir=stage_dir(inputs.workdir, "stage1"), train_config=config.train, mesh=inputs.mesh,
-        rules=inputs.rules, make_model=inputs.make_model, init_fn=inputs.fill_tables,
+        rules=inputs.rules, make_model=inputs.make_model, init_fn=inputs.initialize,
         tx=_optimizer(config, {tpad_lib.KNOWLEDGE: s1.learning_rate}, s1.warmup_steps, s1.steps),
         wrt=_trainable(config, [tpad_lib.KNOWLEDGE]), loss_fn=loss_fn, data_iterator=batches,
         num_steps=s1.steps, seed=config.seed, eval_fn=probe_eval(inputs), desc="stage 1")
@@ -123,7 +123,8 @@ def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD, variant: str = 
             metrics["keep"] = keep
         return loss, metrics
 
-    start_state = nnx.state(stage1_model)
+    # A copy: the stage-2 step donates its state, and the stage-1 model is still exported afterwards.
+    start_state = jax.tree.map(jnp.copy, nnx.state(stage1_model))
     rates = {tpad_lib.KNOWLEDGE: s2.knowledge_learning_rate, tpad_lib.TRANSFER: s2.learning_rate,
              "critic": s2.learning_rate}
     result = loop.run_loop(

