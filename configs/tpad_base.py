@@ -89,7 +89,8 @@ def get_config(arg=None):
     c.stage1.batch_size = 32
     c.stage1.learning_rate = 3e-3
     c.stage1.warmup_steps = 20
-    c.stage1.contrastive_weight = 0.1
+    c.stage1.contrastive_weight = 0.1  # InfoNCE of e_K with its image view and its text view
+    c.stage1.reconstruct_weight = 1.0  # e_K decodes the bag of its own title and category words
     c.stage1.temperature = 0.1
 
     # -------------------------------------------------------- stage 2: transition distillation

@@ -24,6 +24,7 @@ GROWN_SPECIALS = {"bos": FIXTURE_VOCAB, "eos": FIXTURE_VOCAB + 1, "pad": FIXTURE
 
 def _model_config(**fields):
     config = runpy.run_path(str(ROOT / "configs" / "tpad_smollm2.py"))["get_config"]()
+    config.model.dtype = "float32"  # parity with float32 references
     for key, value in fields.items():
         config.model[key] = value
     return config.model
@@ -70,11 +71,16 @@ def test_llava_directory_loads_vit_projectors_and_lm_and_matches_torch():
     mean, std = np.asarray(cfg.vision.image_mean), np.asarray(cfg.vision.image_std)
     pixels = jnp.asarray(2.0 * (ref["pixel_values"] * std + mean) - 1.0, jnp.float32)
     mask = ref["attention_mask"].astype(bool)
-    for tower in ("knowledge", "transfer"):  # unshared bases: both hold the checkpoint
-        logits = np.asarray(_tower_logits(model.towers, jnp.asarray(ref["tokens"]), jnp.asarray(mask),
-                                          pixels, tower))
-        assert logits.shape[-1] == vocab
-        np.testing.assert_allclose(logits[..., :FIXTURE_VOCAB][mask], ref["logits"][mask], atol=1e-4)
+    logits = np.asarray(_tower_logits(model.towers, jnp.asarray(ref["tokens"]), jnp.asarray(mask), pixels,
+                                      "transfer"))
+    assert logits.shape[-1] == vocab
+    np.testing.assert_allclose(logits[..., :FIXTURE_VOCAB][mask], ref["logits"][mask], atol=1e-4)
+    # Unshared bases and both projectors hold the same checkpoint (LoRA B = 0: the towers agree).
+    knowledge, transfer = (nnx.to_flat_state(nnx.state(model.towers, nnx.All(
+        nnx.Param, nnx.Not(nnx.LoRAParam), nnx.PathContains(tower)))) for tower in ("knowledge", "transfer"))
+    assert len(knowledge) == len(transfer) > 0
+    for (_, a), (_, b) in zip(knowledge, transfer):
+        np.testing.assert_array_equal(a.get_value(), b.get_value())
 
 
 def test_truncated_llama_grows_embedding_and_untied_head_and_matches_its_first_layers():
@@ -135,9 +141,11 @@ def smollm2_path():
 def test_real_smollm2_in_tpad_base_gives_load_gguf_lm_logits_and_its_tokenizer(smollm2_path, tmp_path):
     config = runpy.run_path(str(ROOT / "configs" / "tpad_smollm2.py"))["get_config"]()
     config.model.num_layers_used = None  # the whole LM, as load_gguf_lm builds it
+    config.model.scan_layers = True  # one compiled layer body instead of 30
+    config.model.dtype = "float32"
     tokenizer = tokenizer_lib.tokenizer_for(config, None, tmp_path)
     special = tokenizer_lib.special_ids(tokenizer)
-    reference, checkpoint = gguf.load_gguf_lm(smollm2_path)
+    reference, checkpoint = gguf.load_gguf_lm(smollm2_path, scan_layers=True)
     vocab = checkpoint.hf_config["vocab_size"]
     # The checkpoint's tokens keep their ids; the six TPAD specials come after them.
     assert tokenizer.get_vocab_size() == vocab + len(tokenizer_lib.SPECIAL_TOKENS)
@@ -149,9 +157,9 @@ def test_real_smollm2_in_tpad_base_gives_load_gguf_lm_logits_and_its_tokenizer(s
     model = _tpad(config.model, tokenizer.get_vocab_size(), special["image"])
     pretrained.load_base(model, config.model, special)
     lm = model.towers.bases["shared"].lm
+    sources = {name: checkpoint.hf_config[f"{name}_token_id"] for name in ("bos", "eos", "pad")}
     _assert_grown(lm.embed.embedding[...], reference.embed.embedding[...],
-                  {special["bos"]: checkpoint.hf_config["bos_token_id"],
-                   special["eos"]: checkpoint.hf_config["eos_token_id"]})
+                  {special[name]: row for name, row in sources.items() if row is not None})
 
     tokens = jnp.asarray([checkpoint.tokenizer.encode("The capital of France is").ids], jnp.int32)
     mask = jnp.ones(tokens.shape, bool)

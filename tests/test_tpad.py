@@ -67,7 +67,7 @@ def test_next_embeddings_shortcut_equals_embedding_the_next_rows():
     batch = session_batch()
     e_all = tpad_lib._shown_and_target_embeddings(model, jnp.asarray(batch["rows"]), jnp.asarray(batch["target"]))
     shortcut = tpad_lib._next_embeddings(e_all, jnp.asarray(batch["row_mask"]))
-    _, direct, _, _ = tpad_lib.item_forward(model, jnp.asarray(batch["next_rows"]).reshape(-1))
+    _, direct, _ = tpad_lib.item_forward(model, jnp.asarray(batch["next_rows"]).reshape(-1))
     direct = direct.reshape(2, S, -1)
     valid = batch["row_mask"]
     np.testing.assert_allclose(np.asarray(shortcut)[valid], np.asarray(direct)[valid], atol=1e-5)

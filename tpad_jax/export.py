@@ -20,7 +20,7 @@ from tpad_jax.models import tpad as tpad_lib
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(graphdef, state, rows):
-    _, e_k, _, _ = tpad_lib.item_forward(nnx.merge(graphdef, state), rows)
+    _, e_k, _ = tpad_lib.item_forward(nnx.merge(graphdef, state), rows)
     return e_k.astype(jnp.float32)
 
 

@@ -15,6 +15,7 @@
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -48,15 +49,17 @@ class BaseCheckpoint:
     def has_vision(self) -> bool:
         return "vision_config" in self.hf_config
 
-    @property
-    def lm_config(self) -> dict:
-        return self.hf_config.get("text_config", self.hf_config)
-
     def tensors(self) -> Mapping[str, np.ndarray]:
         """HF name -> array (a GGUF is dequantized to float32 here; safetensors stay lazy)."""
         if self.is_gguf:
-            return gguf_checkpoint.read_gguf(self.path).tensors
+            return gguf_checkpoint.read_hf_tensors(gguf_reader(self.path), self.path, self.hf_config)
         return hf_weights.read_checkpoint(str(self.path)).tensors
+
+
+@functools.lru_cache(maxsize=2)
+def gguf_reader(path: pathlib.Path) -> gguf.GGUFReader:
+    """The parsed GGUF file (memory-mapped): parsing takes seconds, as every token is a field entry."""
+    return gguf.GGUFReader(path)
 
 
 def gguf_file(value: str) -> pathlib.Path:
@@ -75,7 +78,7 @@ def checkpoint_of(model_config) -> BaseCheckpoint | None:
         raise ValueError("config.model: set gguf_path or checkpoint_dir, not both")
     if model_config.gguf_path:
         path = gguf_file(model_config.gguf_path)
-        return BaseCheckpoint(path, True, gguf_checkpoint.read_hf_config(gguf.GGUFReader(path), path))
+        return BaseCheckpoint(path, True, gguf_checkpoint.read_hf_config(gguf_reader(path), path))
     if model_config.checkpoint_dir:
         path = pathlib.Path(model_config.checkpoint_dir)
         config_path = path / "config.json"
@@ -97,7 +100,7 @@ def tokenizer_source(model_config, data_dir) -> pathlib.Path | None:
     if checkpoint.is_gguf:
         path = pathlib.Path(data_dir) / CHECKPOINT_TOKENIZER
         path.parent.mkdir(parents=True, exist_ok=True)
-        gguf_checkpoint.build_tokenizer(gguf.GGUFReader(checkpoint.path), checkpoint.path).save(str(path))
+        gguf_checkpoint.build_tokenizer(gguf_reader(checkpoint.path), checkpoint.path).save(str(path))
         return path
     path = checkpoint.path / "tokenizer.json"
     if not path.is_file():
@@ -133,9 +136,9 @@ def mllm_config(model_config, *, vocab_size: int, image_size: int, with_images: 
                              num_layers=layers_used(model_config, lm.num_layers))
     _check_preset(model_config.preset, lm, checkpoint.path)
     if checkpoint.has_vision:
-        preprocessor = checkpoint.path / "preprocessor_config.json"
-        vision_cfg = hf_weights.mllm_config_from_hf(
-            checkpoint.hf_config, json.loads(preprocessor.read_text()) if preprocessor.is_file() else None).vision
+        preprocessor_path = checkpoint.path / "preprocessor_config.json"
+        preprocessor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else None
+        vision_cfg = hf_weights.mllm_config_from_hf(checkpoint.hf_config, preprocessor).vision
     elif with_images:
         preset_vision = _preset_config(model_config.preset, image_size).vision
         vision_cfg = preset_vision or vision.VisionConfig.base(image_size)
@@ -164,8 +167,8 @@ def _check_preset(preset: str, lm: llm.LMConfig, source: pathlib.Path) -> None:
     expected = _preset_config(preset, 0).lm
     for field in ("hidden_size", "num_heads", "num_kv_heads", "mlp_size", "tie_embeddings"):
         if getattr(expected, field) != getattr(lm, field):
-            raise ValueError(f"config.model.preset {preset!r}: LM field {field!r} is {getattr(expected, field)}"
-                             f" but {source} has {getattr(lm, field)}")
+            raise ValueError(f"config.model.preset {preset!r}: LM field {field!r} is "
+                             f"{getattr(expected, field)} but {source} has {getattr(lm, field)}")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -195,7 +198,7 @@ def row_copies(hf_config: dict, special_ids: Mapping[str, int], checkpoint_vocab
         if isinstance(source, list):  # a config may list several end tokens: the first is the main one
             source = source[0] if source else None
         new = special_ids.get(name)
-        if source is not None and 0 <= source < checkpoint_vocab and new is not None and new >= checkpoint_vocab:
+        if source is not None and new is not None and 0 <= source < checkpoint_vocab <= new:
             copies[new] = int(source)
     return copies
 

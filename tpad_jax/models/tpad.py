@@ -4,7 +4,7 @@ Parameter paths (optimizer groups and trainable filters select them by regex):
   towers/bases/shared/...                the frozen shared base (ViT + LM)    group "base"
   towers/bases/{knowledge,transfer}/...  each tower's own base (share_base=False), in its tower's group
   towers/towers/knowledge/...            Knowledge-MLLM projector + LoRA     group "knowledge"
-  knowledge_head, image_view_head                                           group "knowledge"
+  knowledge_head, image_view_head, text_view_head, word_decoder             group "knowledge"
   towers/towers/transfer/...             Transfer-MLLM projector + LoRA      group "transfer"
   trans_head, know_head                                                     group "transfer"
   club_critic                            q(z_know | z_trans) of CLUB          group "critic"
@@ -23,7 +23,7 @@ from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
 GROUP_PATTERNS = {
-    KNOWLEDGE: r"towers/(towers|bases)/knowledge/|knowledge_head/|image_view_head/",
+    KNOWLEDGE: r"towers/(towers|bases)/knowledge/|knowledge_head/|image_view_head/|text_view_head/|word_decoder/",
     TRANSFER: r"towers/(towers|bases)/transfer/|trans_head/|know_head/",
     "critic": r"club_critic/",
     "base": r"towers/bases/shared/",
@@ -54,6 +54,8 @@ class TPAD(nnx.Module):
         width, dim = cfg.mllm.lm.hidden_size, cfg.embed_dim
         self.knowledge_head = nnx.Linear(width, dim, rngs=rngs)
         self.image_view_head = nnx.Linear(width, dim, rngs=rngs)
+        self.text_view_head = nnx.Linear(width, dim, rngs=rngs)
+        self.word_decoder = nnx.Linear(dim, cfg.mllm.lm.vocab_size, rngs=rngs)
         self.trans_head = _Head(width, dim, rngs=rngs)
         self.know_head = _Head(width, dim, rngs=rngs)
         self.club_critic = mi.GaussianCritic(dim, dim, 2 * dim, rngs=rngs)
@@ -132,14 +134,27 @@ def visual_tokens(model: TPAD, tower: str, rows, pool_to=None):
 
 
 def item_forward(model: TPAD, rows):
-    """K over the stored item prompts of `rows` [B]. Returns (hidden [B,L,D], e_K [B,d], image view)."""
+    """K over the stored item prompts of `rows` [B]. Returns (hidden [B,L,D], e_K [B,d], prompt)."""
     prompt = {name: model.tables[name][...][rows] for name in ITEM_PROMPT_FIELDS}
     image = visual_tokens(model, KNOWLEDGE, rows) if model.cfg.item_visual_tokens else None
     hidden = model.towers(KNOWLEDGE, prompt["tokens"], image, prompt["attention_mask"])
     at_item = jnp.take_along_axis(hidden, prompt["item_pos"][:, None, None], axis=1)[:, 0]
-    e_k = model.knowledge_head(at_item)
+    prompt["image"] = image
+    return hidden, model.knowledge_head(at_item), prompt
+
+
+def item_views(model: TPAD, hidden, prompt):
+    """The two single-modality views e_K is contrasted with: (image view or None, text view) [B, d].
+
+    Image view: the item's projected visual tokens, averaged. Text view: K's hidden states over the
+    prompt's text positions, averaged. Contrasting e_K with both keeps the attributes only one modality
+    shows (colour in the picture, category in the title) in e_K.
+    """
+    text_mask = (prompt["attention_mask"] & (prompt["tokens"] != model.cfg.image_token_id)).astype(hidden.dtype)
+    text = jnp.sum(hidden * text_mask[..., None], axis=1) / jnp.maximum(jnp.sum(text_mask, axis=1), 1.0)[:, None]
+    image = prompt["image"]
     image_view = None if image is None else model.image_view_head(jnp.mean(image, axis=1))
-    return hidden, e_k, image_view, prompt
+    return image_view, model.text_view_head(text)
 
 
 def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, valid=None):
@@ -171,17 +186,46 @@ def nce(za, zb, temperature, mask, ids=None):
 # ----------------------------------------------------------------------------------------- losses
 
 
-def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperature: float):
-    """Stage-1 loss of K on items `rows` [B]: caption generation + image-view/text-view InfoNCE."""
-    hidden, e_k, image_view, prompt = item_forward(model, rows)
+def word_reconstruction(model: TPAD, e_k, prompt, valid):
+    """Cross-entropy of the item's own title and category words (a bag) decoded from e_K.
+
+    The generation loss trains K's token states, never the `<item>` state that e_K reads; this term makes
+    e_K itself carry what the item's text says, so items that share attributes share a direction.
+    """
+    targets = prompt["tokens"][:, 1:]
+    weight = (prompt["loss_mask"][:, :-1] & valid[:, None]).astype(jnp.float32)
+    rows = jnp.broadcast_to(jnp.arange(targets.shape[0])[:, None], targets.shape)
+    bag = jnp.zeros((targets.shape[0], model.cfg.mllm.lm.vocab_size), jnp.float32).at[rows, targets].add(weight)
+    counts = jnp.sum(bag, axis=1)
+    logp = jax.nn.log_softmax(model.word_decoder(e_k).astype(jnp.float32), axis=-1)
+    per_item = -jnp.sum(bag * logp, axis=1) / jnp.maximum(counts, 1.0)
+    has_words = (counts > 0).astype(jnp.float32)
+    return jnp.sum(per_item * has_words) / jnp.maximum(jnp.sum(has_words), 1.0)
+
+
+def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperature: float,
+                   reconstruct_weight: float = 1.0):
+    """Stage-1 loss of K on items `rows` [B]: caption generation + InfoNCE of e_K with its image view and
+    its text view."""
+    hidden, e_k, prompt = item_forward(model, rows)
     gen = token_cross_entropy(model, KNOWLEDGE, hidden, prompt["tokens"], prompt["loss_mask"], valid)
     metrics = {"caption_ce": gen}
     loss = gen
-    if image_view is not None and contrastive_weight:
-        view_valid = valid & model.tables["has_image"][...][rows]
-        view, view_acc = nce(e_k, image_view, temperature, view_valid, ids=rows)
-        loss = loss - contrastive_weight * view
-        metrics.update(view_infonce=view, view_acc=view_acc)
+    if reconstruct_weight:
+        words = word_reconstruction(model, e_k, prompt, valid)
+        loss = loss + reconstruct_weight * words
+        metrics["word_ce"] = words
+    if contrastive_weight:
+        image_view, text_view = item_views(model, hidden, prompt)
+        text, text_acc = nce(e_k, text_view, temperature, valid, ids=rows)
+        metrics.update(text_view_infonce=text, text_view_acc=text_acc)
+        views = text
+        if image_view is not None:
+            image, image_acc = nce(e_k, image_view, temperature, valid & model.tables["has_image"][...][rows],
+                                   ids=rows)
+            metrics.update(image_view_infonce=image, image_view_acc=image_acc)
+            views = (text + image) / 2
+        loss = loss - contrastive_weight * views
     return loss, metrics
 
 
@@ -242,7 +286,7 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int):
 def _shown_and_target_embeddings(model: TPAD, rows, target):
     """e_K of the S shown items and of the target: [B, S + 1, d]."""
     both = jnp.concatenate([rows, target[:, None]], axis=1)
-    _, e_k, _, _ = item_forward(model, both.reshape(-1))
+    _, e_k, _ = item_forward(model, both.reshape(-1))
     return e_k.reshape(*both.shape, -1)
 
 

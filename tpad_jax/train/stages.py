@@ -77,7 +77,7 @@ def run_stage1(inputs: StageInputs) -> tpad_lib.TPAD:
     def loss_fn(model, batch, rng):
         del rng
         return tpad_lib.knowledge_loss(model, batch["rows"], batch["valid"], s1.contrastive_weight,
-                                       s1.temperature)
+                                       s1.temperature, s1.reconstruct_weight)
 
     result = loop.run_loop(
         workdir=stage_dir(inputs.workdir, "stage1"), train_config=config.train, mesh=inputs.mesh,
@@ -118,7 +118,7 @@ def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD, variant: str = 
         if s2.keep_weight:
             rows = jax.random.randint(rng, (keep_rows,), 0, num_items)
             keep, _ = tpad_lib.knowledge_loss(model, rows, jnp.ones((keep_rows,), bool),
-                                              s1.contrastive_weight, s1.temperature)
+                                              s1.contrastive_weight, s1.temperature, s1.reconstruct_weight)
             loss = loss + s2.keep_weight * keep
             metrics["keep"] = keep
         return loss, metrics
