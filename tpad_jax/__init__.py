@@ -1,3 +1,3 @@
-"""tpad_jax: TPAD (transitional-pattern distillation into multimodal LLMs) for session-based recommendation."""
+"""tpad_jax: TPAD (transitional patterns distilled into multimodal LLMs) for session recommendation."""
 
 __version__ = "0.1.0"

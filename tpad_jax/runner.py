@@ -121,7 +121,8 @@ def _checkpoint_step(workdir: str, variant: str):
     name = {"raw": None, "stage1": "stage1"}.get(variant, stages.stage2_dir_name(variant))
     if name is None:
         return 0
-    steps = [int(entry) for entry in os.listdir(os.path.join(workdir, name, "checkpoints")) if entry.isdigit()]
+    entries = os.listdir(os.path.join(workdir, name, "checkpoints"))
+    steps = [int(entry) for entry in entries if entry.isdigit()]
     return max(steps) if steps else None
 
 
@@ -130,7 +131,8 @@ def _probe_table(rows) -> str:
     table = {}
     for row in rows:
         table.setdefault(row["model"], {})[(row["slice"], row["metric"])] = row["value"]
-    lines = ["| export (probe) | HR@20 all | MRR@20 all | HR@20 cold | MRR@20 cold |", "|---|---|---|---|---|"]
+    lines = ["| export (probe) | HR@20 all | MRR@20 all | HR@20 cold | MRR@20 cold |",
+             "|---|---|---|---|---|"]
     for model, values in table.items():
         cells = [values.get(key, float("nan")) for key in
                  (("all", "HR"), ("all", "MRR"), ("cold", "HR"), ("cold", "MRR"))]

@@ -23,7 +23,8 @@ from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
 GROUP_PATTERNS = {
-    KNOWLEDGE: r"towers/(towers|bases)/knowledge/|knowledge_head/|image_view_head/|text_view_head/|word_decoder/",
+    KNOWLEDGE: (r"towers/(towers|bases)/knowledge/|knowledge_head/|image_view_head/|text_view_head/"
+                r"|word_decoder/"),
     TRANSFER: r"towers/(towers|bases)/transfer/|trans_head/|know_head/",
     "critic": r"club_critic/",
     "base": r"towers/bases/shared/",
@@ -150,8 +151,9 @@ def item_views(model: TPAD, hidden, prompt):
     prompt's text positions, averaged. Contrasting e_K with both keeps the attributes only one modality
     shows (colour in the picture, category in the title) in e_K.
     """
-    text_mask = (prompt["attention_mask"] & (prompt["tokens"] != model.cfg.image_token_id)).astype(hidden.dtype)
-    text = jnp.sum(hidden * text_mask[..., None], axis=1) / jnp.maximum(jnp.sum(text_mask, axis=1), 1.0)[:, None]
+    is_text = prompt["attention_mask"] & (prompt["tokens"] != model.cfg.image_token_id)
+    text_mask = is_text.astype(hidden.dtype)[..., None]
+    text = jnp.sum(hidden * text_mask, axis=1) / jnp.maximum(jnp.sum(text_mask, axis=1), 1.0)
     image = prompt["image"]
     image_view = None if image is None else model.image_view_head(jnp.mean(image, axis=1))
     return image_view, model.text_view_head(text)
@@ -195,7 +197,8 @@ def word_reconstruction(model: TPAD, e_k, prompt, valid):
     targets = prompt["tokens"][:, 1:]
     weight = (prompt["loss_mask"][:, :-1] & valid[:, None]).astype(jnp.float32)
     rows = jnp.broadcast_to(jnp.arange(targets.shape[0])[:, None], targets.shape)
-    bag = jnp.zeros((targets.shape[0], model.cfg.mllm.lm.vocab_size), jnp.float32).at[rows, targets].add(weight)
+    bag = jnp.zeros((targets.shape[0], model.cfg.mllm.lm.vocab_size), jnp.float32)
+    bag = bag.at[rows, targets].add(weight)
     counts = jnp.sum(bag, axis=1)
     logp = jax.nn.log_softmax(model.word_decoder(e_k).astype(jnp.float32), axis=-1)
     per_item = -jnp.sum(bag * logp, axis=1) / jnp.maximum(counts, 1.0)
