@@ -150,29 +150,39 @@ def read_items(path, on_error="raise", report=None):
     Returns:
       list[Item] in file order.
     """
+    catalogue_dir = os.path.dirname(os.path.abspath(path))
+    items = _read_records(path, lambda record, line: _parse_item(record, path, line, catalogue_dir),
+                          "item_id", on_error, report)
+    if not items:
+        raise RawFormatError(path, 0, None, "no valid items")
+    return items
+
+
+def _read_records(path, parse, id_field, on_error, report):
+    """Parses every JSON line of `path` with `parse(record, line)`; bad lines and repeated ids of
+    `id_field` raise or are skipped and counted, as `on_error` says."""
     check_on_error(on_error)
     report = SkipReport() if report is None else report
-    catalogue_dir = os.path.dirname(os.path.abspath(path))
-    items, seen = [], set()
+    parsed, seen = [], set()
     for line, record in _records(path):
         if isinstance(record, json.JSONDecodeError):
             error = RawFormatError(path, line, None, f"malformed JSON: {record.msg}")
             handle_error(error, "malformed_json", on_error, report)
             continue
         try:
-            item = _parse_item(record, path, line, catalogue_dir)
+            value = parse(record, line)
         except RawFormatError as e:
             handle_error(e, e.reason, on_error, report)
             continue
-        if item.item_id in seen:
-            error = RawFormatError(path, line, "item_id", f"duplicate item id {item.item_id!r}")
-            handle_error(error, "duplicate_item_id", on_error, report)
+        key = getattr(value, id_field)
+        if key in seen:
+            kind = id_field.removesuffix("_id")
+            error = RawFormatError(path, line, id_field, f"duplicate {kind} id {key!r}")
+            handle_error(error, f"duplicate_{id_field}", on_error, report)
             continue
-        seen.add(item.item_id)
-        items.append(item)
-    if not items:
-        raise RawFormatError(path, 0, None, "no valid items")
-    return items
+        seen.add(key)
+        parsed.append(value)
+    return parsed
 
 
 def _parse_session(record, path, line, known_items, on_error, report):
@@ -212,26 +222,9 @@ def read_sessions(path, known_items, on_error="raise", report=None):
     Returns:
       list[Session] in file order.
     """
-    check_on_error(on_error)
-    report = SkipReport() if report is None else report
-    sessions, seen = [], set()
-    for line, record in _records(path):
-        if isinstance(record, json.JSONDecodeError):
-            error = RawFormatError(path, line, None, f"malformed JSON: {record.msg}")
-            handle_error(error, "malformed_json", on_error, report)
-            continue
-        try:
-            session = _parse_session(record, path, line, known_items, on_error, report)
-        except RawFormatError as e:
-            handle_error(e, e.reason, on_error, report)
-            continue
-        if session.session_id in seen:
-            error = RawFormatError(path, line, "session_id", f"duplicate session id {session.session_id!r}")
-            handle_error(error, "duplicate_session_id", on_error, report)
-            continue
-        seen.add(session.session_id)
-        sessions.append(session)
-    return sessions
+    report = SkipReport() if report is None else report  # shared with the click-level skips
+    parse = lambda record, line: _parse_session(record, path, line, known_items, on_error, report)  # noqa: E731
+    return _read_records(path, parse, "session_id", on_error, report)
 
 
 def write_items(path, items):
