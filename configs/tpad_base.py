@@ -180,7 +180,7 @@ def _tiny(c):
     c.stage1.steps = 6
     c.stage1.batch_size = 8
     c.stage2.steps = 6
-    c.stage2.batch_size = 4
+    c.stage2.batch_size = 8  # divisible by the 8 virtual devices of the tests
     c.stage2.keep_batch_size = 4
     c.msbr.hidden_dim = 32
     c.msbr.num_layers = 1

@@ -68,7 +68,9 @@ def test_llava7b_parameter_counts_match_closed_form():
     base = counts[("base", "vision")] + counts[("base", "lm")]
     assert base + projector == LLAVA_1_5_7B_PARAMETERS
     lora = layers * rank * (4 * (d + d) + 3 * (d + f))  # q, k, v, o: d -> d; gate, up, down: d <-> f
-    knowledge_heads = 2 * (d * e + e)  # knowledge_head, image_view_head
+    vocab = tpad_cfg.mllm.lm.vocab_size
+    # knowledge_head, image_view_head, text_view_head: d -> e; word_decoder: e -> vocab
+    knowledge_heads = 3 * (d * e + e) + vocab * (e + 1)
     transfer_heads = 2 * (d * d + d + d * e + e)  # trans_head, know_head: d -> d -> e
     critic = 2 * (e * 2 * e + 2 * e + 2 * e * e + e)  # mu and logvar MLPs: e -> 2e -> e
     for tower, heads in (("knowledge", knowledge_heads), ("transfer", transfer_heads)):

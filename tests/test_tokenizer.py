@@ -62,7 +62,8 @@ def test_load_rejects_a_tokenizer_without_tpad_specials(tmp_path):
 
 
 def test_tokenizer_for_trains_once_then_loads_or_adopts(tmp_path):
-    config = SimpleNamespace(data=SimpleNamespace(tokenizer_path=None, tokenizer_vocab_size=300))
+    config = SimpleNamespace(data=SimpleNamespace(tokenizer_path=None, tokenizer_vocab_size=300),
+                             model=SimpleNamespace(gguf_path=None, checkpoint_dir=None))
     data = SimpleNamespace(titles=TITLES, categories=CATEGORIES + [None])
     trained = tokenizer_lib.tokenizer_for(config, data, tmp_path)
     path = tmp_path / "data" / "tokenizer.json"
