@@ -9,6 +9,8 @@ the tower's LoRA parameters only (projector and base frozen).
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
 
 import jax
@@ -17,7 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tpad_jax.models.mllm import MLLMConfig, TPADTowers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tpad_jax.models.mllm import MLLMConfig, TPADTowers  # noqa: E402
 
 IMAGE_TOKEN = 1
 

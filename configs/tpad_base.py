@@ -2,7 +2,7 @@
 
 Usage:
   python launch/train.py --config configs/tpad_base.py --workdir runs/base
-  python launch/train.py --config configs/tpad_base.py:tiny --workdir /tmp/t     # test-sized preset
+  python launch/train.py --config configs/tpad_base.py:tiny --workdir runs/tiny  # test-sized preset
   python launch/train.py --config configs/tpad_base.py --workdir runs/ml \
       --config.data.raw_dir=path/to/catalogue                                   # your own data
 

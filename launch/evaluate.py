@@ -2,7 +2,7 @@
 
 Usage:
   python launch/evaluate.py --config configs/tpad_base.py --workdir runs/base --models=baselines
-  python launch/evaluate.py --config configs/tpad_base.py:tiny --workdir /tmp/t --models=pop,sknn,tpad
+  python launch/evaluate.py --config configs/tpad_base.py:tiny --workdir runs/tiny --models=pop,sknn,tpad
 
 `--models`: a comma list of names; `baselines` expands to oracle,pop,s-pop,markov,sknn and `all` to
 config.eval.models. Rows of models already in DIR/results/results.csv and not evaluated now are kept.

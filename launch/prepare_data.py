@@ -2,7 +2,7 @@
 
 Usage:
   python launch/prepare_data.py --config configs/tpad_base.py --workdir runs/base
-  python launch/prepare_data.py --config configs/tpad_base.py:tiny --workdir /tmp/t
+  python launch/prepare_data.py --config configs/tpad_base.py:tiny --workdir runs/tiny
 """
 
 import os
