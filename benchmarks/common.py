@@ -1,0 +1,86 @@
+"""What every benchmark script shares: the repo on sys.path, timing, JSON lines, dated RESULTS.md rows.
+
+    from common import emit, median_time, append_results   # benchmarks/ is the script's directory
+
+Each measurement is printed as one JSON line (`emit`), so runs can be collected with `grep '^{'`, and
+each script appends one dated row per measurement to the table of its own section in RESULTS.md
+(`append_results`), creating the section the first time.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def machine() -> str:
+    """A short description of this machine for the results rows."""
+    return f"{os.cpu_count()} cpu, {platform.machine()}, python {platform.python_version()}"
+
+
+def emit(**fields) -> dict:
+    """Prints one measurement as a JSON line (with the date) and returns it."""
+    record = {"date": datetime.date.today().isoformat(), **fields}
+    print(json.dumps(record, sort_keys=False), flush=True)
+    return record
+
+
+def median_time(fn, steps: int, warmup: int = 2, sync=None) -> tuple[float, float, list[float]]:
+    """(median seconds of `fn()` over `steps` calls, seconds of the first call, all step times).
+
+    The first of the `warmup` calls includes compilation; `sync(result)` waits for asynchronous work
+    (e.g. `jax.block_until_ready`).
+    """
+    sync = sync or (lambda result: result)
+    start = time.perf_counter()
+    sync(fn())
+    first_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        sync(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2], first_s, times
+
+
+def append_results(section: str, columns: list[str], rows: list[dict], note: str | None = None) -> None:
+    """Appends `rows` (dicts over `columns`) to the table under `## <section>` in RESULTS.md.
+
+    The section and its header row are created at the end of the file when missing; a `date` column is
+    always first. `note` (one paragraph) is written under a newly created heading only.
+    """
+    columns = ["date"] + [c for c in columns if c != "date"]
+    today = datetime.date.today().isoformat()
+    lines = RESULTS.read_text(encoding="utf-8").splitlines() if RESULTS.exists() else ["# Benchmark results"]
+    heading = f"## {section}"
+    new_rows = ["| " + " | ".join(_cell(row.get(c, today if c == "date" else "")) for c in columns) + " |"
+                for row in rows]
+    if heading not in lines:
+        block = ["", heading, ""] + ([note, ""] if note else [])
+        block += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + new_rows
+        lines += block
+    else:
+        # Insert after the last table row of this section.
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        last_row = max((i for i in range(start, end) if lines[i].startswith("|")), default=end - 1)
+        lines[last_row + 1:last_row + 1] = new_rows
+    RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
