@@ -120,7 +120,11 @@ def get_config(arg=None):
     c.msbr.num_heads = 2
     c.msbr.dropout = 0.1
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
-    c.msbr.batch_size = 512
+    c.msbr.batch_size = 512  # prefixes per batch (encoders that read one prefix per row: srgnn)
+    # Causal encoders (gru4rec, the causal transformer) read every prefix of a session in one pass: the
+    # same examples and loss at a fraction of the encoder cost. Batches then hold whole sessions.
+    c.msbr.whole_sessions = True
+    c.msbr.sessions_per_batch = 128
     c.msbr.learning_rate = 3e-3
     c.msbr.max_epochs = 6  # an epoch = every prefix of every train session once
     c.msbr.patience = 2  # epochs without a better validation MRR@20 before training stops
@@ -185,6 +189,7 @@ def _tiny(c):
     c.msbr.hidden_dim = 32
     c.msbr.num_layers = 1
     c.msbr.batch_size = 64
+    c.msbr.sessions_per_batch = 16
     c.msbr.max_epochs = 2
     c.msbr.patience = 1
     c.msbr.eval_batch_size = 256

@@ -78,6 +78,26 @@ def test_causal_transformer_position_equals_truncated_prefix(causal):
         assert gap > 1e-3
 
 
+@pytest.mark.parametrize("encoder, causal", [("transformer", True), ("gru4rec", True)])
+def test_position_vectors_equal_the_vectors_of_every_prefix(encoder, causal):
+    model = _encoder(encoder, causal)
+    items, mask = _sessions()
+    every = nnx.jit(lambda model, items, mask: model.position_vectors(items, mask))(model, items, mask)
+    for length in range(1, 6):
+        prefix = _session_vectors(model, items[:, :length], mask[:, :length])
+        valid = np.asarray(mask[:, length - 1])
+        np.testing.assert_allclose(np.asarray(every[:, length - 1])[valid], np.asarray(prefix)[valid],
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder, causal", [("transformer", False), ("srgnn", True)])
+def test_position_vectors_refuse_encoders_that_see_later_clicks(encoder, causal):
+    model = _encoder(encoder, causal)
+    assert not model.reads_every_position
+    with pytest.raises(ValueError, match="causal"):
+        model.position_vectors(*_sessions())
+
+
 def test_srgnn_graph_of_hand_made_session():
     # Clicks 5 2 7 2 9 then two padding slots: nodes sit at positions 0 (5), 1 (2), 2 (7), 4 (9).
     items = jnp.array([5, 2, 7, 2, 9, 0, 0], jnp.int32)

@@ -110,6 +110,14 @@ def test_expand_models():
         evaluate.expand_models("pop,gpt", config)
 
 
+def test_configured_models_from_a_command_line_list():
+    from tpad_jax.eval import evaluate  # noqa: PLC0415
+    config = tpad_base.get_config("tiny")
+    config.eval.models = ("transformer, tpad",)  # what `--config.eval.models=transformer,tpad` gives
+    assert evaluate.configured_models(config) == ["transformer", "tpad"]
+    assert evaluate.expand_models("all", config) == ["transformer", "tpad"]
+
+
 def test_evaluate_baselines_on_tiny_preset(tmp_path):
     evaluate = load_evaluate_launcher()
     rows = evaluate.run(tpad_base.get_config("tiny"), str(tmp_path), "baselines")

@@ -54,6 +54,38 @@ def test_padded_examples_keep_the_last_items_of_every_prefix():
     assert items.tolist() == [[9, 10, 11]] and mask.all()
 
 
+def _pairs_of_prefix_table(table):
+    return sorted((tuple(table.items[i][table.mask[i]]), int(table.targets[i])) for i in range(len(table)))
+
+
+def _pairs_of_session_table(table):
+    """(prefix as the encoder sees it, target) of every counted position of a SessionTable."""
+    pairs = []
+    for row in range(len(table)):
+        for position in np.flatnonzero(table.target_mask[row]):
+            pairs.append((tuple(table.items[row, :position + 1]), int(table.targets[row, position])))
+    return sorted(pairs)
+
+
+def test_session_table_holds_exactly_the_prefix_examples():
+    rng = np.random.default_rng(3)
+    # Lengths up to 9 with width 4: sessions longer than width + 1 need truncated-prefix rows.
+    sessions = [rng.integers(1, 30, size=rng.integers(2, 10)).astype(np.int32) for _ in range(25)]
+    width = 4
+    session_table = msbr.SessionTable.every_session(sessions, width)
+    assert _pairs_of_session_table(session_table) == _pairs_of_prefix_table(
+        msbr.PrefixTable.every_prefix(sessions, width))
+    # Padding never counts, and each counted position has its click.
+    assert not np.any(session_table.target_mask & ~session_table.mask)
+
+
+def test_session_table_rows_of_a_long_session():
+    table = msbr.SessionTable.every_session([np.array([1, 2, 3, 4, 5], np.int32)], width=2)
+    assert table.items.tolist() == [[1, 2], [2, 3], [3, 4]]
+    assert table.targets.tolist() == [[2, 3], [0, 4], [0, 5]]
+    assert table.target_mask.tolist() == [[True, True], [False, True], [False, True]]
+
+
 def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width():
     rng = np.random.default_rng(0)
     sessions = [rng.integers(1, 50, size=rng.integers(2, 12)).astype(np.int32) for _ in range(40)]

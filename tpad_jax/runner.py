@@ -45,11 +45,12 @@ def run(config, workdir: str, stage: str = "all") -> None:
           f"valid / {len(inputs.data.test)} test sessions ({time.perf_counter() - clock:.1f} s)", flush=True)
     if stage == "prepare":
         return
-    variants = needed_exports(config.eval.models)
+    model_names = evaluate.configured_models(config)
+    variants = needed_exports(model_names)
     models = train_towers(inputs, stage, variants)
     if stage in ("all", "export"):
         write_exports(inputs, models)
-        if "transformer+minilm" in config.eval.models:
+        if "transformer+minilm" in model_names:
             write_minilm_export(inputs)
     if stage in ("all", "msbr"):
         evaluate_all(config, workdir, inputs)
@@ -143,7 +144,7 @@ def _probe_table(rows) -> str:
 def evaluate_all(config, workdir: str, inputs) -> None:
     """Baselines and downstream models of `config.eval.models` on the test split; writes the report."""
     del inputs
-    rows = evaluate.run(config, workdir, ",".join(config.eval.models))
+    rows = evaluate.run(config, workdir, ",".join(evaluate.configured_models(config)))
     if distributed.is_main_process():
         curves = {name: os.path.join(workdir, name, "metrics.jsonl")
                   for name in sorted(os.listdir(workdir)) if name.startswith("stage")}

@@ -12,12 +12,19 @@ BASELINE_MODELS = ("oracle",) + baselines.BASELINE_NAMES
 TEST_SPLIT = "test"
 
 
+def configured_models(config) -> list[str]:
+    """`config.eval.models` as names: the command line `--config.eval.models=a,b` gives the tuple
+    ("a,b",), so every entry is split on commas."""
+    return [name.strip() for entry in config.eval.models for name in entry.split(",") if name.strip()]
+
+
 def expand_models(spec: str, config) -> list[str]:
     """Model names from a comma list, with `baselines` and `all` expanded and duplicates dropped."""
+    configured = configured_models(config)
     names = []
     for name in (n.strip() for n in spec.split(",") if n.strip()):
-        names.extend({"baselines": BASELINE_MODELS, "all": tuple(config.eval.models)}.get(name, (name,)))
-    known = set(BASELINE_MODELS) | set(config.eval.models)
+        names.extend({"baselines": BASELINE_MODELS, "all": configured}.get(name, (name,)))
+    known = set(BASELINE_MODELS) | set(configured)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}, "

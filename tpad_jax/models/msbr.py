@@ -97,6 +97,25 @@ class SessionEncoder(nnx.Module):
         """Scores [B, N] of every item as the next click."""
         return self(items, mask) @ self.item_table().T
 
+    @property
+    def reads_every_position(self) -> bool:
+        """Whether `position_vectors` exists: a causal body's state at position j sees clicks 0..j only."""
+        return self.cfg.encoder == "gru4rec" or (self.cfg.encoder == "transformer" and self.cfg.causal)
+
+    def position_vectors(self, items, mask):
+        """Session vectors [B, S, d] of every prefix at once: position j is `self(items[:, :j + 1])`.
+
+        One pass per session instead of one per prefix (the SASRec / GRU4Rec training trick); only
+        causal bodies have it, since a bidirectional or graph body lets position j see later clicks.
+        """
+        if not self.reads_every_position:
+            raise ValueError(f"position_vectors needs a causal encoder; {self.cfg.encoder!r} "
+                             f"(causal={self.cfg.causal}) reads whole sessions")
+        if items.shape[1] > self.cfg.max_length:
+            raise ValueError(f"sessions of length {items.shape[1]} exceed max_length {self.cfg.max_length}")
+        inputs = self.input_dropout(self.item_table()[items])
+        return self.body.hidden_states(inputs, mask)
+
 
 def last_valid_index(mask):
     """Index [B] of the last valid position of right-padded sessions (0 for empty ones)."""
@@ -229,15 +248,22 @@ class GRUBody(nnx.Module):
         self.cell = nnx.GRUCell(cfg.hidden_dim, cfg.hidden_dim, rngs=rngs)
 
     def __call__(self, inputs, items, mask):
+        return self._scan(inputs, mask)[0]
+
+    def hidden_states(self, inputs, mask):
+        """The state after each click [B, S, d] (padding positions repeat the last state)."""
+        return jnp.swapaxes(self._scan(inputs, mask)[1], 0, 1)
+
+    def _scan(self, inputs, mask):
         def step(carry, inputs_and_mask):
             x, valid = inputs_and_mask
             new_carry, _ = self.cell(carry, x)
             # Padding steps keep the carry, so the final carry is the state after the last click.
-            return jnp.where(valid[:, None], new_carry, carry), None
+            carry = jnp.where(valid[:, None], new_carry, carry)
+            return carry, carry
 
         initial = jnp.zeros((inputs.shape[0], self.cell.hidden_features), inputs.dtype)
-        final, _ = jax.lax.scan(step, initial, (jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(mask, 0, 1)))
-        return final
+        return jax.lax.scan(step, initial, (jnp.swapaxes(inputs, 0, 1), jnp.swapaxes(mask, 0, 1)))
 
 
 def chunked_softmax_cross_entropy(session_vecs, item_table, targets, chunk, *, mask=None):

@@ -2,9 +2,11 @@
 
 Every neural row of the comparison is one session encoder (`models/msbr.py`) over item inputs
 [ID embedding ; W e_content], where the content features come from an export directory of the
-workdir (or are absent for ID-only models). Training examples are all prefixes of the train sessions,
-batched by length bucket (`msbr.length_buckets`) so that short prefixes are not padded to the full
-width; the loss is the full-softmax cross-entropy. After every epoch the model is ranked on the validation
+workdir (or are absent for ID-only models). Training examples are all prefixes of the train sessions
+with their next click; the loss is the full-softmax cross-entropy. Causal encoders (GRU4Rec, the causal
+transformer) read every prefix of a session in one pass (`SessionTable`, `msbr.whole_sessions`); the
+others read one prefix per row (`PrefixTable`). Rows are batched by length bucket
+(`msbr.length_buckets`) so that short ones are not padded to the full width. After every epoch the model is ranked on the validation
 split (never on test): the best epoch's parameters are kept in `DIR/msbr/<name>/best.npz` and training
 stops after `msbr.patience` epochs without improvement. `selection.json` records the choice; a
 workdir whose selection is finished is never trained again.
@@ -104,18 +106,71 @@ class PrefixTable:
     def __getitem__(self, index):
         return self.items[index], self.mask[index], self.targets[index]
 
+    def batch(self, rows, width: int, valid):
+        """{items [b, width], mask, target [b], valid [b]} of example `rows` (`valid` False on filler)."""
+        return dict(items=self.items[rows, :width], mask=self.mask[rows, :width], target=self.targets[rows],
+                    valid=valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionTable:
+    """Whole sessions for causal encoders: inputs session[:-1], a target at every position.
+
+    Holds exactly the (prefix, target) pairs of `PrefixTable.every_prefix`: a session of up to
+    `width + 1` clicks is one row whose position j predicts click j + 1 from clicks 0..j. A longer
+    session adds one row per later target: its last `width` clicks before that target, with only the
+    last position counted, which is the prefix truncation `PrefixTable` applies.
+    """
+
+    items: np.ndarray  # int32 [n, width], right-padded
+    mask: np.ndarray  # bool [n, width]
+    targets: np.ndarray  # int32 [n, width], 0 where target_mask is False
+    target_mask: np.ndarray  # bool [n, width]: positions whose prefix counts as an example
+
+    @classmethod
+    def every_session(cls, sessions, width: int):
+        rows, targets, counted = [], [], []
+        for session in sessions:
+            session = np.asarray(session, np.int32)
+            head = session[:width + 1]
+            if len(head) >= 2:
+                rows.append(head[:-1])
+                targets.append(head[1:])
+                counted.append(np.ones(len(head) - 1, bool))
+            for end in range(width + 1, len(session)):
+                rows.append(session[end - width:end])
+                targets.append(np.concatenate([np.zeros(width - 1, np.int32), session[end:end + 1]]))
+                counted.append(np.arange(width) == width - 1)
+        n = len(rows)
+        items = np.zeros((n, width), np.int32)
+        target_table = np.zeros((n, width), np.int32)
+        target_mask = np.zeros((n, width), bool)
+        for i, (row, target, count) in enumerate(zip(rows, targets, counted)):
+            items[i, :len(row)], target_table[i, :len(row)], target_mask[i, :len(row)] = row, target, count
+        mask = np.arange(width)[None, :] < np.array([len(row) for row in rows], np.int64).reshape(-1, 1)
+        return cls(items, mask, target_table, target_mask)
+
+    def __len__(self):
+        return len(self.items)
+
+    def batch(self, rows, width: int, valid):
+        """{items, mask, target, valid} all [b, width]: one example per counted position of a valid row."""
+        return dict(items=self.items[rows, :width], mask=self.mask[rows, :width],
+                    target=self.targets[rows, :width], valid=self.target_mask[rows, :width] & valid[:, None])
+
 
 class BucketedBatches:
-    """Random-access training batches of prefixes grouped by length; batch i is batch i % n of epoch i // n.
+    """Random-access training batches of table rows grouped by length; batch i is batch i % n of epoch i // n.
 
     Every epoch shuffles the examples (seeded by `seed` and the epoch), sorts them into the first
     width of `widths` that holds them, and cuts each group into global batches of that width, so short
     prefixes (most of them) are not padded to the full width. A group's last batch is filled with
     `valid=False` rows, which keeps the number of batches per epoch fixed. Element i is this process's
-    slice of global batch i: {items int32 [b, w], mask bool [b, w], target int32 [b], valid bool [b]}.
+    slice of global batch i: `table.batch(...)` (for a PrefixTable: items int32 [b, w], mask bool
+    [b, w], target int32 [b], valid bool [b]).
     """
 
-    def __init__(self, table: PrefixTable, widths, batch_size: int, seed: int, num_epochs: int,
+    def __init__(self, table: PrefixTable | SessionTable, widths, batch_size: int, seed: int, num_epochs: int,
                  process_index: int = 0, process_count: int = 1):
         self.table, self.widths, self.batch_size, self.seed = table, tuple(widths), batch_size, seed
         self.num_epochs, self.process_index, self.process_count = num_epochs, process_index, process_count
@@ -151,20 +206,17 @@ class BucketedBatches:
         local = self.batch_size // self.process_count
         rows = rows[self.process_index * local:(self.process_index + 1) * local]
         valid = rows >= 0
-        rows = np.where(valid, rows, 0)
-        return dict(items=self.table.items[rows, :width], mask=self.table.mask[rows, :width],
-                    target=self.table.targets[rows], valid=valid)
+        return self.table.batch(np.where(valid, rows, 0), width, valid)
 
 
-def training_batches(config, table: PrefixTable, num_epochs: int):
+def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int, batch_size: int):
     """The grain iterator over this process's `BucketedBatches` (checkpointable) and batches per epoch."""
     msbr = config.msbr
-    if msbr.batch_size % jax.process_count():
-        raise ValueError(f"msbr.batch_size {msbr.batch_size} is not divisible by {jax.process_count()} "
-                         "processes")
+    if batch_size % jax.process_count():
+        raise ValueError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes")
     full_width = table.items.shape[1]
     widths = sorted({w for w in msbr.length_buckets if w < full_width} | {full_width})
-    source = BucketedBatches(table, widths, msbr.batch_size, config.seed, num_epochs,
+    source = BucketedBatches(table, widths, batch_size, config.seed, num_epochs,
                              jax.process_index(), jax.process_count())
     threads = config.data.read_threads
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
@@ -302,8 +354,12 @@ def train_msbr(name: str, config, workdir: str, data):
     make_model = model_factory(name, config, data.num_items, content)
 
     # ----------------------------------------------------------------------------------- input
-    batches, steps_per_epoch = training_batches(config, PrefixTable.every_prefix(data.train, width),
-                                                msbr.max_epochs)
+    whole_sessions = msbr.whole_sessions and make_model().reads_every_position
+    if whole_sessions:
+        table, batch_size = SessionTable.every_session(data.train, width), msbr.sessions_per_batch
+    else:
+        table, batch_size = PrefixTable.every_prefix(data.train, width), msbr.batch_size
+    batches, steps_per_epoch = training_batches(config, table, msbr.max_epochs, batch_size)
     num_steps = msbr.max_epochs * steps_per_epoch
 
     def loss_fn(model, batch, rng):
@@ -311,9 +367,14 @@ def train_msbr(name: str, config, workdir: str, data):
         # is (the loop's model variables belong to an outer trace), and a resumed run draws the same masks.
         model = nnx.clone(model)
         nnx.reseed(model, default=rng)
-        session_vecs = model(batch["items"], batch["mask"])
+        if whole_sessions:
+            vecs = model.position_vectors(batch["items"], batch["mask"])
+            vecs = vecs.reshape(-1, vecs.shape[-1])
+        else:
+            vecs = model(batch["items"], batch["mask"])
         loss = msbr_models.chunked_softmax_cross_entropy(
-            session_vecs, model.item_table(), batch["target"], msbr.score_chunk, mask=batch["valid"])
+            vecs, model.item_table(), batch["target"].reshape(-1), msbr.score_chunk,
+            mask=batch["valid"].reshape(-1))
         return loss, {}
 
     # ------------------------------------------------------------------------------ validation
