@@ -90,7 +90,9 @@ def get_config(arg=None):
     c.stage1.batch_size = 32
     c.stage1.learning_rate = 3e-3
     c.stage1.warmup_steps = 20
-    c.stage1.contrastive_weight = 0.1  # InfoNCE of e_K with its image view and its text view
+    # InfoNCE of e_K with its image view and its text view. At 0.1 e_K kept little of what only the
+    # picture shows (colour probe 23 % vs 73 % for the untrained towers); at 1.0 it keeps it (57 %).
+    c.stage1.contrastive_weight = 1.0
     c.stage1.reconstruct_weight = 1.0  # e_K decodes the bag of its own title and category words
     c.stage1.temperature = 0.1
 
@@ -119,6 +121,9 @@ def get_config(arg=None):
     c.msbr.num_layers = 2
     c.msbr.num_heads = 2
     c.msbr.dropout = 0.1
+    # Share of items whose ID embedding a training step drops (content models only): they are scored by
+    # content alone, as cold items are at test time.
+    c.msbr.id_dropout = 0.3
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 512  # prefixes per batch (encoders that read one prefix per row: srgnn)
     # Causal encoders (gru4rec, the causal transformer) read every prefix of a session in one pass: the

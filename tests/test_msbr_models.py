@@ -1,5 +1,7 @@
 """Session encoders: shapes, padding invariance, causality, SR-GNN graphs, content path, training."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +140,23 @@ def test_item_with_zeroed_id_embedding_scores_by_content():
     # Without its content the cold item is blind: its score collapses to zero.
     model.content[...] = model.content[...].at[cold].set(0.0)
     np.testing.assert_allclose(model.scores(items, mask)[:, cold], 0.0, atol=1e-7)
+
+
+def test_id_dropout_drops_whole_items_in_training_only():
+    cfg = dataclasses.replace(_config("transformer"), id_dropout=0.5)
+    model = msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
+    content_part = model.content_projection(model.content[...])
+    ids = model.id_embedding.embedding[...]
+    table = model.item_table()
+    # Each row is content alone (dropped) or content + the rescaled ID row (kept).
+    dropped = np.all(np.isclose(table, content_part, atol=1e-6), axis=1)
+    kept = np.all(np.isclose(table, content_part + ids / 0.5, atol=1e-6), axis=1)
+    assert np.all(dropped | kept) and dropped.any() and kept.any()
+    eval_table = nnx.view(model, deterministic=True).item_table()
+    np.testing.assert_allclose(eval_table, content_part + ids, atol=1e-6)
+    # ID-only models keep their IDs: dropping them would leave nothing to score with.
+    id_only = msbr.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(id_only.item_table(), id_only.id_embedding.embedding[...])
 
 
 def test_content_is_frozen_not_a_parameter():

@@ -5,11 +5,11 @@ clicks of a session fill positions 0..len-1 (left-aligned, as in the session bat
 and padding follows with row 0 and mask False. Positions count from the session start, so appending
 padding never changes a session vector.
 
-Item vectors: x_v = E_id[v] + W e_content[v]. This is the concatenation [E_id[v] ; W e_content[v]]
-seen through the fixed projection [I I]: the encoder inputs and the scoring table share one width, and
-an item whose ID embedding never trained (a cold item) still scores through its content. `content`
-is frozen (a `FrozenFeatures` variable, not a `Param`); `None` gives the ID-only model.
-Scores are `session_vec @ item_table().T`.
+Item vectors: x_v = E_id[v] + W e_content[v] (training may drop E_id[v] of whole items: `id_dropout`).
+This is the concatenation [E_id[v] ; W e_content[v]] seen through the fixed projection [I I]: the
+encoder inputs and the scoring table share one width, and an item whose ID embedding never trained (a
+cold item) still scores through its content. `content` is frozen (a `FrozenFeatures` variable, not a
+`Param`); `None` gives the ID-only model. Scores are `session_vec @ item_table().T`.
 """
 
 import dataclasses
@@ -36,6 +36,7 @@ class EncoderConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.1
+    id_dropout: float = 0.0
     gnn_steps: int = 1
     max_length: int = 20
 
@@ -50,6 +51,7 @@ class EncoderConfig:
             num_layers=msbr.num_layers,
             num_heads=msbr.num_heads,
             dropout=msbr.dropout,
+            id_dropout=msbr.id_dropout,
             gnn_steps=msbr.gnn_steps,
             max_length=config.data.max_session_length,
         )
@@ -76,12 +78,16 @@ class SessionEncoder(nnx.Module):
             self.content = FrozenFeatures(content)
             self.content_projection = nnx.Linear(content.shape[1], dim, use_bias=False, rngs=rngs)
         self.input_dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs)
+        # Whole rows of the ID table, i.e. items, are dropped (DropoutNet, Volkovs et al. 2017): an item
+        # then counts by its content alone, as a cold item does at test time. Content models only.
+        self.id_dropout = nnx.Dropout(cfg.id_dropout if content is not None else 0.0, broadcast_dims=(1,),
+                                      deterministic=False, rngs=rngs)
         body = {"transformer": TransformerBody, "srgnn": SRGNNBody, "gru4rec": GRUBody}[cfg.encoder]
         self.body = body(cfg, rngs=rngs)
 
     def item_table(self):
         """Item vectors [N, d] = ID embedding + projected content."""
-        table = self.id_embedding.embedding[...]
+        table = self.id_dropout(self.id_embedding.embedding[...])
         if self.content is not None:
             table = table + self.content_projection(self.content[...])
         return table
