@@ -131,7 +131,7 @@ def get_config(arg=None):
     c.msbr.whole_sessions = True
     c.msbr.sessions_per_batch = 128
     c.msbr.learning_rate = 3e-3
-    c.msbr.max_epochs = 6  # an epoch = every prefix of every train session once
+    c.msbr.max_epochs = 8  # an epoch = every prefix of every train session once
     c.msbr.patience = 2  # epochs without a better validation MRR@20 before training stops
     c.msbr.score_chunk = 1024  # items per chunk of the full-softmax loss
     c.msbr.eval_batch_size = 1024  # prefixes per chunk when ranking validation / test
