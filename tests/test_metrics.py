@@ -107,3 +107,54 @@ def test_slice_rows_split_cold_and_warm():
 def test_slice_rows_without_cold_targets_have_no_cold_rows():
     rows = metrics.slice_rows("pop", np.array([0, 2]), np.array([False, False]), ks=(5,))
     assert {r["slice"] for r in rows} == {"all", "warm"}
+
+
+def integer_vectors(rng, rows, dim):
+    """Small integers: every dot product is exact in fp32, so exact ties are common and well defined."""
+    return rng.integers(-2, 3, size=(rows, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("item_chunk", [5, 8, 37, 64])
+def test_rank_by_dot_matches_ranks_from_scores_with_ties_and_nan(item_chunk):
+    rng = np.random.default_rng(3)
+    items = integer_vectors(rng, 37, 3)  # 37 items: no chunk size but 37 and 64 (clipped) divides it
+    sessions = integer_vectors(rng, 13, 3)  # more sessions than some chunks hold
+    items[4, 1] = np.nan  # a NaN item scores NaN for every session
+    sessions[7, 0] = np.nan  # a NaN session scores NaN for every item
+    targets = rng.integers(0, 37, size=13)
+    targets[:2] = 4
+    expected = metrics.ranks_from_scores(sessions @ items.T, targets)
+    ranks = metrics.rank_by_dot(sessions, items, targets, item_chunk)
+    assert ranks.dtype == jnp.int32
+    np.testing.assert_array_equal(ranks, expected)
+    assert ranks[7] == ranks[0] == ranks[1] == 36
+
+
+def test_rank_by_dot_counts_ties_with_identical_float_items():
+    """The target's score and the chunks' scores must agree to the last bit for a twin to tie."""
+    rng = np.random.default_rng(4)
+    items = rng.standard_normal((101, 8)).astype(np.float32)
+    sessions = rng.standard_normal((19, 8)).astype(np.float32)
+    targets = rng.permutation(50)[:19]
+    twins = 50 + np.arange(19)
+    items[twins] = items[targets]
+    scores = np.asarray(jnp.asarray(sessions) @ jnp.asarray(items).T)
+    assert np.all(scores[np.arange(19), targets] == scores[np.arange(19), twins])  # real ties
+    for item_chunk in (7, 16, 101):  # more sessions than items per chunk, fewer, and one chunk
+        ranks = metrics.rank_by_dot(sessions, items, targets, item_chunk)
+        np.testing.assert_array_equal(ranks, metrics.ranks_from_scores(scores, targets))
+
+
+def test_rank_targets_by_dot_pads_the_last_batch():
+    rng = np.random.default_rng(5)
+    items = integer_vectors(rng, 29, 4)
+    sessions = integer_vectors(rng, 50, 4)
+    targets = rng.integers(0, 29, size=50)
+    ranks = metrics.rank_targets_by_dot(sessions, items, targets, batch_size=16, item_chunk=8)
+    assert ranks.dtype == np.int32 and ranks.shape == (50,)
+    np.testing.assert_array_equal(ranks, brute_force_ranks(sessions @ items.T, targets))
+
+
+def test_rank_targets_by_dot_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="3 session vectors but 2 targets"):
+        metrics.rank_targets_by_dot(np.zeros((3, 4)), np.zeros((5, 4)), np.array([0, 1]))

@@ -161,6 +161,14 @@ def test_model_selection_reads_validation_never_test(tiny):
                                                                                  abs=1e-6)
 
 
+def test_rank_examples_equals_ranking_the_full_score_matrix(tiny):
+    config, _, data, _, model = tiny
+    prefixes, targets = data.examples("valid")
+    width = msbr.prefix_width(config)
+    dense = metrics.rank_targets(msbr.prefix_scorer(model, width, 32), prefixes, targets, 32)
+    np.testing.assert_array_equal(msbr.rank_examples(model, prefixes, targets, width, 32), dense)
+
+
 def test_rerun_on_a_finished_workdir_does_not_train(tiny, monkeypatch):
     config, workdir, data, _, model = tiny
     metrics_file = os.path.join(msbr.model_dir(workdir, "transformer"), logging.METRICS_FILE)

@@ -1,10 +1,12 @@
 """Full-ranking metrics: target ranks on device, chunk by chunk, then HR / MRR / NDCG in percent."""
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 METRICS = ("HR", "MRR", "NDCG")
 SLICES = ("all", "cold", "warm")
@@ -51,6 +53,83 @@ def rank_targets(score_fn: Callable, prefixes: Sequence, targets, batch_size: in
             raise ValueError(f"score_fn returned {scores.shape[0]} rows for {len(chunk_targets)} prefixes")
         ranks.append(np.asarray(ranks_from_scores(scores, chunk_targets)))
     return np.concatenate(ranks) if ranks else np.zeros((0,), np.int32)
+
+
+def _dot_scores(session_vecs, rows):
+    """[b, r] scores `session_vecs @ rows.T`, NaN as -inf (the rule of `ranks_from_scores`)."""
+    scores = lax.dot_general(session_vecs, rows, (((1,), (1,)), ((), ())))
+    return jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+
+
+@functools.partial(jax.jit, static_argnames="item_chunk")
+def rank_by_dot(session_vecs, item_table, targets, item_chunk: int = 4096):
+    """`ranks_from_scores(session_vecs @ item_table.T, targets)` without the [b, N] score matrix.
+
+    Scores are computed `item_chunk` items at a time and only counted against the target scores, so
+    memory is bounded by b x (b + item_chunk) whatever the catalogue size (1M items x 256 sessions
+    would be 1 GB of scores). Same pessimistic tie rule and NaN rule as `ranks_from_scores`.
+
+    Each chunk's dot also scores the b target rows, so a target's score comes out of the same dot as
+    the scores it is compared with: a dot's last bit can depend on its shape (XLA CPU's small-matrix
+    code), and a target tied with an identical item vector must still count the tie. The target itself
+    is excluded by its index, so rounding can never push a rank outside [0, N).
+
+    Args:
+      session_vecs: float [b, d].
+      item_table: float [N, d].
+      targets: int [b], item rows in [0, N).
+      item_chunk: items scored per step (static); clipped to N.
+    Returns:
+      int32 [b] ranks in [0, N).
+    """
+    num_items = item_table.shape[0]
+    item_chunk = min(item_chunk, num_items)
+    targets = targets.astype(jnp.int32)
+    target_rows = item_table[targets]
+    diagonal = jnp.arange(targets.shape[0])
+
+    def count_chunk(index, counts):
+        # The last chunk is moved back to end at N instead of padding the table (a copy of all of it);
+        # the items it shares with the previous chunk are masked out.
+        start = jnp.minimum(index * item_chunk, num_items - item_chunk)
+        rows = lax.dynamic_slice_in_dim(item_table, start, item_chunk)
+        scores = _dot_scores(session_vecs, jnp.concatenate([target_rows, rows]))
+        target_scores = scores[diagonal, diagonal]
+        items = start + jnp.arange(item_chunk)
+        counted = (items >= index * item_chunk)[None, :] & (items[None, :] != targets[:, None])
+        above = scores[:, targets.shape[0]:] >= target_scores[:, None]
+        return counts + jnp.sum(counted & above, axis=1, dtype=jnp.int32)
+
+    num_chunks = -(-num_items // item_chunk)
+    return lax.fori_loop(0, num_chunks, count_chunk, jnp.zeros(targets.shape, jnp.int32))
+
+
+def rank_targets_by_dot(session_vecs, item_table, targets, batch_size: int = 256,
+                        item_chunk: int = 4096) -> np.ndarray:
+    """`rank_by_dot` over any number of sessions, `batch_size` at a time, with one compiled shape.
+
+    Args:
+      session_vecs: float [num_examples, d] (numpy or device array).
+      item_table: float [N, d] (numpy or device array); moved to the device once.
+      targets: int [num_examples] target item rows.
+      batch_size: sessions per call; the last batch is padded to it.
+      item_chunk: items scored per step inside each call.
+    Returns:
+      int32 [num_examples] ranks on host.
+    """
+    session_vecs = np.asarray(session_vecs)
+    targets = np.asarray(targets, dtype=np.int32)
+    if len(session_vecs) != len(targets):
+        raise ValueError(f"{len(session_vecs)} session vectors but {len(targets)} targets")
+    table = jax.device_put(item_table)  # jnp.asarray would stage a second host copy of a numpy table
+    ranks = []
+    for start in range(0, len(targets), batch_size):
+        size = min(batch_size, len(targets) - start)
+        filler = batch_size - size
+        vecs = np.pad(session_vecs[start:start + size], ((0, filler), (0, 0)))
+        chunk_targets = np.pad(targets[start:start + size], (0, filler))
+        ranks.append(rank_by_dot(vecs, table, chunk_targets, item_chunk)[:size])
+    return np.concatenate([np.asarray(r) for r in ranks]) if ranks else np.zeros((0,), np.int32)
 
 
 def metrics_from_ranks(ranks, ks=(1, 5, 10, 20)) -> dict[tuple[str, int], float]:
