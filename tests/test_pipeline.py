@@ -172,9 +172,10 @@ def test_iterator_state_resumes_mid_epoch(setup, worker_count):
     assert all(b["valid"].all() for b in seen)
 
 
-def test_train_session_batches_use_every_position(setup):
+@pytest.mark.parametrize("worker_count", [0, 1])
+def test_train_session_batches_use_every_position(setup, worker_count):
     data, tokenizer = setup
-    config = _config()
+    config = _config(worker_count=worker_count)
     batches = list(pipeline.session_batches(config, data, tokenizer, "train", 4, shuffle=False,
                                             repeat=False, seed=0))
     # Sessions (0 1 2), (3 4), (5 6 0 1): targets at positions 1.. give 2 + 1 + 3 = 6 examples.

@@ -1,12 +1,14 @@
 """Grain input pipelines: item batches (stage 1, export) and session batches (stage 2).
 
-Both read top to bottom: source -> (pad) -> shuffle -> repeat -> this process's slice -> map to one
-example -> batch -> iterator -> multiprocess prefetch. The returned iterators have
-`get_state()`/`set_state()`, so the training checkpoint can hold the input position.
+Both read top to bottom: example positions -> shuffle -> repeat -> this process's slice -> batch of
+positions -> map to one batch -> iterator -> multiprocess prefetch. Grain moves positions only and each
+batch is assembled in one call (gathered with numpy where the layout allows): Grain's bookkeeping per
+element cost more than building most examples. The returned iterators have `get_state()`/`set_state()`,
+so the training checkpoint can hold the input position.
 
-Without `repeat` the source is padded with copies of record 0 marked `valid=False` (and an all-False
-`loss_mask`) up to a multiple of batch_size * process_count: every record appears exactly once, every
-batch is full and every process gets the same number of batches.
+Without `repeat` the positions run past the source up to a multiple of batch_size * process_count; those
+give copies of record 0 marked `valid=False` (with an all-False `loss_mask`): every record appears
+exactly once, every batch is full and every process gets the same number of batches.
 """
 
 import dataclasses
@@ -18,10 +20,13 @@ from PIL import Image
 
 from tpad_jax.data import prompts, tfds_builder, tokenizer as tokenizer_lib
 
+# Arrays smaller than this travel from Grain workers pickled, larger ones (pixels) in shared memory.
+MIN_SHARED_MEMORY_BYTES = 1 << 20
+
 
 def item_batches(config, data, tokenizer, n_img, batch_size, *, shuffle, repeat, seed,
                  process_index=None, process_count=None):
-    """Iterator over item batches (docs/architecture.md §2), read from the TFDS item table.
+    """Iterator over item batches (docs/architecture.md §2), images read from the TFDS item table.
 
     Args:
       config: the run config (data.* keys).
@@ -32,12 +37,10 @@ def item_batches(config, data, tokenizer, n_img, batch_size, *, shuffle, repeat,
       shuffle, repeat, seed: training order (reshuffled every epoch) or one pass in row order.
       process_index, process_count: this process's slice; default jax.process_index()/process_count().
     """
-    titles, categories = _item_texts(data, tokenizer)
-    to_example = ItemExample(vocab=prompts.prompt_vocab(tokenizer), titles=titles, categories=categories,
-                             n_img=n_img, max_item_tokens=config.data.max_item_tokens,
-                             image_size=config.data.image_size)
-    source = tfds_builder.item_table(data, data.workdir)
-    return _batches(config, source, to_example, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
+    to_batch = ItemBatch(source=tfds_builder.item_table(data, data.workdir),
+                         prompts=item_prompt_table(config, data, tokenizer, n_img),
+                         image_size=config.data.image_size)
+    return _batches(config, to_batch, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
                     process_index=process_index, process_count=process_count)
 
 
@@ -49,22 +52,22 @@ def session_batches(config, data, tokenizer, split, batch_size, *, shuffle, repe
     target session[j]); other splits give `data.examples(split)`. Other arguments as `item_batches`.
     """
     titles, _ = _item_texts(data, tokenizer)
-    to_example = SessionExample(vocab=prompts.prompt_vocab(tokenizer), titles=titles,
-                                has_image=np.asarray(data.has_image, bool),
-                                m=config.data.visual_tokens_per_item,
-                                max_title_tokens=config.data.max_title_tokens,
-                                max_prompt_items=config.data.max_prompt_items)
-    source = SessionExamples.every_position(data.train) if split == "train" else (
+    examples = SessionExamples.every_position(data.train) if split == "train" else (
         SessionExamples.from_prefixes(*data.examples(split)))
-    return _batches(config, source, to_example, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
+    to_batch = SessionBatch(examples=examples, vocab=prompts.prompt_vocab(tokenizer), titles=titles,
+                            has_image=np.asarray(data.has_image, bool),
+                            m=config.data.visual_tokens_per_item,
+                            max_title_tokens=config.data.max_title_tokens,
+                            max_prompt_items=config.data.max_prompt_items)
+    return _batches(config, to_batch, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
                     process_index=process_index, process_count=process_count)
 
 
 def item_row_batches(config, num_items, batch_size, *, shuffle, repeat, seed, process_index=None,
                      process_count=None):
     """Iterator over batches of item rows ({rows, valid}) when prompts and pixels live on device."""
-    return _batches(config, np.arange(num_items, dtype=np.int32), RowExample(), batch_size, shuffle=shuffle,
-                    repeat=repeat, seed=seed, process_index=process_index, process_count=process_count)
+    return _batches(config, RowBatch(num_items), batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
+                    process_index=process_index, process_count=process_count)
 
 
 def item_prompt_table(config, data, tokenizer, n_img):
@@ -101,67 +104,42 @@ def to_pixels(image, size):
 
 
 @dataclasses.dataclass(frozen=True)
-class RowExample:
-    """Maps (row, valid) to {rows, valid} (a picklable grain map)."""
+class RowBatch:
+    """Maps positions [B] to {rows, valid} (a picklable grain map)."""
 
-    def __call__(self, row_and_valid):
-        row, valid = row_and_valid
-        return dict(rows=np.int32(row), valid=np.bool_(valid))
+    num_items: int
+
+    def __len__(self):
+        return self.num_items
+
+    def __call__(self, positions):
+        rows, valid = _index_and_valid(positions, self.num_items)
+        return dict(rows=rows, valid=valid)
 
 
 @dataclasses.dataclass(frozen=True)
-class ItemExample:
-    """Maps (TFDS item record, valid) to one item example (a picklable grain map)."""
+class ItemBatch:
+    """Maps positions [B] to an item batch: prompts gathered from the table, images decoded per item."""
 
-    vocab: prompts.PromptVocab
-    titles: list
-    categories: list
-    n_img: int
-    max_item_tokens: int
+    source: object  # the TFDS item table: record i is item row i
+    prompts: dict  # item_prompt_table
     image_size: int
 
-    def __call__(self, record_and_valid):
-        record, valid = record_and_valid
-        row = int(record["row"])
-        has_image = bool(record["has_image"])
-        prompt = prompts.item_prompt(self.vocab, self.titles[row], self.categories[row], has_image,
-                                     n_img=self.n_img, max_item_tokens=self.max_item_tokens)
+    def __len__(self):
+        return len(self.source)
+
+    def __call__(self, positions):
+        rows, valid = _index_and_valid(positions, len(self.source))
+        records = [self.source[row] for row in rows]
+        has_image = np.array([record["has_image"] for record in records], bool)
         size = self.image_size
-        pixels = to_pixels(record["image"], size) if has_image else np.zeros((size, size, 3), np.float32)
-        return dict(rows=np.int32(row), pixels=pixels, has_image=np.bool_(has_image),
-                    tokens=prompt["tokens"], attention_mask=prompt["attention_mask"],
-                    loss_mask=prompt["loss_mask"] & valid, item_pos=prompt["item_pos"],
-                    valid=np.bool_(valid))
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionExample:
-    """Maps ((prefix rows, target row), valid) to one session example (a picklable grain map)."""
-
-    vocab: prompts.PromptVocab
-    titles: list
-    has_image: np.ndarray
-    m: int
-    max_title_tokens: int
-    max_prompt_items: int
-
-    def __call__(self, example_and_valid):
-        (prefix, target), valid = example_and_valid
-        shown = prefix[-self.max_prompt_items:]
-        count = len(shown)
-        prompt = prompts.session_prompt(self.vocab, [self.titles[row] for row in shown],
-                                        self.has_image[shown], self.titles[target], m=self.m,
-                                        max_title_tokens=self.max_title_tokens,
-                                        max_prompt_items=self.max_prompt_items)
-        rows = np.zeros(self.max_prompt_items, np.int32)
-        rows[:count] = shown
-        next_rows = np.zeros(self.max_prompt_items, np.int32)
-        next_rows[:count] = np.append(prefix[len(prefix) - count + 1:], target)
-        return dict(rows=rows, row_mask=np.arange(self.max_prompt_items) < count, next_rows=next_rows,
-                    tokens=prompt["tokens"], attention_mask=prompt["attention_mask"],
-                    loss_mask=prompt["loss_mask"] & valid, sep_pos=prompt["sep_pos"],
-                    image_slot_rows=prompt["image_slot_rows"], target=np.int32(target),
-                    valid=np.bool_(valid))
+        pixels = np.zeros((len(rows), size, size, 3), np.float32)
+        for i in np.flatnonzero(has_image):
+            pixels[i] = to_pixels(records[i]["image"], size)
+        prompt = {name: values[rows] for name, values in self.prompts.items()}
+        return dict(rows=rows, pixels=pixels, has_image=has_image, tokens=prompt["tokens"],
+                    attention_mask=prompt["attention_mask"], loss_mask=prompt["loss_mask"] & valid[:, None],
+                    item_pos=prompt["item_pos"], valid=valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,51 +170,89 @@ class SessionExamples:
     def __len__(self):
         return len(self.targets)
 
-    def __getitem__(self, index):
-        start = self.starts[index]
-        return self.flat_rows[start:start + self.lengths[index]], int(self.targets[index])
+    def last_items(self, index, size):
+        """The last `size` prefix items of examples `index`, left-aligned, and the item after each.
+
+        Returns:
+          rows int32 [b, size] (0 past the shown items), their mask bool [b, size], and next_rows
+          int32 [b, size]: the following prefix item, the target after the last shown item, 0 after it.
+        """
+        lengths = self.lengths[index]
+        count = np.minimum(lengths, size)[:, None]
+        slot = np.arange(size)
+        mask = slot < count
+        flat_index = (self.starts[index] + lengths)[:, None] - count + slot
+        rows = np.where(mask, self.flat_rows[np.where(mask, flat_index, 0)], 0).astype(np.int32)
+        following = np.concatenate([rows[:, 1:], np.zeros_like(rows[:, :1])], axis=1)
+        next_rows = np.where(slot == count - 1, self.targets[index][:, None], following).astype(np.int32)
+        return rows, mask, next_rows
 
 
 @dataclasses.dataclass(frozen=True)
-class PaddedSource:
-    """Pairs each record with valid=True; indices past the source give (record 0, False)."""
+class SessionBatch:
+    """Maps positions [B] to a session batch: shown rows gathered at once, one prompt per example."""
 
-    source: object
-    length: int
+    examples: SessionExamples
+    vocab: prompts.PromptVocab
+    titles: list
+    has_image: np.ndarray
+    m: int
+    max_title_tokens: int
+    max_prompt_items: int
 
     def __len__(self):
-        return self.length
+        return len(self.examples)
 
-    def __getitem__(self, index):
-        if index < len(self.source):
-            return self.source[index], True
-        return self.source[0], False
+    def __call__(self, positions):
+        index, valid = _index_and_valid(positions, len(self.examples))
+        rows, row_mask, next_rows = self.examples.last_items(index, self.max_prompt_items)
+        targets = self.examples.targets[index].astype(np.int32)
+        built = [self._prompt(shown[mask], target) for shown, mask, target in zip(rows, row_mask, targets)]
+        prompt = {name: np.stack([example[name] for example in built]) for name in built[0]}
+        return dict(rows=rows, row_mask=row_mask, next_rows=next_rows, tokens=prompt["tokens"],
+                    attention_mask=prompt["attention_mask"], loss_mask=prompt["loss_mask"] & valid[:, None],
+                    sep_pos=prompt["sep_pos"], image_slot_rows=prompt["image_slot_rows"], target=targets,
+                    valid=valid)
+
+    def _prompt(self, shown, target):
+        return prompts.session_prompt(self.vocab, [self.titles[row] for row in shown], self.has_image[shown],
+                                      self.titles[target], m=self.m, max_title_tokens=self.max_title_tokens,
+                                      max_prompt_items=self.max_prompt_items)
 
 
-def _batches(config, source, to_example, batch_size, *, shuffle, repeat, seed, process_index,
-             process_count):
-    """The shared chain from a random-access source to a checkpointable batch iterator."""
+def _batches(config, to_batch, batch_size, *, shuffle, repeat, seed, process_index, process_count):
+    """The shared chain from example positions to a checkpointable iterator of `to_batch(positions)`."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if len(source) == 0:
+    if len(to_batch) == 0:
         raise ValueError("the pipeline's source is empty")
     per_step = batch_size * process_count
-    length = len(source) if repeat else -(-len(source) // per_step) * per_step
-    dataset = grain.MapDataset.source(PaddedSource(source, length))
+    length = len(to_batch) if repeat else -(-len(to_batch) // per_step) * per_step
+    dataset = grain.MapDataset.range(length)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset[process_index::process_count]
-    dataset = dataset.map(to_example)
-    dataset = dataset.batch(batch_size, drop_remainder=repeat)
+    dataset = dataset.batch(batch_size, drop_remainder=repeat, batch_fn=np.asarray)
+    dataset = dataset.map(to_batch)
     # Prefetch a few batches only: the default buffer (500 elements) would hold 500 batches of pixels.
     threads = config.data.read_threads
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
     iterable = dataset.to_iter_dataset(read_options)
     if config.data.worker_count > 0:
+        # Workers pass each array in its own shared-memory block by default; for the many small arrays of
+        # a batch that costs more than pickling them (session batches came twice as fast).
+        options = grain.experimental.DatasetOptions(min_shm_size=MIN_SHARED_MEMORY_BYTES)
+        iterable = grain.experimental.WithOptionsIterDataset(iterable, options)
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
     return iter(iterable)
+
+
+def _index_and_valid(positions, length):
+    """Record index int32 [B] (record 0 for positions past the source) and valid bool [B]."""
+    valid = positions < length
+    return np.where(valid, positions, 0).astype(np.int32), valid
 
 
 def _concatenate(row_lists):
