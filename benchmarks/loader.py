@@ -1,10 +1,10 @@
 """Input-pipeline throughput (batches/s) of the Grain pipelines the TPAD stages read, against the train
 step's consumption rate.
 
-    flock /tmp/tpad_bench.lock python benchmarks/loader.py --config configs/tpad_base.py [--no-record]
+    python benchmarks/loader.py --config configs/tpad_base.py [--no-record]   # on a quiet machine
     python benchmarks/loader.py --config configs/tpad_base.py:tiny --step_json steps.jsonl
 
-The synthetic data is prepared into `--workdir` (default /tmp/tpad_bench_<preset>) as a run prepares
+The synthetic data is prepared into `--workdir` (default <tempdir>/tpad_bench_<preset>) as a run prepares
 it (prepared.load_or_prepare, the tokenizer, the TFDS item table); later calls reuse it. Measured, at the
 config's per-process batch sizes and for each of `--workers` (config.data.worker_count; 0 = in-process):
 
@@ -28,6 +28,7 @@ consumes them; the goal is >= 5, so the step never waits on input.
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, which puts the repo on sys.path
 
@@ -46,15 +47,15 @@ STAGE_OF = {"session_batches": "stage2", "item_row_batches": "stage1", "item_bat
 HEADROOM_GOAL = 5.0
 COLUMNS = ["preset", "pipeline", "batch", "workers", "batches/s", "examples/s", "first window s",
            "step s", "headroom", "machine"]
-NOTE = ("`python benchmarks/loader.py --config configs/tpad_base.py` (run under `flock "
-        "/tmp/tpad_bench.lock`): Grain batches/s at the config's per-process batch sizes, median of "
+NOTE = ("`python benchmarks/loader.py --config configs/tpad_base.py` (run alone: timings need a quiet "
+        "machine): Grain batches/s at the config's per-process batch sizes, median of "
         "timed windows after warm-up; workers = `data.worker_count` (mp_prefetch processes, 0 = "
         "in-process). headroom = batches/s x train-step seconds of the stage that reads the pipeline "
         "(goal >= 5). item_pixel_table is decoded once per run (one row, batch = all items).")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/tpad_base.py[:preset]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Data cache directory (default /tmp/tpad_bench_<preset>).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Data cache directory (default <tempdir>/tpad_bench_<preset>).")
 _PIPELINES = flags.DEFINE_list("pipelines", list(PIPELINES), f"Which of {PIPELINES} to measure.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker counts (data.worker_count).")
 _WINDOW = flags.DEFINE_integer("window", 50, "Batches per timed window.")
@@ -166,7 +167,7 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown pipelines {sorted(unknown)}; choose from {PIPELINES}")
     steps = step_times(_STEP_SECONDS.value, _STEP_JSON.value)
-    workdir = _WORKDIR.value or f"/tmp/tpad_bench_{config.preset}"
+    workdir = _WORKDIR.value or os.path.join(tempfile.gettempdir(), f"tpad_bench_{config.preset}")
     data, tokenizer = prepare(config, workdir)
     rows = []
     for name in [n for n in PIPELINES if n in _PIPELINES.value]:

@@ -95,7 +95,7 @@ def test_position_vectors_equal_the_vectors_of_every_prefix(encoder, causal):
 @pytest.mark.parametrize("encoder, causal", [("transformer", False), ("srgnn", True)])
 def test_position_vectors_refuse_encoders_that_see_later_clicks(encoder, causal):
     model = _encoder(encoder, causal)
-    assert not model.reads_every_position
+    assert not model.cfg.reads_every_position
     with pytest.raises(ValueError, match="causal"):
         model.position_vectors(*_sessions())
 

@@ -56,6 +56,11 @@ class EncoderConfig:
             max_length=config.data.max_session_length,
         )
 
+    @property
+    def reads_every_position(self) -> bool:
+        """Whether the body is causal: its state at position j sees clicks 0..j only."""
+        return self.encoder == "gru4rec" or (self.encoder == "transformer" and self.causal)
+
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(f"msbr.encoder must be one of {ENCODERS}, got {self.encoder!r}")
@@ -103,18 +108,13 @@ class SessionEncoder(nnx.Module):
         """Scores [B, N] of every item as the next click."""
         return self(items, mask) @ self.item_table().T
 
-    @property
-    def reads_every_position(self) -> bool:
-        """Whether `position_vectors` exists: a causal body's state at position j sees clicks 0..j only."""
-        return self.cfg.encoder == "gru4rec" or (self.cfg.encoder == "transformer" and self.cfg.causal)
-
     def position_vectors(self, items, mask):
         """Session vectors [B, S, d] of every prefix at once: position j is `self(items[:, :j + 1])`.
 
         One pass per session instead of one per prefix (the SASRec / GRU4Rec training trick); only
         causal bodies have it, since a bidirectional or graph body lets position j see later clicks.
         """
-        if not self.reads_every_position:
+        if not self.cfg.reads_every_position:
             raise ValueError(f"position_vectors needs a causal encoder; {self.cfg.encoder!r} "
                              f"(causal={self.cfg.causal}) reads whole sessions")
         if items.shape[1] > self.cfg.max_length:

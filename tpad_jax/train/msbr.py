@@ -72,12 +72,8 @@ def padded_examples(examples: pipeline.SessionExamples, width: int):
     Returns:
       (items int32 [n, width] with row 0 on padding, mask bool [n, width]).
     """
-    count = np.minimum(examples.lengths, width)
-    begin = examples.starts + examples.lengths - count
-    mask = np.arange(width)[None, :] < count[:, None]
-    index = np.where(mask, begin[:, None] + np.arange(width)[None, :], 0)
-    items = np.where(mask, examples.flat_rows[index] if len(examples.flat_rows) else 0, 0)
-    return items.astype(np.int32), mask
+    items, mask, _ = examples.last_items(np.arange(len(examples)), width)
+    return items, mask
 
 
 def pad_prefixes(prefixes, width: int):
@@ -239,10 +235,15 @@ def load_content(workdir: str, export_subdir: str | None, data) -> np.ndarray | 
     return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def encoder_config(name: str, config) -> msbr_models.EncoderConfig:
+    """The session encoder of the neural model `name` under `config.msbr`."""
+    encoder, _ = _model_spec(name)
+    return dataclasses.replace(msbr_models.EncoderConfig.from_config(config), encoder=encoder)
+
+
 def model_factory(name: str, config, num_items: int, content):
     """A deterministic `make_model()` for the neural model `name`."""
-    encoder, _ = _model_spec(name)
-    cfg = dataclasses.replace(msbr_models.EncoderConfig.from_config(config), encoder=encoder)
+    cfg = encoder_config(name, config)
     return lambda: msbr_models.SessionEncoder(cfg, num_items, content, rngs=nnx.Rngs(config.seed))
 
 
@@ -378,7 +379,7 @@ def train_msbr(name: str, config, workdir: str, data):
     make_model = model_factory(name, config, data.num_items, content)
 
     # ----------------------------------------------------------------------------------- input
-    whole_sessions = msbr.whole_sessions and make_model().reads_every_position
+    whole_sessions = msbr.whole_sessions and encoder_config(name, config).reads_every_position
     if whole_sessions:
         table, batch_size = SessionTable.every_session(data.train, width), msbr.sessions_per_batch
     else:
