@@ -82,6 +82,24 @@ def test_gqa_equals_mha_with_repeated_kv_and_brute_force_softmax():
         np.testing.assert_allclose(grouped[b, i, h], p @ vn[b, :, h // 3], atol=1e-5)
 
 
+def test_lora_matmul_equals_the_unmerged_form_in_value_and_every_gradient():
+    rng = np.random.default_rng(3)
+    x, kernel, a, b = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+                       for shape in ((2, 5, 6), (6, 7), (6, 3), (3, 7)))
+
+    def unmerged(x, kernel, a, b):
+        return x @ kernel + 2.0 * (x @ a @ b)
+
+    def loss(fn):
+        return lambda *args: jnp.sum(jnp.sin(fn(*args)))
+
+    np.testing.assert_allclose(llm.lora_matmul(x, kernel, a, b, 2.0), unmerged(x, kernel, a, b), atol=1e-5)
+    got = jax.grad(loss(lambda *args: llm.lora_matmul(*args, 2.0)), argnums=(0, 1, 2, 3))(x, kernel, a, b)
+    want = jax.grad(loss(unmerged), argnums=(0, 1, 2, 3))(x, kernel, a, b)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4)
+
+
 def test_causal_and_padding_masks():
     cfg = LMConfig.tiny(vocab_size=64)
     model = LM(cfg, rngs=nnx.Rngs(0))
@@ -121,6 +139,29 @@ def test_scan_and_remat_equal_unrolled_forward_and_gradients():
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-5)
     for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(ga, gb, atol=1e-5)
+
+
+def test_rows_equal_the_full_run_at_those_positions_in_value_and_lora_gradients():
+    cfg = LMConfig.tiny(vocab_size=64, num_layers=3)
+    rng = np.random.default_rng(4)
+    tokens = _tokens(rng, 2, 8, 64)
+    mask = jnp.arange(8)[None] < jnp.array([[6], [8]])
+    for scan in (False, True):
+        model = LM(dataclasses.replace(cfg, scan_layers=scan), rngs=nnx.Rngs(0))
+        lora = llm.make_lora(cfg, rank=2, alpha=4.0, targets=llm.LORA_TARGETS, rngs=nnx.Rngs(1))
+        for _, variable in nnx.iter_graph(lora):
+            if isinstance(variable, nnx.LoRAParam):  # B starts at 0: give the update an effect
+                variable.set_value(variable.get_value() + 0.05)
+
+        def loss(lora, rows):
+            hidden = model(model.embed(tokens), mask, lora, rows=rows)
+            return jnp.sum(jnp.sin(hidden if rows is not None else hidden[:, 2:7]))
+
+        full, grads_full = nnx.value_and_grad(loss)(lora, None)
+        part, grads_part = nnx.value_and_grad(loss)(lora, slice(2, 7))
+        assert float(part) == pytest.approx(float(full), rel=1e-5)
+        for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_part)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_qwen2_style_biases_tied_head_and_free_head_dim():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +103,28 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.model.body.kernel[...]), frozen_kernel)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(state.model)))
     assert [r["step"] for r in read_metrics(tmp_path)] == [4]
+
+
+def _batches_of_sizes(sizes):
+    """A checkpointable iterator of toy batches of the given sizes, in order."""
+    return grain.MapDataset.source(list(sizes)).map(
+        lambda size: toy.split_row(toy.examples(size))).to_iter_dataset()
+
+
+@pytest.mark.parametrize("sizes, expected", [((8,) * 6, [1] * 6), ((8,) * 3 + (16,) * 3, [1, 1, 1, 2, 2, 2])])
+def test_train_step_compiles_once_per_batch_shape(tmp_path, sizes, expected):
+    """One compile over a stage of fixed shapes; the counter does see a second one (cumulative per
+    logged step) when the batch shape changes."""
+    mesh = mesh_lib.make_mesh(toy.mesh_config((-1, 1, 1)))
+    evals = lambda model, step: {"step_seen": step}  # noqa: E731
+    result = loop.run_loop(workdir=tmp_path, train_config=toy.train_config(eval_every=2), mesh=mesh,
+                           rules=toy.RULES, make_model=toy.make_model, tx=toy.make_tx(), wrt=toy.TRAINABLE,
+                           loss_fn=toy.loss_fn, data_iterator=iter(_batches_of_sizes(sizes)),
+                           num_steps=len(sizes), seed=0, eval_fn=evals)
+    assert result.train_step_compiles == expected[-1]
+    records = read_metrics(tmp_path)
+    assert [r["train_step_compiles"] for r in records if "loss" in r] == expected
+    assert [r["eval/compiles"] for r in records if "eval/compiles" in r] == [0, 0, 0]
 
 
 def _one_step(mesh):

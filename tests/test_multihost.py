@@ -63,7 +63,8 @@ def _reference_run():
             batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
             state, metrics = step(state, mesh_lib.global_batch(batch, mesh), rng)
             losses.append(float(metrics["loss"]))
-    return losses, toy.trained_params(loop.LoopResult(nnx.merge(graphdef, state), worker.STEPS, {}))
+    result = loop.LoopResult(nnx.merge(graphdef, state), worker.STEPS, {}, train_step_compiles=1)
+    return losses, toy.trained_params(result)
 
 
 def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):

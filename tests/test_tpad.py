@@ -66,13 +66,48 @@ def stage2_cfg(**overrides):
 def test_next_embeddings_shortcut_equals_embedding_the_next_rows():
     model = tiny_model()
     batch = session_batch()
-    rows, target = jnp.asarray(batch["rows"]), jnp.asarray(batch["target"])
-    e_all = tpad_lib._shown_and_target_embeddings(model, rows, target)
+    both = tpad_lib.shown_and_target(jax.tree.map(jnp.asarray, batch))
+    e_all = tpad_lib.item_forward(model, both.reshape(-1))[1].reshape(*both.shape, -1)
     shortcut = tpad_lib._next_embeddings(e_all, jnp.asarray(batch["row_mask"]))
     _, direct, _ = tpad_lib.item_forward(model, jnp.asarray(batch["next_rows"]).reshape(-1))
     direct = direct.reshape(2, S, -1)
     valid = batch["row_mask"]
     np.testing.assert_allclose(np.asarray(shortcut)[valid], np.asarray(direct)[valid], atol=1e-5)
+
+
+def test_logits_at_the_targets_only_give_the_same_loss_and_gradients():
+    model = tiny_model()
+    batch = jax.tree.map(jnp.asarray, session_batch())
+    batch["valid"] = jnp.array([True, False])
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    hidden = model.towers(tpad_lib.TRANSFER, batch["tokens"], None, batch["attention_mask"])
+
+    def loss(params, max_targets):
+        return tpad_lib.token_cross_entropy(nnx.merge(graphdef, params, rest), tpad_lib.TRANSFER, hidden,
+                                            batch["tokens"], batch["loss_mask"], batch["valid"], max_targets)
+
+    # The session batch has 2 targets per row: max_targets 2 holds them all, 3 leaves a masked slot.
+    reference, reference_grads = jax.value_and_grad(loss)(params, None)
+    for max_targets in (2, 3):
+        value, grads = jax.value_and_grad(loss)(params, max_targets)
+        np.testing.assert_allclose(float(value), float(reference), rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+                     reference_grads)
+
+
+def test_one_k_pass_over_several_row_sets_equals_separate_passes():
+    model = tiny_model()
+    batch = jax.tree.map(jnp.asarray, session_batch())
+    shown, keep_rows = tpad_lib.shown_and_target(batch), jnp.array([9, 0, 4])
+    (_, e_shown, _), keep_forward = tpad_lib.item_forwards(model, shown.reshape(-1), keep_rows)
+    joint = tpad_lib.transition_loss(model, batch, stage2_cfg(), M,
+                                     item_embeddings=e_shown.reshape(*shown.shape, -1))[0]
+    separate = tpad_lib.transition_loss(model, batch, stage2_cfg(), M)[0]
+    np.testing.assert_allclose(float(joint), float(separate), rtol=1e-6)
+    valid = jnp.ones(3, bool)
+    joint = tpad_lib.knowledge_loss(model, keep_rows, valid, 0.1, 0.1, forward=keep_forward)[0]
+    separate = tpad_lib.knowledge_loss(model, keep_rows, valid, 0.1, 0.1)[0]
+    np.testing.assert_allclose(float(joint), float(separate), rtol=1e-6)
 
 
 def _grad_norms(model, cfg):
@@ -135,3 +170,13 @@ def test_word_reconstruction_is_the_cross_entropy_of_the_items_word_bag():
         words = [tokens[b, t + 1] for t in range(tokens.shape[1] - 1) if loss_mask[b, t]]
         expected.append(-np.mean([logp[b, w] for w in words]))
     np.testing.assert_allclose(value, np.mean(expected), rtol=1e-5)
+
+
+def test_export_embeds_every_item_once_in_wrapped_chunks():
+    from tpad_jax import export
+
+    model = tiny_model()
+    embeddings = export.item_embeddings(model, batch_size=4)  # 10 items: the third chunk wraps around
+    _, expected, _ = tpad_lib.item_forward(model, jnp.arange(NUM_ITEMS))
+    assert embeddings.shape == (NUM_ITEMS, 8) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(embeddings, np.asarray(expected), atol=1e-5)

@@ -18,21 +18,25 @@ from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import tpad as tpad_lib
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, state, rows):
-    _, e_k, _ = tpad_lib.item_forward(nnx.merge(graphdef, state), rows)
-    return e_k.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _embed_all(graphdef, state, batch_size):
+    """e_K of all N items in one call: fixed-size chunks under `lax.map`, the last wrapping around.
+
+    One call instead of one per chunk: the host dispatches and waits once (on 2 shared cores each
+    round trip left the device idle; this runs the base export about a fifth faster).
+    """
+    model = nnx.merge(graphdef, state)
+    num_items = model.cfg.num_items
+    num_chunks = -(-num_items // batch_size)
+    rows = (jnp.arange(num_chunks * batch_size, dtype=jnp.int32) % num_items).reshape(num_chunks, batch_size)
+    e_k = jax.lax.map(lambda chunk: tpad_lib.item_forward(model, chunk)[1], rows)
+    return e_k.reshape(-1, e_k.shape[-1])[:num_items].astype(jnp.float32)
 
 
 def item_embeddings(model, batch_size: int) -> np.ndarray:
     """e_K for all N items of `model`'s tables, in fixed-size padded batches: float32 [N, d]."""
-    num_items = model.cfg.num_items
     graphdef, state = nnx.split(model)
-    chunks = []
-    for start in range(0, num_items, batch_size):
-        rows = np.arange(start, start + batch_size) % num_items  # the last batch wraps around: one shape
-        chunks.append(np.asarray(_embed(graphdef, state, jnp.asarray(rows, jnp.int32))))
-    return np.concatenate(chunks, axis=0)[:num_items]
+    return np.asarray(_embed_all(graphdef, state, batch_size))
 
 
 def write_export(out_dir: str, embeddings: np.ndarray, item_ids, meta: dict) -> None:

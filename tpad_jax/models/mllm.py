@@ -233,14 +233,15 @@ class TPADTowers(nnx.Module):
         tokens = self.towers[tower].projector(base.vision(pixels))
         return tokens if pool_to is None else pool_tokens(tokens, pool_to)
 
-    def __call__(self, tower, tokens, image_embeds, attention_mask):
+    def __call__(self, tower, tokens, image_embeds, attention_mask, rows=None):
         """Final hidden states [B, L, D] of `tower` with image_embeds [B, n_slots, D] (or None) in the
-        `<image>` positions of tokens [B, L], in order."""
+        `<image>` positions of tokens [B, L], in order; only at the positions of `rows` (a static
+        slice) when given, which spares the last layer the other positions (`LM.__call__`)."""
         lm = self.base(tower).lm
         embeds = lm.embed(tokens)
         if image_embeds is not None:
             embeds = fill_image_slots(embeds, tokens == self.image_token_id, image_embeds)
-        return lm(embeds, attention_mask, lora=self.towers[tower].lora)
+        return lm(embeds, attention_mask, lora=self.towers[tower].lora, rows=rows)
 
     def logits(self, hidden, tower=None):
         """float32 next-token logits [..., vocab]."""

@@ -159,14 +159,28 @@ def item_views(model: TPAD, hidden, prompt):
     return image_view, model.text_view_head(text)
 
 
-def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, valid=None):
-    """Mean next-token cross-entropy over positions whose *next* token is a target (loss_mask there)."""
+def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, valid=None, max_targets=None):
+    """Mean next-token cross-entropy over positions whose *next* token is a target (loss_mask there).
+
+    Args:
+      max_targets: when set, logits are computed only at the first `max_targets` target positions of
+        each row, not at all L: the prompt layouts bound how many a row has (a session prompt's next
+        title, an item prompt's text budget), and the vocabulary projection and its gradient are the
+        largest per-position matmuls. A row with more targets would lose the extra ones.
+    """
     mask = loss_mask[:, 1:]
     if valid is not None:
         mask = mask & valid[:, None]
-    logits = model.towers.logits(hidden[:, :-1], tower).astype(jnp.float32)
+    hidden, targets = hidden[:, :-1], tokens[:, 1:]
+    if max_targets is not None and max_targets < mask.shape[1]:
+        # A stable sort puts each row's target positions first, in order; padding slots stay masked.
+        order = jnp.argsort(~mask, axis=1, stable=True)[:, :max_targets]
+        hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, order, axis=1)
+        mask = jnp.take_along_axis(mask, order, axis=1)
+    logits = model.towers.logits(hidden, tower).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -207,11 +221,17 @@ def word_reconstruction(model: TPAD, e_k, prompt, valid):
 
 
 def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperature: float,
-                   reconstruct_weight: float = 1.0):
+                   reconstruct_weight: float = 1.0, *, max_targets=None, forward=None):
     """Stage-1 loss of K on items `rows` [B]: caption generation + InfoNCE of e_K with its image view and
-    its text view."""
-    hidden, e_k, prompt = item_forward(model, rows)
-    gen = token_cross_entropy(model, KNOWLEDGE, hidden, prompt["tokens"], prompt["loss_mask"], valid)
+    its text view.
+
+    Args:
+      max_targets: caption targets per item prompt at most (`token_cross_entropy`), e.g. max_item_tokens.
+      forward: `item_forward(model, rows)` when the caller already ran it (`item_forwards`).
+    """
+    hidden, e_k, prompt = item_forward(model, rows) if forward is None else forward
+    gen = token_cross_entropy(model, KNOWLEDGE, hidden, prompt["tokens"], prompt["loss_mask"], valid,
+                              max_targets)
     metrics = {"caption_ce": gen}
     loss = gen
     if reconstruct_weight:
@@ -232,13 +252,16 @@ def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperat
     return loss, metrics
 
 
-def transition_loss(model: TPAD, session: dict, cfg, m: int):
+def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None, item_embeddings=None):
     """Stage-2 objective on a session batch: generation, disentanglement, alignment, MMD.
 
     Args:
       session: a session batch (docs/architecture.md §2).
       cfg: `config.stage2` (weights, disentangle mode, temperature).
       m: visual tokens per item in session prompts.
+      max_targets: next-title tokens per prompt at most (`token_cross_entropy`), e.g. max_title_tokens.
+      item_embeddings: e_K [B, S + 1, d] of `shown_and_target(session)` when the caller already ran K
+        over them (`item_forwards`); computed here otherwise.
     """
     rows, next_rows = session["rows"], session["next_rows"]  # next_rows only names the positives
     mask = (session["row_mask"] & session["valid"][:, None]).reshape(-1)
@@ -250,7 +273,7 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int):
         slots = None
     hidden = model.towers(TRANSFER, session["tokens"], slots, session["attention_mask"])
     gen = token_cross_entropy(model, TRANSFER, hidden, session["tokens"], session["loss_mask"],
-                              session["valid"])
+                              session["valid"], max_targets)
     metrics = {"gen_ce": gen}
     loss = cfg.gen_weight * gen
 
@@ -258,7 +281,10 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int):
     width = states.shape[-1]
     z_trans = model.trans_head(states.reshape(-1, width))
     # e_K of the shown items and the target in one K pass; gradients reach K: the distillation.
-    e_all = _shown_and_target_embeddings(model, rows, session["target"])
+    e_all = item_embeddings
+    if e_all is None:
+        both = shown_and_target(session)
+        e_all = item_forward(model, both.reshape(-1))[1].reshape(*both.shape, -1)
     e_cur = e_all[:, :-1].reshape(-1, e_all.shape[-1])
     e_next = _next_embeddings(e_all, session["row_mask"]).reshape(-1, e_all.shape[-1])
 
@@ -286,11 +312,24 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int):
     return loss, metrics
 
 
-def _shown_and_target_embeddings(model: TPAD, rows, target):
-    """e_K of the S shown items and of the target: [B, S + 1, d]."""
-    both = jnp.concatenate([rows, target[:, None]], axis=1)
-    _, e_k, _ = item_forward(model, both.reshape(-1))
-    return e_k.reshape(*both.shape, -1)
+def shown_and_target(session):
+    """Item rows [B, S + 1] of a session batch's shown items and its target: what K embeds in stage 2."""
+    return jnp.concatenate([session["rows"], session["target"][:, None]], axis=1)
+
+
+def item_forwards(model: TPAD, *row_sets):
+    """`item_forward` of several row sets ([B_i] each) as one K pass, split back per set.
+
+    One batch instead of several: the step holds one K pass to compile (stage 2's compile time drops by
+    a fifth) and its matmuls are taller.
+    """
+    forward = item_forward(model, jnp.concatenate(row_sets))
+    bounds = np.cumsum([0] + [len(rows) for rows in row_sets])
+    return [_slice_rows(forward, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _slice_rows(tree, lo, hi):
+    return jax.tree.map(lambda x: x[lo:hi], tree)
 
 
 def _next_embeddings(e_all, row_mask):

@@ -243,7 +243,7 @@ class VisionEncoder(nnx.Module):
         """HF `hidden_states[depth]`: the output of the first `depth` encoder layers."""
         x = constrain(self.embed_patches(pixels), ("batch", "length", "vis_embed"))
         return run_stacked(lambda h, layer: layer(h), x, (self.layers,), scan=self.cfg.scan_layers,
-                           remat=self.cfg.remat, depth=depth)
+                           remat=self.cfg.remat, layers=slice(depth))
 
     def __call__(self, pixels):
         features = self.hidden_state(pixels, self.cfg.feature_depth)

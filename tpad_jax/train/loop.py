@@ -1,5 +1,6 @@
 """The one training loop of every stage: a pure step jitted once, logging, eval, checkpoints, resume."""
 
+import collections
 import dataclasses
 import math
 import pathlib
@@ -42,6 +43,45 @@ class LoopResult:
     state: TrainState  # state.model is the trained model
     step: int
     metrics: dict[str, float]  # the last logged metrics ({} when no step ran)
+    train_step_compiles: int  # compilations of the train step in this call (1 when any step ran)
+
+
+# The event jax records around every XLA compilation (or persistent-cache load), with the module name.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA compilations per jitted function name while entered (a context manager).
+
+    Why jax.monitoring and not the jitted function's `_cache_size()`: the cache size counts dispatch
+    signatures, not compilations (a numpy argument adds an entry that reuses the compiled executable),
+    and it is a private API; the compile event is public and fires once per real compilation, whichever
+    thread compiles. It names the module (`jit(<function name>)`), so the counted function needs a name
+    of its own: the loop's step is `train_step`.
+    """
+
+    def __init__(self):
+        self.counts = collections.Counter()
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        del duration
+        if event == BACKEND_COMPILE_EVENT:
+            self.counts[kwargs.get("fun_name", "")] += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc_info):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    def of(self, jitted) -> int:
+        """Compilations of `jitted` (a `jax.jit` function) so far."""
+        return self.counts[f"jit({jitted.__name__})"]
+
+    def total(self) -> int:
+        """Compilations of any function so far."""
+        return sum(self.counts.values())
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt):
@@ -50,7 +90,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt):
     The step's RNG is `fold_in(rng, optimizer step)`, so a resumed run draws the same keys.
     """
 
-    def step(state, batch, rng_data):
+    def train_step(state, batch, rng_data):
         train_state = nnx.merge(graphdef, state)
         rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), train_state.optimizer.step[...])
         model_def, params, rest = nnx.split(train_state.model, wrt, ...)
@@ -67,7 +107,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, wrt):
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return nnx.state(train_state), metrics
 
-    return step
+    return train_step
 
 
 def jit_train_step(step, abstract: nnx.State, mesh: jax.sharding.Mesh):
@@ -83,6 +123,31 @@ def checkpoint_target(abstract: nnx.State, mesh: jax.sharding.Mesh) -> dict:
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return {"train": abstract,
             "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=mesh_lib.replicated(mesh))}
+
+
+def build_step(*, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules, make_model: Callable[[], nnx.Module],
+                  tx: optax.GradientTransformation, wrt, loss_fn: LossFn):
+    """(graphdef, abstract state, jitted train step) of a TrainState over `make_model()`."""
+    graphdef, abstract = mesh_lib.abstract_state(lambda: TrainState(make_model(), tx, wrt), mesh, rules)
+    with mesh_lib.activate(mesh, rules):
+        train_step = jit_train_step(make_train_step(graphdef, loss_fn, wrt), abstract, mesh)
+    return graphdef, abstract, train_step
+
+
+def fresh_state(*, abstract: nnx.State, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules,
+                make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, wrt,
+                init_fn: Callable[[nnx.Module], None] | None, seed: int) -> tuple[nnx.State, jax.Array]:
+    """(TrainState state on the shardings of `abstract`, base RNG key data) of a run's first step."""
+    train_state = mesh_lib.sharded_init(lambda: TrainState(make_model(), tx, wrt), mesh, rules)
+    if init_fn is not None:
+        with mesh_lib.activate(mesh, rules):
+            init_fn(train_state.model)
+        # What init_fn wrote may live on one device: put it back on the planned shardings.
+        state = jax.device_put(nnx.state(train_state), jax.tree.map(lambda x: x.sharding, abstract))
+    else:
+        state = nnx.state(train_state)
+    rng_data = jax.device_put(jax.random.key_data(jax.random.key(seed)), mesh_lib.replicated(mesh))
+    return state, rng_data
 
 
 def load_train_state(*, workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules,
@@ -140,35 +205,21 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
     workdir = pathlib.Path(workdir)
     is_main = distributed.is_main_process()
 
-    # ----------------------------------------------------------------------------------- model
-    def make_train_state():
-        return TrainState(make_model(), tx, wrt)
-
-    graphdef, abstract = mesh_lib.abstract_state(make_train_state, mesh, rules)
+    # ------------------------------------------------------------------------------------ step
+    model_args = dict(mesh=mesh, rules=rules, make_model=make_model, tx=tx, wrt=wrt)
+    graphdef, abstract, train_step = build_step(loss_fn=loss_fn, **model_args)
 
     # ------------------------------------------------------------------------------ checkpoint
     manager = checkpointing.make_manager(workdir / "checkpoints", train_config.max_to_keep)
     start = manager.latest_step()
     if start is None:
         start = 0
-        train_state = mesh_lib.sharded_init(make_train_state, mesh, rules)
-        if init_fn is not None:
-            with mesh_lib.activate(mesh, rules):
-                init_fn(train_state.model)
-            # What init_fn wrote may live on one device: put it back on the planned shardings.
-            state = jax.device_put(nnx.state(train_state), jax.tree.map(lambda x: x.sharding, abstract))
-        else:
-            state = nnx.state(train_state)
-        rng_data = jax.device_put(jax.random.key_data(jax.random.key(seed)), mesh_lib.replicated(mesh))
+        state, rng_data = fresh_state(abstract=abstract, init_fn=init_fn, seed=seed, **model_args)
     else:
         restored = checkpointing.restore(manager, start, checkpoint_target(abstract, mesh), data_iterator)
         state, rng_data = restored["train"], restored["rng"]
         if is_main:
             tqdm.tqdm.write(f"resuming {desc} from checkpoint step {start}")
-
-    # ------------------------------------------------------------------------------------ step
-    with mesh_lib.activate(mesh, rules):
-        train_step = jit_train_step(make_train_step(graphdef, loss_fn, wrt), abstract, mesh)
 
     # ------------------------------------------------------------------------------------ loop
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -177,43 +228,63 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
     logged: dict[str, float] = {}
     previous = None  # (step, metrics) still to check: checked while the next step runs
     examples, clock = 0, time.perf_counter()
+    compiles = CompileCounter()
+    eval_compiles = []  # compilations during each eval call
     try:
-        for step in range(start + 1, num_steps + 1):
-            try:
-                local_batch = next(data_iterator)
-            except StopIteration:
-                raise ValueError(
-                    f"{desc}: the data iterator ended before step {step} of {num_steps}") from None
-            batch = mesh_lib.global_batch(local_batch, mesh)
-            with mesh_lib.activate(mesh, rules):
-                state, metrics = train_step(state, batch, rng_data)
-            if previous is not None:
-                _host_metrics(*previous, last_checkpoint)
-            previous = (step, metrics)
-            examples += _leading_dim(batch)
-            progress.update(1)
-
-            if step % train_config.log_every == 0 or step == num_steps:
-                logged = _host_metrics(step, metrics, last_checkpoint)
-                elapsed = time.perf_counter() - clock
-                logged["examples_per_s"] = examples / elapsed
-                examples, clock = 0, time.perf_counter()
-                writer.write(step, logged)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
-
-            if eval_fn is not None and step % train_config.eval_every == 0:
+        with compiles:
+            for step in range(start + 1, num_steps + 1):
+                try:
+                    local_batch = next(data_iterator)
+                except StopIteration:
+                    raise ValueError(
+                        f"{desc}: the data iterator ended before step {step} of {num_steps}") from None
+                batch = mesh_lib.global_batch(local_batch, mesh)
                 with mesh_lib.activate(mesh, rules):
-                    results = eval_fn(nnx.merge(graphdef, state).model, step)
-                writer.write(step, {f"eval/{name}": value for name, value in results.items()})
+                    state, metrics = train_step(state, batch, rng_data)
+                if previous is not None:
+                    _host_metrics(*previous, last_checkpoint)
+                previous = (step, metrics)
+                examples += _leading_dim(batch)
+                progress.update(1)
 
-            if step % train_config.checkpoint_every == 0 or step == num_steps:
-                _host_metrics(step, metrics, last_checkpoint)
-                checkpointing.save(manager, step, {"train": state, "rng": rng_data}, data_iterator)
-                last_checkpoint = step
+                if step % train_config.log_every == 0 or step == num_steps:
+                    logged = _host_metrics(step, metrics, last_checkpoint)
+                    elapsed = time.perf_counter() - clock
+                    logged["examples_per_s"] = examples / elapsed
+                    # Cumulative: a record where it grows past 1 dates a recompilation.
+                    logged["train_step_compiles"] = compiles.of(train_step)
+                    examples, clock = 0, time.perf_counter()
+                    writer.write(step, logged)
+                    progress.set_postfix(loss=f"{logged['loss']:.4f}",
+                                         ex_s=f"{logged['examples_per_s']:.1f}")
+
+                if eval_fn is not None and step % train_config.eval_every == 0:
+                    before = compiles.total()
+                    with mesh_lib.activate(mesh, rules):
+                        results = eval_fn(nnx.merge(graphdef, state).model, step)
+                    eval_compiles.append(compiles.total() - before)
+                    writer.write(step, {**{f"eval/{name}": value for name, value in results.items()},
+                                        "eval/compiles": eval_compiles[-1]})
+
+                if step % train_config.checkpoint_every == 0 or step == num_steps:
+                    _host_metrics(step, metrics, last_checkpoint)
+                    checkpointing.save(manager, step, {"train": state, "rng": rng_data}, data_iterator)
+                    last_checkpoint = step
     finally:
         # Lets an in-flight save of the last good state complete, even when a step failed.
         manager.wait_until_finished()
         manager.close()
         progress.close()
         writer.close()
-    return LoopResult(state=nnx.merge(graphdef, state), step=max(start, num_steps), metrics=logged)
+    if is_main and start < num_steps:
+        tqdm.tqdm.write(_compile_summary(desc, compiles.of(train_step), eval_compiles))
+    return LoopResult(state=nnx.merge(graphdef, state), step=max(start, num_steps), metrics=logged,
+                      train_step_compiles=compiles.of(train_step))
+
+
+def _compile_summary(desc: str, step_compiles: int, eval_compiles: list[int]) -> str:
+    """E.g. "stage 2 (tpad): 1 compile of the train step; evals compiled 9, 0, 0 functions"."""
+    line = f"{desc}: {step_compiles} compile{'s' * (step_compiles != 1)} of the train step"
+    if eval_compiles:
+        line += f"; evals compiled {', '.join(map(str, eval_compiles))} functions"
+    return line

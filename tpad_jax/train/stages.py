@@ -5,9 +5,13 @@ distillation) trains the Transfer-MLLM on session batches and, through the align
 Both periodically probe the validation split with next-item retrieval by e_K similarity.
 """
 
+import dataclasses
+from collections.abc import Callable, Iterator
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import nnx
 
 from tpad_jax import export
@@ -67,8 +71,27 @@ def probe_eval(inputs: StageInputs):
     return eval_fn
 
 
-def run_stage1(inputs: StageInputs) -> tpad_lib.TPAD:
-    """Knowledge acquisition: trains K on item prompts; returns the model (restored if already done)."""
+@dataclasses.dataclass
+class StageSpec:
+    """What one stage trains, on which batches, with which loss: the stage's arguments of `run_loop`.
+
+    Built by `stage1_spec` / `stage2_spec` and consumed by `run_stage1` / `run_stage2` and by
+    benchmarks/train_step.py, so that the benchmark times the very step a run compiles.
+    """
+
+    dir_name: str  # the stage's directory in the workdir
+    desc: str
+    loss_fn: loop.LossFn
+    tx: optax.GradientTransformation
+    wrt: object
+    batches: Iterator
+    num_steps: int
+    seed: int
+    init_fn: Callable[[nnx.Module], None]
+
+
+def stage1_spec(inputs: StageInputs) -> StageSpec:
+    """Knowledge acquisition: K trained on item prompts from a fresh (initialized) model."""
     config = inputs.config
     s1 = config.stage1
     batches = pipeline.item_row_batches(config, inputs.data.num_items, _per_process(s1.batch_size),
@@ -77,15 +100,29 @@ def run_stage1(inputs: StageInputs) -> tpad_lib.TPAD:
     def loss_fn(model, batch, rng):
         del rng
         return tpad_lib.knowledge_loss(model, batch["rows"], batch["valid"], s1.contrastive_weight,
-                                       s1.temperature, s1.reconstruct_weight)
+                                       s1.temperature, s1.reconstruct_weight,
+                                       max_targets=config.data.max_item_tokens)
 
-    result = loop.run_loop(
-        workdir=stage_dir(inputs.workdir, "stage1"), train_config=config.train, mesh=inputs.mesh,
-        rules=inputs.rules, make_model=inputs.make_model, init_fn=inputs.initialize,
+    return StageSpec(
+        dir_name="stage1", desc="stage 1", loss_fn=loss_fn,
         tx=_optimizer(config, {tpad_lib.KNOWLEDGE: s1.learning_rate}, s1.warmup_steps, s1.steps),
-        wrt=_trainable(config, [tpad_lib.KNOWLEDGE]), loss_fn=loss_fn, data_iterator=batches,
-        num_steps=s1.steps, seed=config.seed, eval_fn=probe_eval(inputs), desc="stage 1")
+        wrt=_trainable(config, [tpad_lib.KNOWLEDGE]), batches=batches, num_steps=s1.steps, seed=config.seed,
+        init_fn=inputs.initialize)
+
+
+def run_spec(inputs: StageInputs, spec: StageSpec) -> tpad_lib.TPAD:
+    """Runs (or restores) the stage `spec` with the validation probe; returns its model."""
+    result = loop.run_loop(
+        workdir=stage_dir(inputs.workdir, spec.dir_name), train_config=inputs.config.train,
+        mesh=inputs.mesh, rules=inputs.rules, make_model=inputs.make_model, init_fn=spec.init_fn,
+        tx=spec.tx, wrt=spec.wrt, loss_fn=spec.loss_fn, data_iterator=spec.batches,
+        num_steps=spec.num_steps, seed=spec.seed, eval_fn=probe_eval(inputs), desc=spec.desc)
     return result.state.model
+
+
+def run_stage1(inputs: StageInputs) -> tpad_lib.TPAD:
+    """Knowledge acquisition: trains K on item prompts; returns the model (restored if already done)."""
+    return run_spec(inputs, stage1_spec(inputs))
 
 
 def stage2_config(config, variant: str):
@@ -102,8 +139,12 @@ def stage2_dir_name(variant: str) -> str:
     return "stage2" if variant == "tpad" else f"stage2_{variant}"
 
 
-def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD, variant: str = "tpad") -> tpad_lib.TPAD:
-    """Transition distillation from the stage-1 model; returns the model (restored if already done)."""
+def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None, variant: str = "tpad") -> StageSpec:
+    """Transition distillation of `variant`, starting from `stage1_model`.
+
+    `stage1_model=None` starts from a fresh initialized model instead (same shapes and step: what
+    benchmarks/train_step.py times without training stage 1 first).
+    """
     config = stage2_config(inputs.config, variant)
     s1, s2 = config.stage1, config.stage2
     batches = pipeline.session_batches(config, inputs.data, inputs.tokenizer, "train",
@@ -112,26 +153,37 @@ def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD, variant: str = 
     m = config.data.visual_tokens_per_item
     num_items = inputs.data.num_items
     keep_rows = s2.keep_batch_size
+    title_tokens, item_tokens = config.data.max_title_tokens, config.data.max_item_tokens
 
     def loss_fn(model, batch, rng):
-        loss, metrics = tpad_lib.transition_loss(model, batch, s2, m)
-        if s2.keep_weight:
-            rows = jax.random.randint(rng, (keep_rows,), 0, num_items)
-            keep, _ = tpad_lib.knowledge_loss(model, rows, jnp.ones((keep_rows,), bool),
-                                              s1.contrastive_weight, s1.temperature, s1.reconstruct_weight)
-            loss = loss + s2.keep_weight * keep
-            metrics["keep"] = keep
-        return loss, metrics
+        if not s2.keep_weight:
+            return tpad_lib.transition_loss(model, batch, s2, m, max_targets=title_tokens)
+        rows = jax.random.randint(rng, (keep_rows,), 0, num_items)
+        # One K pass over the shown items, the targets and the keep term's items.
+        shown = tpad_lib.shown_and_target(batch)
+        (_, e_shown, _), keep_forward = tpad_lib.item_forwards(model, shown.reshape(-1), rows)
+        loss, metrics = tpad_lib.transition_loss(model, batch, s2, m, max_targets=title_tokens,
+                                                 item_embeddings=e_shown.reshape(*shown.shape, -1))
+        keep, _ = tpad_lib.knowledge_loss(model, rows, jnp.ones((keep_rows,), bool), s1.contrastive_weight,
+                                          s1.temperature, s1.reconstruct_weight, max_targets=item_tokens,
+                                          forward=keep_forward)
+        metrics["keep"] = keep
+        return loss + s2.keep_weight * keep, metrics
 
-    # A copy: the stage-2 step donates its state, and the stage-1 model is still exported afterwards.
-    start_state = jax.tree.map(jnp.copy, nnx.state(stage1_model))
+    if stage1_model is None:
+        init_fn = inputs.initialize
+    else:
+        # A copy: the stage-2 step donates its state, and the stage-1 model is still exported afterwards.
+        start_state = jax.tree.map(jnp.copy, nnx.state(stage1_model))
+        init_fn = lambda model: nnx.update(model, start_state)  # noqa: E731
     rates = {tpad_lib.KNOWLEDGE: s2.knowledge_learning_rate, tpad_lib.TRANSFER: s2.learning_rate,
              "critic": s2.learning_rate}
-    result = loop.run_loop(
-        workdir=stage_dir(inputs.workdir, stage2_dir_name(variant)), train_config=config.train,
-        mesh=inputs.mesh, rules=inputs.rules, make_model=inputs.make_model,
-        init_fn=lambda model: nnx.update(model, start_state),
-        tx=_optimizer(config, rates, s2.warmup_steps, s2.steps),
-        wrt=_trainable(config, list(rates)), loss_fn=loss_fn, data_iterator=batches, num_steps=s2.steps,
-        seed=config.seed + 1, eval_fn=probe_eval(inputs), desc=f"stage 2 ({variant})")
-    return result.state.model
+    return StageSpec(
+        dir_name=stage2_dir_name(variant), desc=f"stage 2 ({variant})", loss_fn=loss_fn,
+        tx=_optimizer(config, rates, s2.warmup_steps, s2.steps), wrt=_trainable(config, list(rates)),
+        batches=batches, num_steps=s2.steps, seed=config.seed + 1, init_fn=init_fn)
+
+
+def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD, variant: str = "tpad") -> tpad_lib.TPAD:
+    """Transition distillation from the stage-1 model; returns the model (restored if already done)."""
+    return run_spec(inputs, stage2_spec(inputs, stage1_model, variant))
