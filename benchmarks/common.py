@@ -1,10 +1,12 @@
 """What every benchmark script shares: the repo on sys.path, timing, JSON lines, dated RESULTS.md rows.
 
-    from common import emit, median_time, append_results   # benchmarks/ is the script's directory
+    from common import emit, median_time, record_rows   # benchmarks/ is the script's directory
 
-Each measurement is printed as one JSON line (`emit`), so runs can be collected with `grep '^{'`, and
-each script appends one dated row per measurement to the table of its own section in RESULTS.md
-(`append_results`), creating the section the first time.
+Each measurement is printed as one JSON line (`emit`, or `emit_row` for a row keyed by table columns),
+so runs can be collected with `grep '^{'`, and each script appends one dated row per measurement to the
+table of its own section in RESULTS.md (`append_results`, or `record_rows` to add the `machine` column
+too), creating the section the first time. Benchmarks that prepare data cache it in
+`default_workdir(preset)`, under the system's temporary directory.
 """
 
 import datetime
@@ -13,6 +15,7 @@ import os
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -27,11 +30,26 @@ def machine() -> str:
     return f"{os.cpu_count()} cpu, {platform.machine()}, python {platform.python_version()}"
 
 
+def default_workdir(preset: str) -> str:
+    """The data cache a benchmark prepares `preset`'s synthetic data into unless given `--workdir`."""
+    return os.path.join(tempfile.gettempdir(), f"tpad_bench_{preset}")
+
+
 def emit(**fields) -> dict:
     """Prints one measurement as a JSON line (with the date) and returns it."""
     record = {"date": datetime.date.today().isoformat(), **fields}
     print(json.dumps(record, sort_keys=False), flush=True)
     return record
+
+
+def emit_row(benchmark: str, row: dict) -> dict:
+    """`emit`s a results row (keyed by table columns) and returns the row unchanged.
+
+    Columns become JSON field names: "items/s" -> "items_per_s", "step s" -> "step_s", "MFU %" -> "MFU_pct".
+    """
+    emit(benchmark=benchmark, **{key.replace(" ", "_").replace("/", "_per_").replace("%", "pct"): value
+                                 for key, value in row.items()})
+    return row
 
 
 def median_time(fn, steps: int, warmup: int = 2, sync=None) -> tuple[float, float, list[float]]:
@@ -78,6 +96,13 @@ def append_results(section: str, columns: list[str], rows: list[dict], note: str
         last_row = max((i for i in range(start, end) if lines[i].startswith("|")), default=end - 1)
         lines[last_row + 1:last_row + 1] = new_rows
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def record_rows(section: str, columns: list[str], rows: list[dict], note: str | None = None) -> None:
+    """Sets each row's `machine` column to `machine()`, then `append_results(section, ...)`."""
+    for row in rows:
+        row["machine"] = machine()
+    append_results(section, columns, rows, note=note)
 
 
 def _cell(value) -> str:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import append_results, emit, machine, median_time
+from common import emit, median_time, record_rows
 from peak import measure_peak
 from tpad_jax.eval import metrics
 
@@ -154,9 +154,7 @@ def main():
     seconds = time.perf_counter() - start
     print(f"# {seconds:.0f} s; fp32 matmul peak {peak_gflops:.0f} GFLOP/s", file=sys.stderr)
     if not args.no_record:
-        for record in records:
-            record["machine"] = machine()
-        append_results(
+        record_rows(
             "Full-ranking evaluation",
             ["backend", "items", "method", "sessions", "batch", "item_chunk", "sessions_per_s",
              "speedup_vs_numpy", "peak_extra_mb", "mfu", "max_rank_diff_vs_numpy", "machine"], records,
