@@ -124,6 +124,8 @@ def get_config(arg=None):
     # Share of items whose ID embedding a training step drops (content models only): they are scored by
     # content alone, as cold items are at test time.
     c.msbr.id_dropout = 0.3
+    c.msbr.content_norm = "l2"  # l2 | whiten: how exported features are scaled before the projection
+    c.msbr.content_projection = "linear"  # linear | mlp
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 512  # prefixes per batch (encoders that read one prefix per row: srgnn)
     # Causal encoders (gru4rec, the causal transformer) read every prefix of a session in one pass: the

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 ENCODERS = ("transformer", "srgnn", "gru4rec")
+CONTENT_PROJECTIONS = ("linear", "mlp")
 
 
 class FrozenFeatures(nnx.Variable):
@@ -39,6 +40,7 @@ class EncoderConfig:
     id_dropout: float = 0.0
     gnn_steps: int = 1
     max_length: int = 20
+    content_projection: str = "linear"  # linear | mlp: how content features become item-vector space
 
     @classmethod
     def from_config(cls, config):
@@ -54,6 +56,7 @@ class EncoderConfig:
             id_dropout=msbr.id_dropout,
             gnn_steps=msbr.gnn_steps,
             max_length=config.data.max_session_length,
+            content_projection=msbr.content_projection,
         )
 
     @property
@@ -64,6 +67,9 @@ class EncoderConfig:
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(f"msbr.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.content_projection not in CONTENT_PROJECTIONS:
+            raise ValueError(f"msbr.content_projection must be one of {CONTENT_PROJECTIONS}, "
+                             f"got {self.content_projection!r}")
 
 
 class SessionEncoder(nnx.Module):
@@ -81,7 +87,12 @@ class SessionEncoder(nnx.Module):
             if content.shape[0] != num_items:
                 raise ValueError(f"content has {content.shape[0]} rows for {num_items} items")
             self.content = FrozenFeatures(content)
-            self.content_projection = nnx.Linear(content.shape[1], dim, use_bias=False, rngs=rngs)
+            if cfg.content_projection == "linear":
+                self.content_projection = nnx.Linear(content.shape[1], dim, use_bias=False, rngs=rngs)
+            else:  # a hidden layer lets attribute combinations, not only their sum, place an item
+                self.content_projection = nnx.Sequential(
+                    nnx.Linear(content.shape[1], 2 * dim, rngs=rngs), nnx.gelu,
+                    nnx.Linear(2 * dim, dim, use_bias=False, rngs=rngs))
         self.input_dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs)
         # Whole rows of the ID table, i.e. items, are dropped (DropoutNet, Volkovs et al. 2017): an item
         # then counts by its content alone, as a cold item does at test time. Content models only.

@@ -219,8 +219,9 @@ def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int,
     return iter(grain.MapDataset.source(source).to_iter_dataset(read_options)), source.batches_per_epoch
 
 
-def load_content(workdir: str, export_subdir: str | None, data) -> np.ndarray | None:
-    """Frozen content features [N, d_c] from DIR/<export_subdir>, L2-normalised per item (None: ID only)."""
+def load_content(workdir: str, export_subdir: str | None, data, normalise: str = "l2") -> np.ndarray | None:
+    """Frozen content features [N, d_c] from DIR/<export_subdir> (None: ID only), normalised per
+    `normalise` (`msbr.content_norm`, see `normalise_content`)."""
     if export_subdir is None:
         return None
     directory = os.path.join(workdir, export_subdir)
@@ -231,8 +232,30 @@ def load_content(workdir: str, export_subdir: str | None, data) -> np.ndarray | 
     if list(item_ids) != list(data.item_ids):
         raise ValueError(f"{directory}/item_ids.json: rows do not match the prepared catalogue "
                          f"({len(item_ids)} ids vs {data.num_items}); re-export for this data")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+    return normalise_content(embeddings, normalise)
+
+
+CONTENT_NORMS = ("l2", "whiten")
+
+
+def normalise_content(embeddings: np.ndarray, normalise: str, eps: float = 1e-3) -> np.ndarray:
+    """`l2`: each row to unit length. `whiten`: centred and PCA-whitened over the catalogue (directions
+    with variance below `eps` x the largest are damped, not blown up), scaled to mean squared norm 1.
+
+    Why whiten: trained e_K are low-rank and clustered (a few attribute directions carry most of the
+    variance), so under `l2` the projection sees items of one cluster as near-identical; whitening gives
+    every direction the catalogue varies in the same weight.
+    """
+    x = np.asarray(embeddings, np.float64)
+    if normalise == "l2":
+        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    if normalise == "whiten":
+        x = x - x.mean(axis=0)
+        variances, vectors = np.linalg.eigh(x.T @ x / len(x))
+        variances = np.maximum(variances, 0.0)
+        x = (x @ vectors) / np.sqrt(variances + eps * variances.max())
+        return (x / np.sqrt(np.mean(np.sum(x * x, axis=1)))).astype(np.float32)
+    raise ValueError(f"msbr.content_norm must be one of {CONTENT_NORMS}, got {normalise!r}")
 
 
 def encoder_config(name: str, config) -> msbr_models.EncoderConfig:
@@ -350,7 +373,7 @@ def load_params(path: str, model) -> None:
 def load_selected(name: str, config, workdir: str, data):
     """The model `name` with its selected (best validation) parameters, on the default device."""
     _, export_subdir = _model_spec(name)
-    model = model_factory(name, config, data.num_items, load_content(workdir, export_subdir, data))()
+    model = model_factory(name, config, data.num_items, load_content(workdir, export_subdir, data, config.msbr.content_norm))()
     load_params(os.path.join(model_dir(workdir, name), BEST_PARAMS), model)
     return model
 
@@ -375,7 +398,7 @@ def train_msbr(name: str, config, workdir: str, data):
 
     msbr = config.msbr
     width = prefix_width(config)
-    content = load_content(workdir, export_subdir, data)
+    content = load_content(workdir, export_subdir, data, config.msbr.content_norm)
     make_model = model_factory(name, config, data.num_items, content)
 
     # ----------------------------------------------------------------------------------- input

@@ -1,0 +1,33 @@
+"""One results table from runs on the same data split (e.g. the tiny-tower and SmolLM2 presets).
+
+Usage:
+  python launch/compare.py --runs=tiny:runs/ml100k_base,smollm2:runs/ml100k_smollm2 --out runs/ml100k_compare
+
+A model that an earlier run reported with other values is renamed `<model>-<label>` (`tpad-smollm2`);
+runs evaluated on different splits are refused. Writes OUT/results.csv, results.md, the bar charts and
+runs.json, and prints results.md.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from tpad_jax.eval import compare, report  # noqa: E402
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    rows = compare.write_comparison(compare.parse_runs(flags.FLAGS.runs), flags.FLAGS.out)
+    print(report.markdown_tables(rows))
+    print(f"written to {os.path.abspath(flags.FLAGS.out)}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("runs", None, "Comma list of label:workdir, at least two.")
+    flags.DEFINE_string("out", None, "Directory for the merged report.")
+    flags.mark_flags_as_required(["runs", "out"])
+    app.run(main)
