@@ -142,6 +142,18 @@ def test_item_with_zeroed_id_embedding_scores_by_content():
     np.testing.assert_allclose(model.scores(items, mask)[:, cold], 0.0, atol=1e-7)
 
 
+def test_mlp_content_projection_scores_cold_items_by_content():
+    cfg = dataclasses.replace(_config("transformer"), content_projection="mlp")
+    model = nnx.view(msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0)), deterministic=True)
+    cold = 6
+    model.id_embedding.embedding[...] = model.id_embedding.embedding[...].at[cold].set(0.0)
+    items, mask = _sessions()
+    projected = model.content_projection(model.content[...][cold])
+    np.testing.assert_allclose(model.scores(items, mask)[:, cold], model(items, mask) @ projected, rtol=1e-5)
+    with pytest.raises(ValueError, match="content_projection must be one of"):
+        dataclasses.replace(cfg, content_projection="attention")
+
+
 def test_id_dropout_drops_whole_items_in_training_only():
     cfg = dataclasses.replace(_config("transformer"), id_dropout=0.5)
     model = msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0))

@@ -201,8 +201,9 @@ def test_content_features_are_normalised_and_frozen(tiny):
     features = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32) * 3.0
     export.write_export(os.path.join(workdir, "export"), features, data.item_ids, {"source": "test"})
     model = msbr.train_msbr("tpad", config, workdir, data)
-    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(model.content[...]), unit, rtol=1e-5, atol=1e-6)
+    assert config.msbr.content_norm == "whiten"
+    np.testing.assert_allclose(np.asarray(model.content[...]), msbr.normalise_content(features, "whiten"),
+                               rtol=1e-5, atol=1e-6)
     saved = np.load(os.path.join(msbr.model_dir(workdir, "tpad"), msbr.BEST_PARAMS))
     assert "content_projection/kernel" in saved.files and "content" not in saved.files
     ranks = msbr.evaluate_neural("tpad", config, workdir, data)
@@ -213,6 +214,30 @@ def test_content_features_are_normalised_and_frozen(tiny):
         msbr.train_msbr("transformer+raw", config, workdir, data)
     with pytest.raises(FileNotFoundError, match="export_stage1/item_embeddings.npy"):
         msbr.train_msbr("transformer+stage1", config, workdir, data)
+
+
+def test_l2_normalisation_gives_unit_rows():
+    features = np.random.default_rng(0).normal(size=(50, 6)) * np.array([5.0, 1, 1, 1, 1, 0.1])
+    unit = msbr.normalise_content(features, "l2")
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(unit, features / np.linalg.norm(features, axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_whitening_decorrelates_equalises_and_damps_null_directions():
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(4, 4))
+    # 4 real directions of very different scales, then 2 columns that are exactly zero (a rank-4 export).
+    features = np.c_[rng.normal(size=(4000, 4)) * [30.0, 3.0, 1.0, 0.5] @ mixing, np.zeros((4000, 2))] + 7.0
+    white = msbr.normalise_content(features, "whiten", eps=1e-6)
+    np.testing.assert_allclose(white.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.mean(np.sum(white**2, axis=1)), 1.0, rtol=1e-5)
+    covariance = white.T @ white / len(white)
+    eigenvalues = np.sort(np.linalg.eigvalsh(covariance))
+    # The two null directions stay null (not blown up); the four real ones get equal variance 1/4.
+    np.testing.assert_allclose(eigenvalues[:2], 0.0, atol=1e-6)
+    np.testing.assert_allclose(eigenvalues[2:], 0.25, rtol=1e-3)
+    with pytest.raises(ValueError, match="msbr.content_norm must be one of"):
+        msbr.normalise_content(features, "zscore")
 
 
 def test_unknown_model_name_is_rejected(tiny):
