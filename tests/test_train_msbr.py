@@ -8,7 +8,7 @@ import pytest
 from configs import tpad_base
 from tpad_jax import export
 from tpad_jax.data import prepared
-from tpad_jax.eval import baselines, metrics
+from tpad_jax.eval import baselines, metrics, seeds
 from tpad_jax.train import logging, loop, msbr
 
 
@@ -245,3 +245,25 @@ def test_unknown_model_name_is_rejected(tiny):
     with pytest.raises(ValueError, match="unknown neural model 'bert4rec'"):
         msbr.evaluate_neural("bert4rec", config, workdir, data)
 
+
+
+def test_seed_spread_reuses_the_run_and_retrains_only_other_seeds(tiny):
+    config, workdir, data, _, _ = tiny
+    own = seeds.seed_values("transformer", config, workdir, data)  # restored: the fixture trained it
+    selection = msbr.read_selection(msbr.model_dir(workdir, "transformer"))
+    assert own[("valid", "all", "MRR")] == selection["best_metric"]
+    ranks = msbr.evaluate_neural("transformer", config, workdir, data)
+    assert own[("test", "all", "HR")] == pytest.approx(float(np.mean(ranks < 20) * 100))
+
+    spread = seeds.seed_spread(["transformer"], config, workdir, data, [config.seed + 1])
+    other_dir = os.path.join(workdir, "seeds", f"seed{config.seed + 1}")
+    assert os.path.islink(os.path.join(other_dir, "data"))
+    assert msbr.read_selection(msbr.model_dir(other_dir, "transformer"))["finished"]
+    values = spread["transformer"]
+    assert [v[0] for v in values.values()] == [own[c] for c in seeds.COLUMNS]
+    assert values[("valid", "all", "MRR")][0] != values[("valid", "all", "MRR")][1]  # another init, another model
+    text = seeds.write_spread(spread, [config.seed, config.seed + 1], os.path.join(workdir, "results"))
+    mean = np.mean(values[("test", "all", "HR")])
+    assert "| transformer | " in text and f"{mean:.2f} +- " in text
+    with pytest.raises(ValueError, match="the run's own seed"):
+        seeds.seed_spread(["transformer"], config, workdir, data, [config.seed])

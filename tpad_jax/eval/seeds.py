@@ -1,0 +1,90 @@
+"""Seed spread of downstream rows: the same features and data, other downstream seeds.
+
+A finished run trains every downstream row once (seed `config.seed`). Differences between rows of
+about a point of MRR@20 are within what another downstream seed changes, so a claim that one feature
+set beats another needs the spread. For each extra seed s this trains the chosen rows again in
+DIR/seeds/seed<s>/ (the run's prepared data and exports are linked, not copied or retrained) and
+reports mean and standard deviation over all seeds, the run's own included, of validation MRR@20 (the
+selection metric) and of test HR@20, MRR@20 and cold HR@20.
+"""
+
+import csv
+import os
+
+import numpy as np
+
+from tpad_jax.eval import metrics
+from tpad_jax.train import msbr
+
+COLUMNS = (("valid", "all", "MRR"), ("test", "all", "HR"), ("test", "all", "MRR"), ("test", "cold", "HR"))
+
+
+def seed_workdir(workdir: str, seed: int) -> str:
+    """DIR/seeds/seed<s>/ with DIR's prepared data and exports linked in."""
+    directory = os.path.join(workdir, "seeds", f"seed{seed}")
+    os.makedirs(directory, exist_ok=True)
+    for entry in os.listdir(workdir):
+        if entry == "data" or entry.startswith("export"):
+            link = os.path.join(directory, entry)
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(workdir, entry)), link)
+    return directory
+
+
+def seed_values(name: str, config, workdir: str, data) -> dict:
+    """{(split, slice, metric): value} of row `name` trained (or restored) in `workdir` under `config`."""
+    ranks = msbr.evaluate_neural(name, config, workdir, data)  # trains when not yet finished
+    selection = msbr.read_selection(msbr.model_dir(workdir, name))
+    _, targets = data.examples(msbr.TEST_SPLIT)
+    cold = np.asarray(data.cold_mask(targets), bool)
+    values = {("valid", "all", "MRR"): float(selection["best_metric"])}
+    for slice_name, mask in (("all", np.ones_like(cold)), ("cold", cold)):
+        if mask.any():
+            test = metrics.metrics_from_ranks(ranks[mask], (20,))
+            values.update({("test", slice_name, m): float(test[(m, 20)]) for m in ("HR", "MRR")})
+    return values
+
+
+def seed_spread(names, config, workdir: str, data, extra_seeds) -> dict:
+    """{name: {column: [value per seed]}}, the run's own seed (`config.seed`) first."""
+    runs = [(config.seed, workdir)]
+    for seed in extra_seeds:
+        if seed == config.seed:
+            raise ValueError(f"seed {seed} is the run's own seed; pass other seeds")
+        runs.append((seed, seed_workdir(workdir, seed)))
+    spread = {}
+    for name in names:
+        per_seed = []
+        for seed, directory in runs:
+            seeded = config.copy_and_resolve_references()
+            seeded.seed = seed
+            per_seed.append(seed_values(name, seeded, directory, data))
+        spread[name] = {column: [values.get(column, float("nan")) for values in per_seed] for column in COLUMNS}
+    return spread
+
+
+def markdown(spread: dict, seeds) -> str:
+    """One row per model: mean +- std over `seeds` of each column (values in %)."""
+    header = ["model"] + [f"{split} {metric}@20{' cold' if s == 'cold' else ''}" for split, s, metric in COLUMNS]
+    lines = [f"Seeds: {', '.join(str(s) for s in seeds)} (mean +- standard deviation)", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for name, columns in spread.items():
+        cells = [f"{np.mean(v):.2f} +- {np.std(v, ddof=1) if len(v) > 1 else 0.0:.2f}" for v in columns.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_spread(spread: dict, seeds, results_dir: str) -> str:
+    """Writes results_dir/seeds.md and seeds.csv (one line per model, column and seed); returns the md."""
+    os.makedirs(results_dir, exist_ok=True)
+    text = markdown(spread, seeds)
+    with open(os.path.join(results_dir, "seeds.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(results_dir, "seeds.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "split", "slice", "metric", "k", "seed", "value"])
+        for name, columns in spread.items():
+            for (split, slice_name, metric), values in columns.items():
+                writer.writerows([name, split, slice_name, metric, 20, seed, f"{v:.2f}"]
+                                 for seed, v in zip(seeds, values))
+    return text
