@@ -87,7 +87,10 @@ def get_config(arg=None):
     # ------------------------------------------------------------- stage 1: knowledge acquisition
     c.stage1 = ml_collections.ConfigDict()
     c.stage1.steps = 300
-    c.stage1.batch_size = 32
+    # Items per step, i.e. 255 in-batch negatives for the view InfoNCE: telling more items apart makes e_K
+    # keep what only the picture shows (colour probe: 57 % at 32, 66 % at 128, 61-69 % at 256) and raised
+    # validation MRR@20 of the TPAD row 24.03 +- 0.13 (3 seeds) -> 24.34 (128) -> 24.62 (256).
+    c.stage1.batch_size = 256
     c.stage1.learning_rate = 3e-3
     c.stage1.warmup_steps = 20
     # InfoNCE of e_K with its image view and its text view. At 0.1 e_K kept little of what only the
