@@ -9,6 +9,7 @@ too), creating the section the first time. Benchmarks that prepare data cache it
 `default_workdir(preset)`, under the system's temporary directory.
 """
 
+import ast
 import datetime
 import json
 import os
@@ -33,6 +34,23 @@ def machine() -> str:
 def default_workdir(preset: str) -> str:
     """The data cache a benchmark prepares `preset`'s synthetic data into unless given `--workdir`."""
     return os.path.join(tempfile.gettempdir(), f"tpad_bench_{preset}")
+
+
+def apply_overrides(config, overrides: list[str]):
+    """Sets `KEY=VALUE` overrides (as `--config.KEY=VALUE` would) on an ml_collections config.
+
+    VALUE is read as a Python literal (`8`, `None`, `'bfloat16'`), else taken as a string.
+    """
+    for override in overrides or []:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise ValueError(f"--set {override!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        config.update_from_flattened_dict({key: value})
+    return config
 
 
 def emit(**fields) -> dict:

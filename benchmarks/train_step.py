@@ -1,7 +1,8 @@
 """Compile time, step time, tokens/s, examples/s and model FLOP utilisation of the TPAD train steps.
 
     python benchmarks/train_step.py --config configs/tpad_base.py --preset base [--stages 1,2] \
-        [--steps 10] [--no-record]   # run alone: timings need a quiet machine
+        [--steps 10] [--set KEY=VALUE ...] [--label TEXT] [--no-record]
+        # run alone: timings need a quiet machine
 
 Each stage's step is built as a run builds it: the synthetic data is prepared into `--workdir` (default
 <tempdir>/tpad_bench_<preset>; later calls reuse it), then `inputs.build_inputs`, the stage's loss,
@@ -44,7 +45,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import default_workdir, emit_row, median_time, record_rows  # noqa: E402
+from common import apply_overrides, default_workdir, emit_row, median_time, record_rows  # noqa: E402
 from peak import measure_peak  # noqa: E402
 from tpad_jax.models import tpad as tpad_lib  # noqa: E402
 from tpad_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -183,10 +184,13 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--loop_steps", type=int, default=20, help="timed steps in run_loop (0: skip)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="config override, e.g. --set model.dtype=float32 (repeatable)")
+    parser.add_argument("--label", default=None, help="the preset column (default --preset)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
 
-    config = load_config(args.config, args.preset)
+    config = apply_overrides(load_config(args.config, args.preset), args.set)
     inputs = inputs_lib.build_inputs(config, args.workdir or default_workdir(args.preset))
     peak = measure_peak()
     specs = {"1": (lambda: stages.stage1_spec(inputs), stage1_workload),
@@ -198,7 +202,8 @@ def main():
         row = measure_stage(inputs, spec, workload_of, args.steps, args.warmup)
         if args.loop_steps:
             row["loop step s"] = loop_step_seconds(inputs, spec, row["batch"], args.loop_steps)
-        row.update({"preset": args.preset, "MFU %": 100 * row["model GFLOP"] / row["step s"] / peak,
+        row.update({"preset": args.label or args.preset,
+                    "MFU %": 100 * row["model GFLOP"] / row["step s"] / peak,
                     "XLA util %": 100 * row["XLA GFLOP"] / row["step s"] / peak, "peak GFLOP/s": peak})
         rows.append(emit_row("train_step", row))
     if not args.no_record:

@@ -370,10 +370,18 @@ def load_params(path: str, model) -> None:
     nnx.update(model, state)
 
 
-def load_selected(name: str, config, workdir: str, data):
-    """The model `name` with its selected (best validation) parameters, on the default device."""
-    _, export_subdir = _model_spec(name)
-    model = model_factory(name, config, data.num_items, load_content(workdir, export_subdir, data, config.msbr.content_norm))()
+_UNREAD = object()  # load_selected's default: read the content features
+
+
+def load_selected(name: str, config, workdir: str, data, content=_UNREAD):
+    """The model `name` with its selected (best validation) parameters, on the default device.
+
+    `content`: the model's normalised content features when the caller has them (else read here).
+    """
+    if content is _UNREAD:
+        _, export_subdir = _model_spec(name)
+        content = load_content(workdir, export_subdir, data, config.msbr.content_norm)
+    model = model_factory(name, config, data.num_items, content)()
     load_params(os.path.join(model_dir(workdir, name), BEST_PARAMS), model)
     return model
 
@@ -464,7 +472,7 @@ def train_msbr(name: str, config, workdir: str, data):
     if not history:
         raise ValueError(f"{name}: training ended without a validation epoch")
     _write_selection(directory, history, selection_state(history, msbr.patience), finished=True)
-    return load_selected(name, config, workdir, data)
+    return load_selected(name, config, workdir, data, content)
 
 
 def _write_selection(directory: str, history: dict, state: dict, finished: bool) -> None:
