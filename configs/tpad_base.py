@@ -43,6 +43,9 @@ def get_config(arg=None):
     c.data.max_session_length = 20
     c.data.test_fraction = 0.1
     c.data.valid_fraction = 0.1
+    # < 1: keep only the latest fraction of the train sessions (stage 2 and the downstream models see
+    # fewer transitions); validation and test stay those of the full split. A low-data study.
+    c.data.train_fraction = 1.0
     c.data.cold_threshold = 10  # targets with fewer train occurrences form the "cold" slice
     c.data.on_error = "raise"  # raise | skip (skips are counted and reported)
     c.data.image_size = 64

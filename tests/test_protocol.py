@@ -32,7 +32,23 @@ def test_exact_splits():
         "sessions_truncated": 2,
         "test_clicks_unseen_in_train": 1, "test_sessions_too_short_after_unseen": 0,
         "valid_clicks_unseen_in_train": 2, "valid_sessions_too_short_after_unseen": 1,
+        "train_sessions_left_out": 0,
     }
+
+
+def test_train_fraction_keeps_the_latest_train_sessions_and_the_full_valid_and_test():
+    full = split()
+    low = protocol.split_sessions(SESSIONS, min_item_count=2, min_session_length=2, max_session_length=3,
+                                  test_fraction=0.3, valid_fraction=0.4, train_fraction=0.5)
+    assert low.train == [["b", "c"], ["b", "a"]]  # round(3 * 0.5) = 2 latest of the three
+    assert (low.valid, low.test) == (full.valid, full.test)
+    assert low.stats["train_sessions_left_out"] == 1
+    tiny = protocol.split_sessions(SESSIONS, min_item_count=2, min_session_length=2, max_session_length=3,
+                                   test_fraction=0.3, valid_fraction=0.4, train_fraction=0.01)
+    assert tiny.train == [["b", "a"]]  # never empty
+    with pytest.raises(ValueError, match="train_fraction"):
+        protocol.split_sessions(SESSIONS, min_item_count=2, min_session_length=2, max_session_length=3,
+                                test_fraction=0.3, valid_fraction=0.4, train_fraction=0.0)
 
 
 def test_mmsbr_examples_one_per_session():

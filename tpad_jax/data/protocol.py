@@ -62,11 +62,14 @@ def _drop_unseen(sessions, seen, min_session_length):
 
 
 def split_sessions(sessions, *, min_item_count, min_session_length, max_session_length, test_fraction,
-                   valid_fraction):
-    """Applies steps 1-6 above to raw sessions.
+                   valid_fraction, train_fraction=1.0):
+    """Applies steps 1-6 above to raw sessions, then keeps the latest `train_fraction` of train.
 
     Args:
       sessions: list[raw.Session].
+      train_fraction: in (0, 1]: a low-data study. Only the most recent `train_fraction` of the train
+        sessions are kept; validation and test stay exactly those of the full split (not re-filtered),
+        so their targets that only the left-out sessions showed become cold items.
     Returns:
       Splits with sessions as lists of item ids, each in time order.
     """
@@ -93,6 +96,10 @@ def split_sessions(sessions, *, min_item_count, min_session_length, max_session_
     train, valid = train[:len(train) - num_valid], train[len(train) - num_valid:]
     valid, valid_clicks_unseen, valid_sessions_unseen = _drop_unseen(
         valid, set(count_items(train)), min_session_length)
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
+    num_left_out = len(train) - max(int(round(len(train) * train_fraction)), 1)
+    train = train[num_left_out:]
     stats = {
         "items_below_min_count": len(counts) - len(frequent),
         "clicks_on_rare_items": clicks_rare,
@@ -102,6 +109,7 @@ def split_sessions(sessions, *, min_item_count, min_session_length, max_session_
         "test_sessions_too_short_after_unseen": test_sessions_unseen,
         "valid_clicks_unseen_in_train": valid_clicks_unseen,
         "valid_sessions_too_short_after_unseen": valid_sessions_unseen,
+        "train_sessions_left_out": num_left_out,
     }
     return Splits(train, valid, test, stats)
 
