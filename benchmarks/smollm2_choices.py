@@ -5,7 +5,8 @@
         [--layers 0,2,4,8,15,30] [--dtypes float32,bfloat16] [--title_tokens 10,20,64] [--no-record]
         # run alone: timings need a quiet machine
 
-The preset runs the first L of SmolLM2's 30 layers, in bfloat16, on titles cut to a few tokens. Each
+The preset runs the first L of SmolLM2's 30 layers on titles cut to a few tokens (and bfloat16 compute
+was its earlier CPU setting). Each
 choice throws away some of what the pretrained LM knows about an item from its title before any TPAD
 training. This script measures how much, with a linear probe on the frozen LM: from the features of an
 item's title alone, predict the item's categories (a catalogue's `category` field, e.g. MovieLens genres
@@ -114,18 +115,12 @@ def first_layers_lm(tensors, hf_config: dict, num_layers: int, dtype: str) -> ll
 
 @nnx.jit
 def _pooled_states(lm: llm.LM, ids, mask):
-    hidden = lm(lm.embed(ids), mask).astype(jnp.float32)
-    return _masked_mean(hidden, mask)
+    return bert.mean_pool(lm(lm.embed(ids), mask).astype(jnp.float32), mask)
 
 
 @nnx.jit
 def _pooled_embeddings(lm: llm.LM, ids, mask):
-    return _masked_mean(lm.embed(ids).astype(jnp.float32), mask)
-
-
-def _masked_mean(x, mask):
-    weights = mask[..., None].astype(x.dtype)
-    return (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    return bert.mean_pool(lm.embed(ids).astype(jnp.float32), mask)
 
 
 def lm_features(lm: llm.LM, batches, num_items: int, embeddings_only: bool = False):

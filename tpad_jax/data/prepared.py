@@ -46,9 +46,8 @@ def data_signature(config):
     """The config values the prepared files depend on (stored in catalogue.json)."""
     source = resolve_source(config.data)
     signature = {"source": source, **{key: config.data[key] for key in SIGNATURE_KEYS}}
-    train_fraction = config.data.get("train_fraction", 1.0)
-    if train_fraction != 1.0:  # only then, so that data prepared before the key existed stays valid
-        signature["train_fraction"] = train_fraction
+    if config.data.train_fraction != 1.0:  # only then: data prepared before the key existed stays valid
+        signature["train_fraction"] = config.data.train_fraction
     if source == "synthetic":
         signature["synthetic"] = dict(sorted(config.data.synthetic.to_dict().items()))
         signature["image_size"] = config.data.image_size
@@ -97,7 +96,7 @@ def _pickled_splits(config, raw_dir):
     if config.data.protocol != "srgnn":
         raise ValueError(f"{raw_dir}: SR-GNN pickles come filtered, split and augmented; "
                          "set data.protocol='srgnn' to use them as given")
-    if config.data.get("train_fraction", 1.0) != 1.0:
+    if config.data.train_fraction != 1.0:
         raise ValueError(f"{raw_dir}: data.train_fraction needs the session protocol; SR-GNN pickles are "
                          "used as given")
     items, train, test = srgnn_pickle.load(raw_dir)
@@ -118,7 +117,7 @@ def _session_splits(config, items, sessions):
     splits = protocol.split_sessions(
         sessions, min_item_count=d.min_item_count, min_session_length=d.min_session_length,
         max_session_length=d.max_session_length, test_fraction=d.test_fraction,
-        valid_fraction=d.valid_fraction, train_fraction=d.get("train_fraction", 1.0))
+        valid_fraction=d.valid_fraction, train_fraction=d.train_fraction)
     by_split = {name: getattr(splits, name) for name in SPLITS}
     used = set().union(*(protocol.count_items(s) for s in by_split.values()))
     items = [item for item in items if item.item_id in used]
