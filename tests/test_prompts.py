@@ -56,7 +56,8 @@ def test_session_prompt_layout_and_positions():
     assert out["tokens"].tolist() == expected + [PAD] * (length - len(expected))
     assert out["attention_mask"].tolist() == ([True] * 5 + [False, False] + [True] * 7
                                               + [False] * (length - len(expected)))
-    assert np.flatnonzero(out["loss_mask"]).tolist() == [10, 11]
+    # Targets are the next title (positions 11, 12) and its <eos> (13); the mask sits one step before.
+    assert np.flatnonzero(out["loss_mask"]).tolist() == [10, 11, 12]
     assert out["sep_pos"].tolist() == [4, 8, 0]
     assert out["image_slot_rows"].tolist() == [0, 0, 1, 1, 0, 0]
 

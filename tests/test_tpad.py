@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import tpad_base
+from tpad_jax.data import prompts
 from tpad_jax.models import mllm
 from tpad_jax.models import tpad as tpad_lib
+from tpad_jax.train import stages
 
 NUM_ITEMS, ITEM_LEN, IMAGE_TOKEN, VOCAB, M, S = 10, 9, 3, 40, 1, 3
 
@@ -180,3 +183,87 @@ def test_export_embeds_every_item_once_in_wrapped_chunks():
     _, expected, _ = tpad_lib.item_forward(model, jnp.arange(NUM_ITEMS))
     assert embeddings.shape == (NUM_ITEMS, 8) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, np.asarray(expected), atol=1e-5)
+
+
+# ------------------------------------------------------------------------ generation targets
+# Prompts written by the prompt builder with hand-picked ids (specials 0..5, words in the 90s), so the
+# documented targets can be found by value: the title and category ids, the next title and <eos>.
+_PAD, _BOS, _EOS, _IMG, _ITEM, _SEP = range(6)
+_VOCAB = prompts.PromptVocab(pad=_PAD, bos=_BOS, eos=_EOS, image=_IMG, item=_ITEM, sep=_SEP,
+                             item_word=(91, 94), category_word=(92, 94), next_word=(93, 94), period=(95,))
+_LOGIT_VOCAB = 100
+
+
+class _IdentityLogits:
+    """Stands in for a tower whose logits are the hidden states themselves."""
+
+    def __init__(self):
+        self.towers = self
+
+    def logits(self, hidden, tower):
+        del tower
+        return hidden
+
+
+def _generation_losses(tokens, loss_mask, target_positions, max_targets):
+    """(CE of a predictor perfect at `target_positions` and uniform elsewhere,
+    [CE of the same predictor made uniform at one target t] for each t)."""
+    length = len(tokens)
+
+    def loss_with(perfect):
+        hidden = np.zeros((1, length, _LOGIT_VOCAB), np.float32)
+        for position in perfect:  # the prediction of token `position` is made at position - 1
+            hidden[0, position - 1, tokens[position]] = 60.0
+        return float(tpad_lib.token_cross_entropy(_IdentityLogits(), tpad_lib.TRANSFER, jnp.asarray(hidden),
+                                                  jnp.asarray(tokens)[None], jnp.asarray(loss_mask)[None],
+                                                  None, max_targets))
+
+    return loss_with(target_positions), [loss_with([p for p in target_positions if p != t])
+                                         for t in target_positions]
+
+
+@pytest.mark.parametrize("max_targets", [None, 12])
+def test_generation_loss_scores_the_title_and_category_tokens_of_an_item_prompt(max_targets):
+    title, category = [10, 11, 12], [20, 21]
+    prompt = prompts.item_prompt(_VOCAB, title, category, True, n_img=2, max_item_tokens=12)
+    tokens = prompt["tokens"].tolist()
+    targets = [tokens.index(token) for token in title + category]
+    perfect, one_missed = _generation_losses(tokens, prompt["loss_mask"], targets, max_targets)
+    assert perfect < 1e-6
+    # Uniform at one target costs log V over the number of targets: every target is scored, once.
+    np.testing.assert_allclose(one_missed, np.log(_LOGIT_VOCAB) / len(targets), rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_targets", [None, 4])
+def test_generation_loss_scores_the_next_title_and_eos_of_a_session_prompt(max_targets):
+    next_title = [30, 31, 32]
+    prompt = prompts.session_prompt(_VOCAB, [[10, 11], [12]], [True, True], next_title, m=1,
+                                    max_title_tokens=3, max_prompt_items=3)
+    tokens = prompt["tokens"].tolist()
+    targets = [tokens.index(token) for token in next_title + [_EOS]]
+    perfect, one_missed = _generation_losses(tokens, prompt["loss_mask"], targets, max_targets)
+    assert perfect < 1e-6
+    np.testing.assert_allclose(one_missed, np.log(_LOGIT_VOCAB) / len(targets), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ ablations
+@pytest.mark.parametrize("variant", list(stages.STAGE2_VARIANTS))
+def test_only_alignment_sends_sessions_into_k_at_every_variants_shipped_settings(variant):
+    shipped = stages.stage2_config(tpad_base.get_config(), variant).stage2
+    norms = _grad_norms(tiny_model(), shipped)
+    assert norms["transfer"] > 1e-6
+    if variant == "no-align":
+        assert norms["knowledge"] == 0.0  # K is left to the keep term (stages.stage2_spec)
+    else:
+        assert norms["knowledge"] > 1e-6
+
+
+def test_text_view_pools_the_text_positions_but_not_the_item_position():
+    model = tiny_model()
+    _, _, prompt = tpad_lib.item_forward(model, jnp.arange(3))
+    hidden = jax.random.normal(jax.random.key(0), (3, ITEM_LEN, model.cfg.mllm.lm.hidden_size))
+    # tiny_model's layout: <bos>-like token at 0, image slots 1..4, text 5..ITEM_LEN-2, <item> last.
+    text_positions = [0] + list(range(5, ITEM_LEN - 1))
+    expected = model.text_view_head(jnp.mean(hidden[:, text_positions], axis=1))
+    _, text_view = tpad_lib.item_views(model, hidden, prompt)
+    np.testing.assert_allclose(np.asarray(text_view), np.asarray(expected), rtol=1e-5, atol=1e-6)

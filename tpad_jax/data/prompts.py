@@ -13,7 +13,7 @@ Session prompt (stage 2), right-padded to `session_prompt_length`:
     <image>*m {title_1} <sep> ... <image>*m {title_k} <sep> Next: {next title} <eos> <pad>...
 
 for the k <= max_prompt_items items shown, each title cut to `max_title_tokens`. The loss is on the
-next title.
+next title and the `<eos>` that closes it (the model learns where a title ends).
 
 Masks follow docs/architecture.md §2: `loss_mask[t]` is True where token t+1 is a target;
 `attention_mask` is False on padding and on the image slots of items without an image.
@@ -113,7 +113,7 @@ def session_prompt(vocab, titles, has_image, next_title, *, m, max_title_tokens,
         segments += [([vocab.image] * m, False, bool(visible)), (list(title)[:max_title_tokens], False, True),
                      ([vocab.sep], False, True)]
     segments += [(vocab.next_word, False, True), (list(next_title)[:max_title_tokens], True, True),
-                 ([vocab.eos], False, True)]
+                 ([vocab.eos], True, True)]
     length = session_prompt_length(vocab, m, max_title_tokens, max_prompt_items)
     tokens, attention_mask, loss_mask, starts = _assemble(segments, length, vocab.pad)
     sep_pos = np.zeros(max_prompt_items, np.int32)

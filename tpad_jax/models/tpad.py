@@ -151,7 +151,11 @@ def item_views(model: TPAD, hidden, prompt):
     prompt's text positions, averaged. Contrasting e_K with both keeps the attributes only one modality
     shows (colour in the picture, category in the title) in e_K.
     """
-    is_text = prompt["attention_mask"] & (prompt["tokens"] != model.cfg.image_token_id)
+    # Not the <item> position: e_K is read there, so pooling it into the text view would let the view
+    # InfoNCE match e_K with (a projection of) its own input instead of with what the text says.
+    tokens = prompt["tokens"]
+    is_text = prompt["attention_mask"] & (tokens != model.cfg.image_token_id)
+    is_text = is_text & (jnp.arange(tokens.shape[1])[None, :] != prompt["item_pos"][:, None])
     text_mask = is_text.astype(hidden.dtype)[..., None]
     text = jnp.sum(hidden * text_mask, axis=1) / jnp.maximum(jnp.sum(text_mask, axis=1), 1.0)
     image = prompt["image"]
@@ -168,7 +172,9 @@ def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, vali
         title, an item prompt's text budget), and the vocabulary projection and its gradient are the
         largest per-position matmuls. A row with more targets would lose the extra ones.
     """
-    mask = loss_mask[:, 1:]
+    # loss_mask[t] already means "token t+1 is a target" (data/prompts.py), i.e. "score the prediction
+    # made at t": it lines up with hidden[:, :-1], not with tokens[:, 1:].
+    mask = loss_mask[:, :-1]
     if valid is not None:
         mask = mask & valid[:, None]
     hidden, targets = hidden[:, :-1], tokens[:, 1:]
@@ -294,7 +300,9 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None
 
     if cfg.disentangle != "none":
         z_know = model.know_head(states.reshape(-1, width))
-        know, know_acc = nce(z_know, e_cur, cfg.temperature, mask, ids=rows.reshape(-1))
+        # z_know is pulled to K's knowledge, not K to T's states: alignment is the only stage-2 term
+        # through which sessions reach K, so that `no-align` leaves K trained by the keep term alone.
+        know, know_acc = nce(z_know, jax.lax.stop_gradient(e_cur), cfg.temperature, mask, ids=rows.reshape(-1))
         if cfg.disentangle == "club":
             separation, critic_nll = _club_terms(model, z_trans, z_know, mask)
             loss = loss + critic_nll  # fits q(z_know | z_trans); only the critic's weights see it

@@ -26,7 +26,8 @@ STAGE2_VARIANTS = {
     "tpad": {},
     "no-gen": {"gen_weight": 0.0},
     "no-disentangle": {"disentangle": "none"},
-    "no-align": {"align_weight": 0.0},
+    # The MMD term matches e_K's batch distribution to z_trans's: it is part of the alignment too.
+    "no-align": {"align_weight": 0.0, "mmd_weight": 0.0},
 }
 
 
@@ -153,7 +154,8 @@ def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None, variant
     m = config.data.visual_tokens_per_item
     num_items = inputs.data.num_items
     keep_rows = s2.keep_batch_size
-    title_tokens, item_tokens = config.data.max_title_tokens, config.data.max_item_tokens
+    # Targets per session prompt: the next title and its <eos>.
+    title_tokens, item_tokens = config.data.max_title_tokens + 1, config.data.max_item_tokens
 
     def loss_fn(model, batch, rng):
         if not s2.keep_weight:
