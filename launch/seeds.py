@@ -1,10 +1,14 @@
-"""Seed spread of downstream rows of a finished run (see tpad_jax/eval/seeds.py).
+"""Seed spreads: whole-pipeline seeds with significance tests, or downstream seeds of a finished run.
 
 Usage:
+  # The whole pipeline (towers and downstream) once per seed in DIR/seed<s>/, then every row's mean +- std
+  # and a paired bootstrap of tpad against it (tpad_jax/eval/significance.py). Each seed resumes.
+  python launch/seeds.py --config configs/tpad_base.py --workdir runs/seeds --pipeline_seeds=0,1,2
+  # Other downstream seeds on one run's exports (tpad_jax/eval/seeds.py).
   python launch/seeds.py --config configs/tpad_base.py --workdir runs/base \
       --models=tpad,transformer+raw,transformer --seeds=1,2
 
-Writes DIR/results/seeds.md and seeds.csv and prints the table.
+Writes DIR/results/pipeline_seeds.md and .csv, or DIR/results/seeds.md and .csv, and prints the table.
 """
 
 import os
@@ -15,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tpad_jax import runner  # noqa: E402
 from tpad_jax.data import prepared  # noqa: E402
 from tpad_jax.eval import seeds  # noqa: E402
 
@@ -24,6 +29,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if flags.FLAGS.pipeline_seeds:
+        pipeline_seeds = [int(s) for s in flags.FLAGS.pipeline_seeds.split(",") if s.strip()]
+        print(runner.run_seeds(config, workdir, pipeline_seeds))
+        return
     names = [n.strip() for n in flags.FLAGS.models.split(",") if n.strip()]
     extra = [int(s) for s in flags.FLAGS.seeds.split(",") if s.strip()]
     data = prepared.load_or_prepare(config, workdir)
@@ -36,5 +45,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A run directory whose downstream rows were trained.")
     flags.DEFINE_string("models", "tpad,transformer+raw,transformer", "Comma list of neural rows.")
     flags.DEFINE_string("seeds", "1,2", "Comma list of extra downstream seeds.")
+    flags.DEFINE_string("pipeline_seeds", None, "Comma list of whole-pipeline seeds (runs in DIR/seed<s>/).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -55,6 +55,15 @@ def test_pipeline_writes_exports_results_and_curves(finished_run):
     assert {row["slice"] for row in rows} <= {"all", "cold", "warm"}
     for name in ("results.md", "training_curves.png", "probe.json"):
         assert os.path.exists(os.path.join(workdir, "results", name)), name
+    # The per-example ranks the significance tests pair give back the report's averages.
+    from tpad_jax.eval import report
+
+    ranks, cold_mask = report.read_ranks(os.path.join(workdir, "results", "ranks.npz"))
+    assert set(ranks) == {"pop", "tpad"}
+    for row in rows:
+        if row["metric"] == "HR" and row["k"] == "20" and row["slice"] in ("all", "cold"):
+            selected = ranks[row["model"]][np.ones_like(cold_mask) if row["slice"] == "all" else cold_mask]
+            assert abs(100 * np.mean(selected < 20) - float(row["value"])) < 0.006
     stage2_metrics = [json.loads(line) for line in open(os.path.join(workdir, "stage2", "metrics.jsonl"))]
     logged = set().union(*stage2_metrics)
     assert {"gen_ce", "align_infonce", "align_acc", "know_infonce", "separation", "keep"} <= logged

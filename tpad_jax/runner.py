@@ -9,7 +9,7 @@ import os
 import time
 
 from tpad_jax import export
-from tpad_jax.eval import evaluate, report
+from tpad_jax.eval import compare, evaluate, report, significance
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.parallel import distributed
 from tpad_jax.train import inputs as inputs_lib
@@ -152,3 +152,33 @@ def evaluate_all(config, workdir: str, inputs) -> None:
         if curves:
             report.plot_training_curves(curves, os.path.join(workdir, "results", "training_curves.png"))
     return rows
+
+
+def run_seeds(config, workdir: str, seeds) -> str:
+    """The whole pipeline once per seed in DIR/seed<s>/ (each resumes), then the seed table.
+
+    `config.seed` drives tower initialization and batches, the stage-2 and downstream seeds; the data
+    (`data.synthetic.seed`, the split) stays the same, so every seed ranks the same test examples.
+    Writes DIR/results/pipeline_seeds.md and .csv; returns the Markdown.
+    """
+    runs, cold_mask, signature, times = [], None, None, {}
+    for seed in seeds:
+        seeded = config.copy_and_resolve_references()
+        seeded.seed = seed
+        directory = os.path.join(workdir, f"seed{seed}")
+        clock = time.perf_counter()
+        run(seeded, directory)
+        times[seed] = time.perf_counter() - clock
+        if signature is None:
+            signature = compare.split_signature(directory)
+        elif compare.split_signature(directory) != signature:
+            raise ValueError(f"{directory}/data/prepared/splits.npz: seed {seed} was prepared on other data "
+                             f"than seed {seeds[0]}; whole-pipeline seeds must share one split")
+        ranks, cold_mask = report.read_ranks(os.path.join(directory, "results", report.RANKS_FILE))
+        runs.append(ranks)
+    table = significance.seed_table(runs, cold_mask)
+    text = significance.markdown(table, seeds) + "\nWall time of this command per seed (a resumed seed " \
+        "only re-evaluates): " + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n"
+    if distributed.is_main_process():
+        significance.write_table(table, seeds, text, os.path.join(workdir, "results"))
+    return text

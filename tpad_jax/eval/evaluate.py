@@ -62,7 +62,7 @@ def run(config, workdir: str, models: str) -> list[dict]:
     cold_mask = data.cold_mask(targets)
     print(f"test examples: {len(targets)} ({int(np.sum(cold_mask))} with cold targets), "
           f"items: {data.num_items}")
-    rows = []
+    rows, ranks_of = [], {}
     for name in names:
         start = time.perf_counter()
         ranks = rank_model(name, config, workdir, data, prefixes, targets)
@@ -72,7 +72,9 @@ def run(config, workdir: str, models: str) -> list[dict]:
         if ranks.shape != targets.shape:
             raise ValueError(f"{name}: {ranks.shape[0]} ranks for {targets.shape[0]} test examples")
         rows.extend(metrics.slice_rows(name, ranks, cold_mask, tuple(config.eval.ks)))
+        ranks_of[name] = ranks
         print(f"{name}: ranked in {time.perf_counter() - start:.1f} s")
     merged = report.write_results(rows, os.path.join(workdir, "results"))
+    report.write_ranks(ranks_of, cold_mask, os.path.join(workdir, "results"))
     print(report.markdown_tables(merged))
     return merged

@@ -6,9 +6,12 @@ import math
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tpad_jax.cli import UserError  # noqa: E402
 
 CSV_FIELDS = ("model", "slice", "metric", "k", "value")
 TABLE_SLICES = ("all", "cold", "warm")
@@ -22,30 +25,29 @@ def read_results(path: str) -> list[dict]:
     """Rows of a results.csv as dicts with `k` int and `value` float.
 
     Raises:
-      ValueError naming the file, line and field of the first malformed entry.
+      UserError naming the file, line and field of the first malformed entry.
     """
-    name = os.path.basename(path)
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or tuple(header) != CSV_FIELDS:
-            raise ValueError(f"{name}:1: header {header} is not {','.join(CSV_FIELDS)}")
+            raise UserError(f"{path}:1: header {header} is not {','.join(CSV_FIELDS)}")
         rows = []
         for line_number, fields in enumerate(reader, start=2):
             if len(fields) != len(CSV_FIELDS):
-                raise ValueError(
-                    f"{name}:{line_number}: expected {len(CSV_FIELDS)} fields, got {len(fields)}")
+                raise UserError(
+                    f"{path}:{line_number}: expected {len(CSV_FIELDS)} fields, got {len(fields)}")
             row = dict(zip(CSV_FIELDS, fields))
             for field, allowed in (("slice", TABLE_SLICES), ("metric", METRICS)):
                 if row[field] not in allowed:
-                    raise ValueError(
-                        f"{name}:{line_number}: field {field!r}: {row[field]!r} not in {allowed}")
+                    raise UserError(
+                        f"{path}:{line_number}: field {field!r}: {row[field]!r} not in {allowed}")
             for field, convert in (("k", int), ("value", float)):
                 try:
                     row[field] = convert(row[field])
                 except ValueError:
-                    raise ValueError(
-                        f"{name}:{line_number}: field {field!r}: not a number: {row[field]!r}") from None
+                    raise UserError(
+                        f"{path}:{line_number}: field {field!r}: not a number: {row[field]!r}") from None
             rows.append(row)
     return rows
 
@@ -86,6 +88,37 @@ def write_results(rows: list[dict], results_dir: str) -> list[dict]:
     for metric, k in PLOTTED:
         plot_bars(merged, metric, k, os.path.join(results_dir, f"{metric.lower()}{k}.png"))
     return merged
+
+
+RANKS_FILE = "ranks.npz"
+_RANK_PREFIX = "model:"
+
+
+def write_ranks(ranks_of: dict, cold_mask, results_dir: str) -> None:
+    """Merges per-example test ranks {model: int [num_examples]} into results_dir/ranks.npz (atomically).
+
+    The paired significance tests (eval/significance.py) compare rows example by example, which the
+    rounded averages of results.csv cannot. A model evaluated again replaces its old ranks.
+    """
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, RANKS_FILE)
+    cold_mask = np.asarray(cold_mask, bool)
+    existing = {}
+    if os.path.exists(path):
+        existing, old_mask = read_ranks(path)
+        if not np.array_equal(old_mask, cold_mask):
+            existing = {}  # ranks of another test split: dropped, they would pair with the wrong examples
+    arrays = {_RANK_PREFIX + name: ranks for name, ranks in {**existing, **ranks_of}.items()}
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, cold_mask=cold_mask, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+def read_ranks(path: str) -> tuple[dict, np.ndarray]:
+    """({model: int [num_examples] test ranks}, bool [num_examples] cold-target mask) of a ranks.npz."""
+    with np.load(path) as archive:
+        ranks = {key[len(_RANK_PREFIX):]: archive[key] for key in archive.files if key.startswith(_RANK_PREFIX)}
+        return ranks, archive["cold_mask"]
 
 
 def markdown_tables(rows: list[dict]) -> str:

@@ -1,0 +1,49 @@
+"""Seed tables and paired significance tests against hand-computed values and the normal approximation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tpad_jax.eval import significance
+
+
+def test_per_example_metrics_at_20_from_ranks():
+    ranks = np.array([0, 4, 19, 20, 100])
+    assert significance.per_example(ranks, "HR").tolist() == [1, 1, 1, 0, 0]
+    np.testing.assert_allclose(significance.per_example(ranks, "MRR"), [1.0, 0.2, 0.05, 0.0, 0.0])
+
+
+def test_paired_bootstrap_of_identical_rows_is_one():
+    a = np.random.default_rng(0).random(300)
+    assert significance.paired_bootstrap(a, a.copy(), num_resamples=500) == 1.0
+
+
+@pytest.mark.parametrize("shift", [0.02, 0.05, 0.1])
+def test_paired_bootstrap_agrees_with_the_normal_approximation(shift):
+    # 2,000 paired examples: the mean difference is close to normal with standard error sd / sqrt(n).
+    rng = np.random.default_rng(1)
+    b = rng.random(2000)
+    a = b + shift + rng.normal(0.0, 1.0, 2000)
+    diff = a - b
+    z = abs(diff.mean()) / (diff.std(ddof=1) / math.sqrt(diff.size))
+    expected = math.erfc(z / math.sqrt(2.0))  # two-sided normal p-value
+    p = significance.paired_bootstrap(a, b, num_resamples=20000, seed=3)
+    assert abs(p - expected) < 0.02 + 0.1 * expected
+
+
+def test_seed_table_means_spreads_and_tests_against_the_reference():
+    cold = np.array([True, False, False, False])
+    runs = [{"tpad": np.array([0, 0, 30, 1]), "pop": np.array([30, 0, 30, 30])},
+            {"tpad": np.array([0, 30, 0, 1]), "pop": np.array([30, 30, 30, 0])}]
+    table = significance.seed_table(runs, cold, num_resamples=2000)
+    hr = table["tpad"][("all", "HR")]
+    assert hr["values"] == [75.0, 75.0] and hr["std"] == 0.0 and hr["p"] is None
+    pop = table["pop"][("all", "HR")]
+    assert pop["values"] == [25.0, 25.0]
+    assert pop["diff"] == pytest.approx(50.0)  # seed-averaged hits: tpad (1, .5, .5, 1), pop (0, .5, 0, .5)
+    mrr = table["tpad"][("all", "MRR")]
+    assert mrr["values"] == pytest.approx([100 * (1 + 1 + 0 + 0.5) / 4, 100 * (1 + 0 + 1 + 0.5) / 4])
+    assert table["pop"][("cold", "HR")]["mean"] == 0.0 and table["tpad"][("cold", "HR")]["mean"] == 100.0
+    text = significance.markdown(table, [0, 1])
+    assert "| pop | 25.00 +- 0.00 (+50.00, p=" in text
