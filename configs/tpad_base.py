@@ -134,6 +134,8 @@ def get_config(arg=None):
     # validation MRR (docs/method.md, Stage 4).
     c.msbr.id_dropout = 0.0
     c.msbr.content_projection = "linear"  # linear | mlp
+    # Content rows add g * cos(e[last click], e[v]) to the score of v (g learned; models/msbr.py).
+    c.msbr.last_item_similarity = False
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 512  # prefixes per batch (encoders that read one prefix per row: srgnn)
     # Causal encoders (gru4rec, the causal transformer) read every prefix of a session in one pass: the

@@ -246,3 +246,25 @@ def test_encoder_config_reads_the_run_config():
     assert cfg.max_length == config.data.max_session_length
     with pytest.raises(ValueError, match="msbr.encoder"):
         msbr.EncoderConfig(encoder="lstm")
+
+
+@pytest.mark.parametrize("encoder, causal", ALL_VARIANTS)
+def test_last_item_similarity_adds_the_weighted_cosine_to_the_last_click(encoder, causal):
+    raw = np.asarray(jax.random.normal(jax.random.key(5), (NUM_ITEMS, 7)))
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    plain = _encoder(encoder, causal)
+    cfg = dataclasses.replace(_config(encoder, causal), last_item_similarity=True)
+    model = nnx.view(msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), unit, rngs=nnx.Rngs(0)), deterministic=True)
+    model.similarity_weight[...] = jnp.asarray(2.5)
+    items, mask = _sessions()
+    last = np.array([1, 2])  # the last clicks of the two sessions (items[0, 4], items[1, 2])
+    cosine = (raw[last] @ raw.T) / np.outer(np.linalg.norm(raw[last], axis=1), np.linalg.norm(raw, axis=1))
+    # Same seed, same draws for every other parameter: the difference is the similarity term alone.
+    np.testing.assert_allclose(_scores(model, items, mask) - _scores(plain, items, mask), 2.5 * cosine,
+                               rtol=1e-4, atol=1e-5)
+    if cfg.reads_every_position:
+        every = model.position_vectors(items, mask)
+        table = model.item_table()
+        for j in (0, 2):
+            np.testing.assert_allclose(every[:, j] @ table.T, model.scores(items[:, :j + 1], mask[:, :j + 1]),
+                                       rtol=1e-4, atol=1e-5)

@@ -10,6 +10,14 @@ This is the concatenation [E_id[v] ; W e_content[v]] seen through the fixed proj
 encoder inputs and the scoring table share one width, and an item whose ID embedding never trained (a
 cold item) still scores through its content. `content` is frozen (a `FrozenFeatures` variable, not a
 `Param`); `None` gives the ID-only model. Scores are `session_vec @ item_table().T`.
+
+Last-item similarity (`similarity`, content models): the score of v gains g * cos(e[last], e[v]), the
+cosine of the raw exported features of the session's last click and of v, with a learned weight g. The
+item vectors above see content only through a learned projection of whitened features, which IDs
+dominate for warm items; the similarity of the export itself is what stage 2 trains (next items near the
+current one in e_K space) and the one signal a cold item has. It is written as two more columns, so
+every scorer stays a dot product: session vectors [h ; g * u_last], item vectors [x_v ; u_v] (u: unit
+rows of the export).
 """
 
 import dataclasses
@@ -41,6 +49,7 @@ class EncoderConfig:
     gnn_steps: int = 1
     max_length: int = 20
     content_projection: str = "linear"  # linear | mlp: how content features become item-vector space
+    last_item_similarity: bool = False  # content models: score += g * cos(e[last], e[v]) (module docstring)
 
     @classmethod
     def from_config(cls, config):
@@ -57,6 +66,7 @@ class EncoderConfig:
             gnn_steps=msbr.gnn_steps,
             max_length=config.data.max_session_length,
             content_projection=msbr.content_projection,
+            last_item_similarity=msbr.last_item_similarity,
         )
 
     @property
@@ -75,7 +85,12 @@ class EncoderConfig:
 class SessionEncoder(nnx.Module):
     """Item inputs + one encoder body; `__call__` gives session vectors, `item_table` the item vectors."""
 
-    def __init__(self, cfg: EncoderConfig, num_items: int, content=None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: EncoderConfig, num_items: int, content=None, similarity=None, *, rngs: nnx.Rngs):
+        """Args:
+          content: frozen content features [N, d_c] the item vectors project (None: ID only).
+          similarity: unit rows [N, d_s] whose cosine to the last click is a score term; used when
+            `cfg.last_item_similarity` and content is given.
+        """
         self.cfg = cfg
         dim = cfg.hidden_dim
         self.id_embedding = nnx.Embed(num_items, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
@@ -100,20 +115,41 @@ class SessionEncoder(nnx.Module):
                                       deterministic=False, rngs=rngs)
         body = {"transformer": TransformerBody, "srgnn": SRGNNBody, "gru4rec": GRUBody}[cfg.encoder]
         self.body = body(cfg, rngs=rngs)
+        if cfg.last_item_similarity and content is not None:
+            if similarity is None or similarity.shape[0] != num_items:
+                raise ValueError(f"last_item_similarity needs similarity rows for {num_items} items")
+            self.similarity = FrozenFeatures(jnp.asarray(similarity, jnp.float32))
+            # Starts where a cosine already moves the ranking next to logits of a few units.
+            self.similarity_weight = nnx.Param(jnp.asarray(4.0, jnp.float32))
+        else:
+            self.similarity = None
 
-    def item_table(self):
-        """Item vectors [N, d] = ID embedding + projected content."""
+    def item_vectors(self):
+        """Item input vectors [N, d] = ID embedding + projected content."""
         table = self.id_dropout(self.id_embedding.embedding[...])
         if self.content is not None:
             table = table + self.content_projection(self.content[...])
         return table
 
+    def item_table(self):
+        """Item scoring vectors: the input vectors, with the unit similarity rows appended when used."""
+        if self.similarity is None:
+            return self.item_vectors()
+        return jnp.concatenate([self.item_vectors(), self.similarity[...]], axis=-1)
+
+    def _with_similarity(self, vectors, last_items):
+        """Session vectors with g * u[last click] appended (the score term of the module docstring)."""
+        if self.similarity is None:
+            return vectors
+        return jnp.concatenate([vectors, self.similarity_weight[...] * self.similarity[...][last_items]], axis=-1)
+
     def __call__(self, items, mask):
         """Session vectors [B, d] for right-padded `items` [B, S] with valid-click `mask` [B, S]."""
         if items.shape[1] > self.cfg.max_length:
             raise ValueError(f"sessions of length {items.shape[1]} exceed max_length {self.cfg.max_length}")
-        inputs = self.input_dropout(self.item_table()[items])
-        return self.body(inputs, items, mask)
+        inputs = self.input_dropout(self.item_vectors()[items])
+        last = jnp.take_along_axis(items, last_valid_index(mask)[:, None], axis=1)[:, 0]
+        return self._with_similarity(self.body(inputs, items, mask), last)
 
     def scores(self, items, mask):
         """Scores [B, N] of every item as the next click."""
@@ -130,8 +166,9 @@ class SessionEncoder(nnx.Module):
                              f"(causal={self.cfg.causal}) reads whole sessions")
         if items.shape[1] > self.cfg.max_length:
             raise ValueError(f"sessions of length {items.shape[1]} exceed max_length {self.cfg.max_length}")
-        inputs = self.input_dropout(self.item_table()[items])
-        return self.body.hidden_states(inputs, mask)
+        inputs = self.input_dropout(self.item_vectors()[items])
+        # Position j's last click is items[:, j].
+        return self._with_similarity(self.body.hidden_states(inputs, mask), items)
 
 
 def last_valid_index(mask):

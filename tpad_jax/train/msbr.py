@@ -24,6 +24,7 @@ import tqdm
 from flax import nnx
 
 from tpad_jax import export
+from tpad_jax.cli import UserError
 from tpad_jax.data import pipeline, raw
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import msbr as msbr_models
@@ -209,7 +210,7 @@ def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int,
     """The grain iterator over this process's `BucketedBatches` (checkpointable) and batches per epoch."""
     msbr = config.msbr
     if batch_size % jax.process_count():
-        raise ValueError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes")
+        raise UserError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes")
     full_width = table.items.shape[1]
     widths = sorted({w for w in msbr.length_buckets if w < full_width} | {full_width})
     source = BucketedBatches(table, widths, batch_size, config.seed, num_epochs,
@@ -219,20 +220,19 @@ def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int,
     return iter(grain.MapDataset.source(source).to_iter_dataset(read_options)), source.batches_per_epoch
 
 
-def load_content(workdir: str, export_subdir: str | None, data, normalise: str = "l2") -> np.ndarray | None:
-    """Frozen content features [N, d_c] from DIR/<export_subdir> (None: ID only), normalised per
-    `normalise` (`msbr.content_norm`, see `normalise_content`)."""
+def load_features(workdir: str, export_subdir: str | None, data) -> np.ndarray | None:
+    """The exported features [N, d_c] of DIR/<export_subdir> as written (None: ID only)."""
     if export_subdir is None:
         return None
     directory = os.path.join(workdir, export_subdir)
     if not os.path.exists(os.path.join(directory, "item_embeddings.npy")):
-        raise FileNotFoundError(
+        raise UserError(
             f"{directory}/item_embeddings.npy: missing; run the stage that exports these features first")
     embeddings, item_ids, _ = export.load_export(directory)
     if list(item_ids) != list(data.item_ids):
-        raise ValueError(f"{directory}/item_ids.json: rows do not match the prepared catalogue "
-                         f"({len(item_ids)} ids vs {data.num_items}); re-export for this data")
-    return normalise_content(embeddings, normalise)
+        raise UserError(f"{directory}/item_ids.json: rows do not match the prepared catalogue "
+                        f"({len(item_ids)} ids vs {data.num_items}); re-export for this data")
+    return embeddings
 
 
 CONTENT_NORMS = ("l2", "whiten")
@@ -255,7 +255,7 @@ def normalise_content(embeddings: np.ndarray, normalise: str, eps: float = 1e-3)
         variances = np.maximum(variances, 0.0)
         x = (x @ vectors) / np.sqrt(variances + eps * variances.max())
         return (x / np.sqrt(np.mean(np.sum(x * x, axis=1)))).astype(np.float32)
-    raise ValueError(f"msbr.content_norm must be one of {CONTENT_NORMS}, got {normalise!r}")
+    raise UserError(f"msbr.content_norm must be one of {CONTENT_NORMS}, got {normalise!r}")
 
 
 def encoder_config(name: str, config) -> msbr_models.EncoderConfig:
@@ -264,10 +264,19 @@ def encoder_config(name: str, config) -> msbr_models.EncoderConfig:
     return dataclasses.replace(msbr_models.EncoderConfig.from_config(config), encoder=encoder)
 
 
-def model_factory(name: str, config, num_items: int, content):
-    """A deterministic `make_model()` for the neural model `name`."""
+def model_factory(name: str, config, num_items: int, features):
+    """A deterministic `make_model()` for the neural model `name` over exported `features` (or None).
+
+    The item vectors read the features normalised per `msbr.content_norm`; the last-item similarity
+    term reads their unit rows, so that it is the cosine the retrieval probe ranks by.
+    """
     cfg = encoder_config(name, config)
-    return lambda: msbr_models.SessionEncoder(cfg, num_items, content, rngs=nnx.Rngs(config.seed))
+    content = similarity = None
+    if features is not None:
+        content = normalise_content(features, config.msbr.content_norm)
+        if cfg.last_item_similarity:
+            similarity = normalise_content(features, "l2")
+    return lambda: msbr_models.SessionEncoder(cfg, num_items, content, similarity, rngs=nnx.Rngs(config.seed))
 
 
 @nnx.jit
@@ -373,22 +382,22 @@ def load_params(path: str, model) -> None:
 _UNREAD = object()  # load_selected's default: read the content features
 
 
-def load_selected(name: str, config, workdir: str, data, content=_UNREAD):
+def load_selected(name: str, config, workdir: str, data, features=_UNREAD):
     """The model `name` with its selected (best validation) parameters, on the default device.
 
-    `content`: the model's normalised content features when the caller has them (else read here).
+    `features`: the model's exported features when the caller has them (else read here).
     """
-    if content is _UNREAD:
+    if features is _UNREAD:
         _, export_subdir = _model_spec(name)
-        content = load_content(workdir, export_subdir, data, config.msbr.content_norm)
-    model = model_factory(name, config, data.num_items, content)()
+        features = load_features(workdir, export_subdir, data)
+    model = model_factory(name, config, data.num_items, features)()
     load_params(os.path.join(model_dir(workdir, name), BEST_PARAMS), model)
     return model
 
 
 def _model_spec(name: str):
     if name not in NEURAL_MODELS:
-        raise ValueError(f"unknown neural model {name!r}; known: {', '.join(NEURAL_MODELS)}")
+        raise UserError(f"unknown neural model {name!r}; known: {', '.join(NEURAL_MODELS)}")
     return NEURAL_MODELS[name]
 
 
@@ -406,8 +415,8 @@ def train_msbr(name: str, config, workdir: str, data):
 
     msbr = config.msbr
     width = prefix_width(config)
-    content = load_content(workdir, export_subdir, data, config.msbr.content_norm)
-    make_model = model_factory(name, config, data.num_items, content)
+    features = load_features(workdir, export_subdir, data)
+    make_model = model_factory(name, config, data.num_items, features)
 
     # ----------------------------------------------------------------------------------- input
     whole_sessions = msbr.whole_sessions and encoder_config(name, config).reads_every_position
@@ -472,7 +481,7 @@ def train_msbr(name: str, config, workdir: str, data):
     if not history:
         raise ValueError(f"{name}: training ended without a validation epoch")
     _write_selection(directory, history, selection_state(history, msbr.patience), finished=True)
-    return load_selected(name, config, workdir, data, content)
+    return load_selected(name, config, workdir, data, features)
 
 
 def _write_selection(directory: str, history: dict, state: dict, finished: bool) -> None:
@@ -494,14 +503,14 @@ def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
     return ranks.astype(np.int32)
 
 
-def best_trained_model(workdir: str) -> str:
-    """The model in DIR/msbr/ with a finished selection and the highest validation metric."""
-    root = os.path.join(workdir, "msbr")
-    candidates = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        selection = read_selection(os.path.join(root, name))
-        if name in NEURAL_MODELS and selection is not None and selection["finished"]:
-            candidates.append((selection["best_metric"], name))
-    if not candidates:
-        raise FileNotFoundError(f"{root}: no trained neural model; train one first (launch/evaluate.py)")
-    return max(candidates, key=lambda candidate: candidate[0])[1]
+def check_trained(workdir: str, name: str) -> None:
+    """Raises UserError unless DIR/msbr/<name>/ holds a finished selection (interrupted: not servable)."""
+    _model_spec(name)
+    directory = model_dir(workdir, name)
+    selection = read_selection(directory)
+    if selection is None:
+        raise UserError(f"{directory}: model {name!r} is not trained in this workdir; launch/train.py trains "
+                        f"it (or launch/evaluate.py --models={name} once its features are exported)")
+    if not selection["finished"]:
+        raise UserError(f"{directory}/{SELECTION_FILE}: the training of {name!r} was interrupted "
+                        f"(finished: false); rerun launch/evaluate.py --models={name} to finish it")
