@@ -13,14 +13,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from tpad_jax import cli  # noqa: E402
 from tpad_jax.eval import compare, report  # noqa: E402
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main():
     rows = compare.write_comparison(compare.parse_runs(flags.FLAGS.runs), flags.FLAGS.out)
     print(report.markdown_tables(rows))
     print(f"written to {os.path.abspath(flags.FLAGS.out)}")
@@ -30,4 +29,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("runs", None, "Comma list of label:workdir, at least two.")
     flags.DEFINE_string("out", None, "Directory for the merged report.")
     flags.mark_flags_as_required(["runs", "out"])
-    app.run(main)
+    cli.run(main)

@@ -13,16 +13,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tpad_jax import cli  # noqa: E402
 from tpad_jax.eval.evaluate import expand_models, run  # noqa: E402,F401  (expand_models: used by tests)
 
 
-def main(argv):
+def main():
     logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.models)
 
 
@@ -32,4 +31,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Run directory (see docs/architecture.md section 1).")
     flags.DEFINE_string("models", "all", "Comma list of models; `baselines` and `all` are groups.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

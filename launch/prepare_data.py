@@ -13,9 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tpad_jax import cli  # noqa: E402
 from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/tpad_base.py[:preset]).",
@@ -63,10 +64,8 @@ def _flat_counts(stats, prefix=""):
     return counts
 
 
-def main(argv):
+def main():
     logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = _CONFIG.value, _WORKDIR.value
     start = time.perf_counter()
     data = prepared.load_or_prepare(config, workdir)
@@ -78,4 +77,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

@@ -5,9 +5,10 @@ Usage:
       --sessions my_sessions.jsonl --top_k 20 [--model tpad]
 
 `--sessions` is in the canonical format (`{"session_id": ..., "items": [item ids in click order]}`).
-The model defaults to the trained neural model with the best validation metric in DIR/msbr/. Item ids
-unknown to the catalogue are listed per session under "unknown_items" and left out of its prefix; a
-session with no known item gets an "error" field instead of recommendations.
+The model defaults to `tpad`, the method; the other neural rows (ablations, ID-only and classic-recipe
+models) are comparison rows, served only when named. A model whose training did not finish is not
+served. Item ids unknown to the catalogue are listed per session under "unknown_items" and left out of
+its prefix; a session with no known item gets an "error" field instead of recommendations.
 """
 
 import os
@@ -18,11 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tpad_jax import cli  # noqa: E402
 from tpad_jax.data import prepared, raw  # noqa: E402
 from tpad_jax.train import msbr  # noqa: E402
+
+DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
 
 
 class _AnyItem:
@@ -32,10 +36,10 @@ class _AnyItem:
         return True
 
 
-def recommend(config, workdir: str, sessions_path: str, top_k: int, model_name: str | None = None):
+def recommend(config, workdir: str, sessions_path: str, top_k: int, name: str = DEFAULT_MODEL):
     """Yields one output record (a dict) per session of `sessions_path`, in file order."""
+    msbr.check_trained(workdir, name)  # before the data: an untrained workdir costs no preparation
     data = prepared.load_or_prepare(config, workdir)
-    name = model_name or msbr.best_trained_model(workdir)
     model = msbr.load_selected(name, config, workdir, data)
     row_of = {item_id: row for row, item_id in enumerate(data.item_ids)}
     top_k = min(top_k, data.num_items)
@@ -57,9 +61,7 @@ def recommend(config, workdir: str, sessions_path: str, top_k: int, model_name: 
         yield record
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main():
     f = flags.FLAGS
     for record in recommend(f.config, f.workdir, f.sessions, f.top_k, f.model):
         print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -71,7 +73,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Run directory holding the trained models (DIR/msbr/).")
     flags.DEFINE_string("sessions", None, "Canonical sessions.jsonl to recommend for.")
     flags.DEFINE_integer("top_k", 20, "Recommendations per session.")
-    flags.DEFINE_string("model", None, f"A trained neural model ({', '.join(msbr.NEURAL_MODELS)}); "
-                        "default: the best on validation in DIR/msbr/.")
+    flags.DEFINE_string("model", DEFAULT_MODEL, f"A trained neural model ({', '.join(msbr.NEURAL_MODELS)}).")
     flags.mark_flags_as_required(["config", "workdir", "sessions"])
-    app.run(main)
+    cli.run(main)

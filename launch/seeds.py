@@ -16,18 +16,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tpad_jax import runner  # noqa: E402
+from tpad_jax import cli, runner  # noqa: E402
 from tpad_jax.data import prepared  # noqa: E402
 from tpad_jax.eval import seeds  # noqa: E402
 
 
-def main(argv):
+def main():
     logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if flags.FLAGS.pipeline_seeds:
         pipeline_seeds = [int(s) for s in flags.FLAGS.pipeline_seeds.split(",") if s.strip()]
@@ -47,4 +45,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("seeds", "1,2", "Comma list of extra downstream seeds.")
     flags.DEFINE_string("pipeline_seeds", None, "Comma list of whole-pipeline seeds (runs in DIR/seed<s>/).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

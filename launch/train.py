@@ -13,8 +13,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from tpad_jax import cli  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:preset]).",
                                 lock_config=True)
@@ -23,13 +25,12 @@ flags.DEFINE_enum("stage", "all", ["all", "prepare", "1", "2", "export", "msbr"]
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def main():
     logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    del argv
     from tpad_jax import runner
 
     runner.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from tpad_jax import cli
 from tpad_jax.data import amazon2018, raw, srgnn_pickle
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -49,7 +50,7 @@ def test_amazon_python_literal_line_is_reported_never_evaluated(tmp_path):
     # The published dumps contain lines like this; evaluating it would run code.
     evil = "{'asin': 'B0EVIL', 'title': __import__('os').getcwd()}"
     folder = copy_with_extra_lines(tmp_path, meta_lines=[evil])
-    with pytest.raises(raw.RawFormatError, match=r"meta_All_Beauty.json.gz:6: not strict JSON"):
+    with pytest.raises(raw.RawFormatError, match=r"meta_All_Beauty.json.gz:6: malformed JSON"):
         amazon2018.load(folder, "All_Beauty")
     report = raw.SkipReport()
     items, _ = amazon2018.load(folder, "All_Beauty", on_error="skip", report=report)
@@ -76,7 +77,7 @@ def test_amazon_category_must_be_named_when_ambiguous(tmp_path):
     folder = tmp_path / "two"
     shutil.copytree(AMAZON, folder)
     shutil.copy(folder / "meta_All_Beauty.json.gz", folder / "meta_Other.json.gz")
-    with pytest.raises(ValueError, match="amazon_category"):
+    with pytest.raises(cli.UserError, match="amazon_category"):
         amazon2018.load(str(folder))
 
 
@@ -116,3 +117,15 @@ def test_srgnn_bad_structure(tmp_path):
     path.write_bytes(b"not a pickle")
     with pytest.raises(raw.RawFormatError, match="not a valid session pickle"):
         srgnn_pickle.read_examples(str(path))
+
+
+def test_amazon_truncated_gzip_names_file_and_line(tmp_path):
+    folder = tmp_path / "amazon"
+    shutil.copytree(AMAZON, folder)
+    meta = folder / "meta_All_Beauty.json.gz"
+    meta.write_bytes(meta.read_bytes()[:-8])  # the stream loses its trailer, as in an interrupted download
+    with pytest.raises(raw.RawFormatError, match=r"meta_All_Beauty.json.gz:6: truncated or corrupt compressed"):
+        amazon2018.load(str(folder))
+    report = raw.SkipReport()
+    items, _ = amazon2018.load(str(folder), on_error="skip", report=report)
+    assert len(items) == 5 and report.as_dict() == {"truncated_file": 1}

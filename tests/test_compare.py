@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from tpad_jax import cli
 from tpad_jax.eval import compare, report
 
 
@@ -45,5 +46,5 @@ def test_bad_run_specs_name_the_problem(tmp_path):
         compare.parse_runs("tiny:/a,nolabel")
     with pytest.raises(ValueError, match="distinct labels"):
         compare.parse_runs("a:/x,a:/y")
-    with pytest.raises(FileNotFoundError, match="no prepared data"):
+    with pytest.raises(cli.UserError, match="no prepared data"):
         compare.split_signature(str(tmp_path))

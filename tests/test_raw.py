@@ -1,5 +1,7 @@
 """Canonical format readers: one test per bad-input case, plus writer round trips."""
 
+import codecs
+import dataclasses
 import json
 
 import numpy as np
@@ -146,3 +148,52 @@ def test_on_error_must_be_known(tmp_path):
     path = write_lines(tmp_path / "items.jsonl", [GOOD_ITEM])
     with pytest.raises(ValueError, match="on_error"):
         raw.read_items(path, on_error="ignore")
+
+
+def test_bom_crlf_and_blank_lines_read_as_plain_lines(tmp_path):
+    # Spreadsheet exports write a UTF-8 byte-order mark and CRLF line ends.
+    items = [raw.Item("a", "Été mug", None, None), raw.Item("b", "Lamp", "home", None)]
+    lines = "\r\n\r\n".join(json.dumps(dataclasses.asdict(item), ensure_ascii=False) for item in items)
+    (tmp_path / "items.jsonl").write_bytes(codecs.BOM_UTF8 + lines.encode() + b"\r\n")
+    assert raw.read_items(tmp_path / "items.jsonl") == items
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_bytes(codecs.BOM_UTF8 + b'\r\n{"session_id": "s", "items": ["a", "b"]}\r\n')
+    assert raw.read_sessions(sessions, {"a", "b"}) == [raw.Session("s", ["a", "b"], None)]
+
+
+def test_byte_that_is_not_utf8_names_line_and_column(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'{"item_id": "a", "title": "A"}\n{"item_id": "b", "title": "caf\xe9"}\n'
+                     b'{"item_id": "c", "title": "C"}\n')
+    with pytest.raises(raw.RawFormatError, match=r"items.jsonl:2: not UTF-8: byte 0xe9 at column 31$"):
+        raw.read_items(path)
+    report = raw.SkipReport()
+    assert [i.item_id for i in raw.read_items(path, on_error="skip", report=report)] == ["a", "c"]
+    assert report.as_dict() == {"not_utf8": 1}
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(raw.RawFormatError, match=r"items.jsonl: no such file$"):
+        raw.read_items(tmp_path / "items.jsonl")
+
+
+@pytest.mark.parametrize("how", ["dotdot", "symlink"])
+def test_image_outside_the_catalogue_is_refused(tmp_path, how):
+    catalogue = tmp_path / "catalogue"
+    (catalogue / "images").mkdir(parents=True)
+    Image.new("RGB", (2, 2)).save(tmp_path / "secret.png")
+    image = "../secret.png"
+    if how == "symlink":
+        (catalogue / "images" / "b.png").symlink_to(tmp_path / "secret.png")
+        image = "images/b.png"
+    error, skipped = read_one_bad_item(catalogue, {"item_id": "b", "title": "B", "image": image})
+    assert (error.line, error.field) == (2, "image") and "outside the catalogue" in str(error)
+    assert skipped == {"image_outside_catalogue": 1}
+
+
+def test_symlink_inside_the_catalogue_is_kept(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (2, 2)).save(tmp_path / "images" / "real.png")
+    (tmp_path / "images" / "b.png").symlink_to(tmp_path / "images" / "real.png")
+    path = write_lines(tmp_path / "items.jsonl", [{"item_id": "b", "title": "B", "image": "images/b.png"}])
+    assert raw.read_items(path) == [raw.Item("b", "B", None, "images/b.png")]

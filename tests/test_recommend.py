@@ -1,5 +1,6 @@
 """The recommend CLI: JSON lines per session, unknown-id reporting, scores of the selected model."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tpad_base
+from tpad_jax import cli
 from tpad_jax.data import prepared
 from tpad_jax.train import msbr
 
@@ -26,15 +28,33 @@ def trained(tmp_path_factory):
     return config, workdir, data
 
 
-def test_best_trained_model_picks_the_highest_finished_validation_metric(tmp_path):
-    for name, metric, finished in (("gru4rec", 10.0, True), ("transformer", 30.0, True),
-                                   ("srgnn", 50.0, False), ("unknown-model", 90.0, True)):
+def load_recommend_launcher():
+    """launch/recommend.py as a module (launch/ is a folder of scripts, not a package)."""
+    path = os.path.join(ROOT, "launch", "recommend.py")
+    spec = importlib.util.spec_from_file_location("recommend_launcher", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_finished_models_are_served(tmp_path):
+    for name, finished in (("transformer", True), ("srgnn", False)):
         os.makedirs(tmp_path / "msbr" / name)
         (tmp_path / "msbr" / name / msbr.SELECTION_FILE).write_text(
-            json.dumps({"best_metric": metric, "finished": finished}))
-    assert msbr.best_trained_model(str(tmp_path)) == "transformer"
-    with pytest.raises(FileNotFoundError, match="no trained neural model"):
-        msbr.best_trained_model(str(tmp_path / "empty"))
+            json.dumps({"best_metric": 30.0, "finished": finished}))
+    msbr.check_trained(str(tmp_path), "transformer")
+    with pytest.raises(cli.UserError, match=r"srgnn/selection.json: the training of 'srgnn' was interrupted"):
+        msbr.check_trained(str(tmp_path), "srgnn")
+    with pytest.raises(cli.UserError, match=r"msbr/gru4rec: model 'gru4rec' is not trained in this workdir"):
+        msbr.check_trained(str(tmp_path), "gru4rec")
+    with pytest.raises(cli.UserError, match="unknown neural model 'tpadd'"):
+        msbr.check_trained(str(tmp_path), "tpadd")
+
+
+def test_the_default_model_is_tpad_never_the_row_that_won_validation(trained, tmp_path):
+    config, workdir, _ = trained  # gru4rec is trained and finished; tpad is not
+    with pytest.raises(cli.UserError, match="model 'tpad' is not trained"):
+        next(load_recommend_launcher().recommend(config, workdir, str(tmp_path / "sessions.jsonl"), 5))
 
 
 def test_cli_prints_one_json_line_per_session(trained, tmp_path):
@@ -49,7 +69,7 @@ def test_cli_prints_one_json_line_per_session(trained, tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "recommend.py"), "--config",
          os.path.join(ROOT, "configs", "tpad_base.py") + ":tiny", f"--workdir={workdir}",
-         f"--sessions={path}", "--top_k=5"],
+         f"--sessions={path}", "--top_k=5", "--model=gru4rec"],
         capture_output=True, text=True, check=True, cwd=str(tmp_path))
     records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert [r["session_id"] for r in records] == ["a", "b", "c"]

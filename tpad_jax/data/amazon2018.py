@@ -14,9 +14,9 @@ and count with `on_error="skip"`).
 import datetime
 import glob
 import gzip
-import json
 import os
 
+from tpad_jax.cli import UserError
 from tpad_jax.data import raw
 
 IMAGE_EXTENSIONS = (".jpg", ".png")
@@ -30,29 +30,22 @@ def resolve_category(raw_dir, category):
     found = sorted(glob.glob(os.path.join(raw_dir, "meta_*.json.gz")))
     if len(found) != 1:
         names = [os.path.basename(f) for f in found]
-        raise ValueError(f"{raw_dir}: set data.amazon_category; expected exactly one meta_*.json.gz, "
-                         f"found {names}")
+        raise UserError(f"{raw_dir}: set data.amazon_category; expected exactly one meta_*.json.gz, "
+                        f"found {names}")
     return os.path.basename(found[0])[len("meta_"):-len(".json.gz")]
 
 
 def _json_lines(path, on_error, report):
     """Yields (line_number, dict) for each strict-JSON object line of a .json.gz file."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                message = f"not strict JSON ({e.msg}); not evaluated"
-                error = raw.RawFormatError(path, line_number, None, message)
-                raw.handle_error(error, "malformed_json", on_error, report)
-                continue
-            if not isinstance(record, dict):
-                error = raw.RawFormatError(path, line_number, None, "expected a JSON object")
-                raw.handle_error(error, "wrong_type", on_error, report)
-                continue
-            yield line_number, record
+    for line_number, record in raw.json_lines(path, gzip.open):
+        if isinstance(record, raw.RawFormatError):  # Python literals too: reported, never evaluated
+            raw.handle_error(record, record.reason, on_error, report)
+            continue
+        if not isinstance(record, dict):
+            error = raw.RawFormatError(path, line_number, None, "expected a JSON object")
+            raw.handle_error(error, "wrong_type", on_error, report)
+            continue
+        yield line_number, record
 
 
 def _field(record, name, types, path, line, on_error, report):
@@ -70,12 +63,11 @@ def _field(record, name, types, path, line, on_error, report):
 
 
 def _image_for(raw_dir, asin, path, line, on_error, report):
-    """Relative path of images/<asin>.jpg|.png if present and decodable, else None."""
+    """Relative path of images/<asin>.jpg|.png if present, inside `raw_dir` and decodable, else None."""
     for extension in IMAGE_EXTENSIONS:
         relative = os.path.join("images", asin + extension)
-        full = os.path.join(raw_dir, relative)
-        if os.path.exists(full):
-            problem = raw.verify_image(full)
+        if os.path.lexists(os.path.join(raw_dir, relative)):
+            problem = raw.check_image(raw_dir, relative)
             if problem:
                 error = raw.RawFormatError(path, line, "image", problem[1])
                 raw.handle_error(error, problem[0], on_error, report)

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from tpad_jax.cli import UserError
 from tpad_jax.data import amazon2018, protocol, raw, srgnn_pickle, synthetic
 
 SOURCES = ("synthetic", "canonical", "amazon2018", "srgnn_pickle")
@@ -27,11 +28,11 @@ def resolve_source(data_config):
     """The effective source: "synthetic" with `raw_dir` set means "canonical"."""
     source = data_config.source
     if source not in SOURCES:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+        raise UserError(f"data.source must be one of {SOURCES}, got {source!r}")
     if source == "synthetic" and data_config.raw_dir is not None:
         return "canonical"
     if source != "synthetic" and data_config.raw_dir is None:
-        raise ValueError(f"data.source={source!r} needs data.raw_dir")
+        raise UserError(f"data.source={source!r} needs data.raw_dir")
     return source
 
 
@@ -94,11 +95,11 @@ def _read_raw(source, config, raw_dir, report):
 def _pickled_splits(config, raw_dir):
     """SR-GNN pickles as given: examples per split; validation = last valid_fraction of train examples."""
     if config.data.protocol != "srgnn":
-        raise ValueError(f"{raw_dir}: SR-GNN pickles come filtered, split and augmented; "
-                         "set data.protocol='srgnn' to use them as given")
+        raise UserError(f"{raw_dir}: SR-GNN pickles come filtered, split and augmented; "
+                        "set data.protocol='srgnn' to use them as given")
     if config.data.train_fraction != 1.0:
-        raise ValueError(f"{raw_dir}: data.train_fraction needs the session protocol; SR-GNN pickles are "
-                         "used as given")
+        raise UserError(f"{raw_dir}: data.train_fraction needs the session protocol; SR-GNN pickles are "
+                        "used as given")
     items, train, test = srgnn_pickle.load(raw_dir)
     num_valid = int(round(len(train.targets) * config.data.valid_fraction))
     cut = len(train.targets) - num_valid
@@ -111,13 +112,21 @@ def _pickled_splits(config, raw_dir):
     return items, sessions, examples, {"as_given": "srgnn pickles: no filtering, split or augmentation"}
 
 
-def _session_splits(config, items, sessions):
+def _session_splits(config, raw_dir, items, sessions):
     """Protocol splits of raw sessions; the item table keeps only items that occur in some split."""
     d = config.data
     splits = protocol.split_sessions(
         sessions, min_item_count=d.min_item_count, min_session_length=d.min_session_length,
         max_session_length=d.max_session_length, test_fraction=d.test_fraction,
         valid_fraction=d.valid_fraction, train_fraction=d.train_fraction)
+    if not splits.train:
+        # Nothing downstream can train on an empty split (TFDS would only say "No examples were yielded").
+        stats = splits.stats
+        raise UserError(
+            f"{raw_dir}: no train session left after the {d.protocol} protocol ({len(sessions)} sessions "
+            f"read; {stats['items_below_min_count']} items with fewer than data.min_item_count="
+            f"{d.min_item_count} occurrences dropped; {stats['sessions_too_short']} sessions then shorter "
+            f"than data.min_session_length={d.min_session_length})")
     by_split = {name: getattr(splits, name) for name in SPLITS}
     used = set().union(*(protocol.count_items(s) for s in by_split.values()))
     items = [item for item in items if item.item_id in used]
@@ -166,11 +175,13 @@ def prepare(config, workdir):
     report = raw.SkipReport()
     if source == "synthetic":
         ensure_synthetic(config, raw_dir)
+    elif not os.path.isdir(raw_dir):
+        raise UserError(f"data.raw_dir={config.data.raw_dir}: no such directory")
     if source == "srgnn_pickle":
         items, sessions, examples, filtering = _pickled_splits(config, raw_dir)
     else:
-        items, sessions, examples, filtering = _session_splits(config, *_read_raw(source, config, raw_dir,
-                                                                                   report))
+        items, sessions, examples, filtering = _session_splits(
+            config, raw_dir, *_read_raw(source, config, raw_dir, report))
     row = {item.item_id: r for r, item in enumerate(items)}
     arrays = {}
     for name in SPLITS:

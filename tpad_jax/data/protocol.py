@@ -18,6 +18,8 @@ target = the last), `srgnn` every prefix of length >= 1 (prefix augmentation) in
 import dataclasses
 import re
 
+from tpad_jax.cli import UserError
+
 PROTOCOLS = ("mmsbr", "srgnn")
 
 
@@ -74,7 +76,8 @@ def split_sessions(sessions, *, min_item_count, min_session_length, max_session_
       Splits with sessions as lists of item ids, each in time order.
     """
     if min_session_length < 2:
-        raise ValueError(f"min_session_length must be >= 2 (a prefix and a target), got {min_session_length}")
+        raise UserError(f"data.min_session_length must be >= 2 (a prefix and a target), "
+                        f"got {min_session_length}")
     counts = count_items([s.items for s in sessions])
     frequent = {item for item, count in counts.items() if count >= min_item_count}
     kept, clicks_rare, sessions_short = [], 0, 0
@@ -97,7 +100,7 @@ def split_sessions(sessions, *, min_item_count, min_session_length, max_session_
     valid, valid_clicks_unseen, valid_sessions_unseen = _drop_unseen(
         valid, set(count_items(train)), min_session_length)
     if not 0.0 < train_fraction <= 1.0:
-        raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
+        raise UserError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
     num_left_out = len(train) - max(int(round(len(train) * train_fraction)), 1)
     train = train[num_left_out:]
     stats = {
@@ -124,7 +127,7 @@ def make_examples(sessions, protocol):
       (prefixes, targets): lists, prefixes[i] is a slice of its session, targets[i] its next item.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"data.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise UserError(f"data.protocol must be one of {PROTOCOLS}, got {protocol!r}")
     prefixes, targets = [], []
     for session in sessions:
         cuts = range(1, len(session)) if protocol == "srgnn" else [len(session) - 1]

@@ -3,20 +3,27 @@
 items.jsonl:    {"item_id": str, "title": str, "category": str | null, "image": "relative/path.jpg" | null}
 sessions.jsonl: {"session_id": str, "items": [item_id, ...], "timestamp": int | null}   (click order)
 
-Image paths are relative to the directory holding items.jsonl. `category`, `image` and `timestamp` may be
-absent (read as null). With `on_error="raise"` the first bad record raises `RawFormatError`; with
-`on_error="skip"` the record is skipped (an unknown item inside a session drops only that click) and the
-reason is counted in a `SkipReport`, which ends up in the dataset statistics.
+Files are UTF-8 (a leading byte-order mark is dropped; CRLF line ends and blank lines are fine). Image
+paths are relative to the directory holding items.jsonl and must resolve inside it, symlinks included.
+`category`, `image` and `timestamp` may be absent (read as null). With `on_error="raise"` the first bad
+record raises `RawFormatError`; with `on_error="skip"` the record is skipped (an unknown item inside a
+session drops only that click) and the reason is counted in a `SkipReport`, which ends up in the dataset
+statistics.
 """
 
+import codecs
 import collections
 import dataclasses
+import gzip
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
+
+from tpad_jax.cli import UserError
 
 ON_ERROR_CHOICES = ("raise", "skip")
 
@@ -36,8 +43,8 @@ class Session:
     timestamp: int | None
 
 
-class RawFormatError(ValueError):
-    """A bad record: `str()` reads `items.jsonl:17: field 'title': missing`."""
+class RawFormatError(UserError):
+    """A bad record or file: `str()` reads `items.jsonl:17: field 'title': missing`."""
 
     def __init__(self, path, line, field, message):
         self.path, self.line, self.field, self.message = str(path), line, field, message
@@ -60,9 +67,9 @@ class SkipReport:
 
 
 def check_on_error(on_error):
-    """Raises ValueError unless `on_error` is "raise" or "skip"."""
+    """Raises UserError unless `on_error` is "raise" or "skip"."""
     if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        raise UserError(f"data.on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
 
 
 def handle_error(error, reason, on_error, report):
@@ -70,6 +77,25 @@ def handle_error(error, reason, on_error, report):
     if on_error == "raise":
         raise error
     report.add(reason)
+
+
+def check_file(path):
+    """Raises RawFormatError unless `path` is an existing file."""
+    if not os.path.isfile(path):
+        raise RawFormatError(path, 0, None, "not a file" if os.path.exists(path) else "no such file")
+
+
+def check_image(catalogue_dir, relative):
+    """Returns None if `relative` names a decodable image inside `catalogue_dir`, else (skip reason, message).
+
+    The path is resolved, symlinks included, before the check: neither `../x.png` nor a link in images/
+    makes the pipeline read a file outside the catalogue.
+    """
+    root = os.path.realpath(catalogue_dir)
+    path = os.path.realpath(os.path.join(root, relative))
+    if os.path.commonpath([root, path]) != root:
+        return "image_outside_catalogue", f"{relative} resolves to {path}, outside the catalogue {root}"
+    return verify_image(path)
 
 
 def verify_image(path):
@@ -84,18 +110,50 @@ def verify_image(path):
     return None
 
 
+def json_lines(path, opener=open):
+    """Yields (line number, parsed JSON value or a RawFormatError) for each non-blank line of `path`.
+
+    The file is read as bytes with `opener` (`gzip.open` for .json.gz) and decoded line by line, so a
+    byte that is not UTF-8 is reported with its line (reason "not_utf8") and the lines around it still
+    read. A UTF-8 byte-order mark (spreadsheet exports write one) is dropped; CRLF is JSON whitespace.
+    A compressed file that ends early yields one error (reason "truncated_file") after its last whole
+    line, then stops.
+    """
+    check_file(path)
+    line_number = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_number, line in enumerate(f, start=1):
+                yield from _parse_line(line.removeprefix(codecs.BOM_UTF8) if line_number == 1 else line,
+                                       path, line_number)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        error = RawFormatError(path, line_number + 1, None, f"truncated or corrupt compressed data ({e})")
+        yield line_number + 1, _with_reason(error, "truncated_file")
+
+
+def _parse_line(line, path, line_number):
+    """(line number, JSON value or RawFormatError) of one line of bytes; nothing for a blank line."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        message = f"not UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}"
+        yield line_number, _with_reason(RawFormatError(path, line_number, None, message), "not_utf8")
+        return
+    if not text.strip():
+        return
+    try:
+        yield line_number, json.loads(text)
+    except json.JSONDecodeError as e:
+        error = RawFormatError(path, line_number, None, f"malformed JSON: {e.msg}")
+        yield line_number, _with_reason(error, "malformed_json")
+
+
 def _records(path):
-    """Yields (line_number, parsed JSON or the JSONDecodeError) for each non-blank line of `path`."""
+    """`json_lines(path)` of a canonical file, which must hold at least one line."""
     seen_any = False
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            seen_any = True
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_number, e
+    for line_number, record in json_lines(path):
+        seen_any = True
+        yield line_number, record
     if not seen_any:
         raise RawFormatError(path, 0, None, "empty file: no records")
 
@@ -129,7 +187,7 @@ def _parse_item(record, path, line, catalogue_dir):
     if not title.strip():
         raise _with_reason(RawFormatError(path, line, "title", "empty"), "missing_title")
     if image is not None:
-        problem = verify_image(os.path.join(catalogue_dir, image))
+        problem = check_image(catalogue_dir, image)
         if problem:
             raise _with_reason(RawFormatError(path, line, "image", problem[1]), problem[0])
     return Item(item_id, title, category, image)
@@ -165,9 +223,8 @@ def _read_records(path, parse, id_field, on_error, report):
     report = SkipReport() if report is None else report
     parsed, seen = [], set()
     for line, record in _records(path):
-        if isinstance(record, json.JSONDecodeError):
-            error = RawFormatError(path, line, None, f"malformed JSON: {record.msg}")
-            handle_error(error, "malformed_json", on_error, report)
+        if isinstance(record, RawFormatError):
+            handle_error(record, record.reason, on_error, report)
             continue
         try:
             value = parse(record, line)

@@ -36,6 +36,7 @@ class PickledExamples:
 
 
 def _load_pickle(path):
+    raw.check_file(path)
     with open(path, "rb") as f:
         data = f.read()
     try:

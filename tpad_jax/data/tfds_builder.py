@@ -65,7 +65,7 @@ class TpadItems(tfds.core.GeneratorBasedBuilder):
 
 
 def encoded_image(path, *, item_id):
-    """PNG/JPEG bytes of an RGB image file as stored (re-encoded to PNG when not RGB PNG/JPEG).
+    """PNG/JPEG bytes of an RGB image file as stored (else converted by `to_rgb` and encoded as PNG).
 
     A missing `path` (None) gives a 1x1 black PNG, the stand-in of a text-only item.
     """
@@ -76,10 +76,26 @@ def encoded_image(path, *, item_id):
         with Image.open(io.BytesIO(raw)) as image:
             if image.format in ("PNG", "JPEG") and image.mode == "RGB":
                 return raw
-            return _png(image.convert("RGB"))
+            return _png(to_rgb(image))
     except (OSError, ValueError) as error:
         raise ValueError(
             f"{path}: field 'image' of item {item_id!r}: cannot read the image ({error})") from error
+
+
+def to_rgb(image):
+    """`image` (any PIL mode) as 8-bit RGB: transparent pixels on white, wider samples scaled to 8 bits.
+
+    PIL's own `convert("RGB")` clips 16-bit samples at 255 (a 16-bit grayscale photo turns white) and
+    drops the alpha band, showing whatever colour transparent pixels hold (often black); product photos
+    with a transparent background are meant to be seen on white.
+    """
+    if image.mode.startswith("I"):  # I;16* (16-bit PNG/TIFF) and I (older Pillow reads 16-bit PNG so)
+        samples = np.asarray(image, np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(samples), 0, 255).astype(np.uint8))
+    if image.has_transparency_data:
+        white = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def build_item_table(data, workdir):

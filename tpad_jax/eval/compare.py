@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+from tpad_jax.cli import UserError
 from tpad_jax.eval import report
 
 
@@ -24,8 +25,8 @@ def split_signature(workdir: str) -> str:
         with open(os.path.join(prepared_dir, "catalogue.json"), encoding="utf-8") as f:
             digest.update(json.dumps(json.load(f)["item_ids"]).encode())
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error.filename}: missing; {workdir} has no prepared data "
-                                "(run launch/train.py or launch/prepare_data.py there first)") from None
+        raise UserError(f"{error.filename}: missing; {workdir} has no prepared data "
+                       "(run launch/train.py or launch/prepare_data.py there first)") from None
     return digest.hexdigest()
 
 
@@ -35,11 +36,11 @@ def parse_runs(spec: str) -> list[tuple[str, str]]:
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         label, sep, workdir = entry.partition(":")
         if not sep or not label or not workdir:
-            raise ValueError(f"--runs entry {entry!r}: expected label:DIR")
+            raise UserError(f"--runs entry {entry!r}: expected label:DIR")
         runs.append((label, workdir))
     labels = [label for label, _ in runs]
     if len(runs) < 2 or len(set(labels)) != len(labels):
-        raise ValueError(f"--runs needs at least two runs with distinct labels, got {labels}")
+        raise UserError(f"--runs needs at least two runs with distinct labels, got {labels}")
     return runs
 
 
@@ -47,17 +48,20 @@ def merge_runs(runs: list[tuple[str, str]]) -> list[dict]:
     """Rows of every run's results.csv in one list (see module docstring for the naming rule).
 
     Raises:
-      ValueError when two runs were evaluated on different splits.
+      UserError when two runs were evaluated on different splits or one has no results.csv.
     """
     first_label, first_dir = runs[0]
     signature = split_signature(first_dir)
     for label, workdir in runs[1:]:
         if split_signature(workdir) != signature:
-            raise ValueError(f"{workdir}/data/prepared/splits.npz: run {label!r} was evaluated on other data "
-                             f"than run {first_label!r} ({first_dir}); only runs on the same split compare")
+            raise UserError(f"{workdir}/data/prepared/splits.npz: run {label!r} was evaluated on other data "
+                            f"than run {first_label!r} ({first_dir}); only runs on the same split compare")
     merged: dict[str, list[dict]] = {}
     for label, workdir in runs:
-        rows = report.read_results(os.path.join(workdir, "results", "results.csv"))
+        path = os.path.join(workdir, "results", "results.csv")
+        if not os.path.exists(path):
+            raise UserError(f"{path}: missing; run {label!r} has no results yet (launch/evaluate.py there)")
+        rows = report.read_results(path)
         for model in dict.fromkeys(r["model"] for r in rows):
             model_rows = [r for r in rows if r["model"] == model]
             if model not in merged:

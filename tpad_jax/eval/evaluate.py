@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from tpad_jax import cli
 from tpad_jax.data import prepared
 from tpad_jax.eval import baselines, metrics, report
 
@@ -27,7 +28,7 @@ def expand_models(spec: str, config) -> list[str]:
     known = set(BASELINE_MODELS) | set(configured)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}, "
+        raise cli.UserError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}, "
                          "or the groups 'baselines' and 'all'")
     return list(dict.fromkeys(names))
 

@@ -1,0 +1,84 @@
+"""Attribute probe of a finished run's exports (see tpad_jax/eval/probe.py).
+
+Usage:
+  python launch/probe.py --config configs/tpad_base.py --workdir runs/base
+
+For every export in the workdir (DIR/export, DIR/export_<variant>): held-out accuracy of a linear probe
+and 10-NN cosine purity for each latent attribute of the synthetic items (colour, category, shape,
+material, style), plus the chance level. Writes DIR/results/attribute_probe.md and .csv and prints the
+table. Attributes are known only for the synthetic catalogue; on other data it says so and exits 0.
+Without exports it says so on stderr and exits 2 (a user error, `tpad_jax/cli.py`).
+"""
+
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from tpad_jax import cli, export  # noqa: E402
+from tpad_jax.data import prepared  # noqa: E402
+from tpad_jax.eval import probe  # noqa: E402
+
+
+def read_exports(workdir: str) -> dict:
+    """{variant: (embeddings, item_ids)} of DIR/export*; exports of other prepared data are skipped."""
+    fingerprint_path = os.path.join(workdir, "data", "prepared", "fingerprint.txt")
+    current = None
+    if os.path.exists(fingerprint_path):
+        with open(fingerprint_path, encoding="utf-8") as f:
+            current = f.read().strip()
+    exports = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "export*", "item_embeddings.npy"))):
+        directory = os.path.dirname(path)
+        embeddings, item_ids, meta = export.load_export(directory)
+        name = meta.get("variant") or os.path.basename(directory)
+        if current is not None and meta.get("dataset_fingerprint") not in (None, current):
+            print(f"skipped {directory}: exported from other prepared data than DIR/data/prepared")
+            continue
+        exports[name] = (embeddings, item_ids)
+    return exports
+
+
+def run(config, workdir: str, *, k=10, folds=5, l2=1.0, seed=0):
+    """Writes DIR/results/attribute_probe.{md,csv} and returns the markdown; None off the synthetic data."""
+    raw_dir = prepared.raw_dir_for(config, workdir)
+    if not probe.is_synthetic_catalogue(raw_dir):
+        if prepared.resolve_source(config.data) == "synthetic":
+            raise cli.UserError(f"no synthetic catalogue in {raw_dir}; run launch/train.py on this workdir "
+                                "first")
+        print(f"attribute probe: item attributes are known only for the synthetic catalogue; {raw_dir} "
+              "is not one, nothing to probe")
+        return None
+    exports = read_exports(workdir)
+    if not exports:
+        raise cli.UserError(f"no exports in {os.path.abspath(workdir)} "
+                            "(DIR/export*/item_embeddings.npy); run launch/train.py first")
+    item_ids, attributes = probe.synthetic_attributes(raw_dir)
+    settings = dict(k=k, folds=folds, l2=l2, seed=seed)
+    rows = probe.attribute_rows(exports, item_ids, attributes, **settings)
+    return probe.write_table(rows, os.path.join(workdir, "results"), **settings)
+
+
+def main():
+    workdir = flags.FLAGS.workdir
+    text = run(flags.FLAGS.config, workdir, k=flags.FLAGS.k, folds=flags.FLAGS.folds, l2=flags.FLAGS.l2,
+               seed=flags.FLAGS.seed)
+    if text is not None:
+        print(text)
+        results_dir = os.path.join(os.path.abspath(workdir), "results")
+        print(f"written to {os.path.join(results_dir, 'attribute_probe.md')} and .csv")
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (file.py:arg).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "A run directory with exports (DIR/export*).")
+    flags.DEFINE_integer("k", 10, "Neighbours for the k-NN purity.")
+    flags.DEFINE_integer("folds", 5, "Folds of the linear probe's cross-validation.")
+    flags.DEFINE_float("l2", 1.0, "Ridge strength of the linear probe (standardised features).")
+    flags.DEFINE_integer("seed", 0, "Seed of the fold assignment.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    cli.run(main)

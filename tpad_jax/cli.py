@@ -1,0 +1,96 @@
+"""The launch commands' front door: a user error prints one line and exits 2; a program bug raises.
+
+A user error is a fault in what the user gave: a data file (`raw.RawFormatError`), a flag or config key,
+a path, a model that is not trained yet. Code raises `UserError` for those, with a message that says what
+is wrong and where. Every `launch/` script calls `run(main)` instead of `absl.app.run(main)`; it prints
+`<script>: error: <message>` on stderr, with no traceback, and exits with status 2. Any other exception
+is a bug and raises as usual. `TPAD_VERBOSE=1` in the environment raises user errors too, with their
+traceback.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+VERBOSE_ENV = "TPAD_VERBOSE"
+USER_ERROR_STATUS = 2
+
+
+class UserError(ValueError):
+    """A fault in the user's input (file, flag, config key, path, missing model); `str()` is the message."""
+
+
+def run(main):
+    """`absl.app.run` for a launch script's `main()`; it takes no arguments (positional ones are refused)."""
+    if "workdir" in flags.FLAGS:
+        flags.register_validator("workdir", _can_be_directory, message="is a file (or inside one), "
+                                 "expected a directory")
+    app.run(lambda argv: _main_with_user_errors(main, argv), flags_parser=_parse_flags)
+
+
+def _main_with_user_errors(main, argv):
+    try:
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+        return main()
+    except UserError as error:
+        _exit(error, str(error))
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with every way a flag or config key can be wrong reported in one line."""
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as error:  # unknown flag, bad value, a config file that raised (with its traceback)
+        _exit(error, str(error))
+    except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
+        message = _unknown_key_message(error, argv)
+        if message is None:
+            raise
+        _exit(error, message)
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+        try:
+            flags.FLAGS.config.keys()
+        except OSError as error:  # ml_collections defers a config file it cannot read to its first use
+            _exit(error, f"--config: {str(error).splitlines()[-1].strip()}")
+    return remaining
+
+
+def _unknown_key_message(error, argv):
+    """`--config.data.raw_dirr: no such config key 'raw_dirr'. Did you mean "raw_dir" ...?`, or None
+    when no `--<flag>.<path>` argument names the missing key (then the error is not the user's)."""
+    text = error
+    while isinstance(text, BaseException):  # AttributeError(KeyError("'key'\nDid you mean ...?"))
+        text = text.args[0] if text.args else ""
+    key, *hint = [line.strip() for line in str(text).splitlines()] or [""]
+    key = key.strip("'\"")
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("--") and "." in name and key in name.split("."):
+            return " ".join([f"--{name}: no such config key {key!r}.", *hint])
+    return None
+
+
+def _can_be_directory(path):
+    """True unless `path`, or the nearest of its parents that exists, is not a directory."""
+    if path is None:
+        return True
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path)
+
+
+def _one_line(message):
+    """The first and last non-blank lines of `message` (absl puts a config file's traceback between)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:1] + lines[1:][-1:])
+
+
+def _exit(error, message):
+    """Prints the one-line `message` and exits with USER_ERROR_STATUS; under TPAD_VERBOSE=1 re-raises."""
+    if os.environ.get(VERBOSE_ENV, "0") not in ("", "0"):
+        raise error
+    print(f"{os.path.basename(sys.argv[0])}: error: {_one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_STATUS)
