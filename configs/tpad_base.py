@@ -91,13 +91,13 @@ def get_config(arg=None):
     c.stage1 = ml_collections.ConfigDict()
     c.stage1.steps = 300
     # Items per step, i.e. 255 in-batch negatives for the view InfoNCE: telling more items apart makes e_K
-    # keep what only the picture shows (colour probe: 57 % at 32, 66 % at 128, 61-69 % at 256) and raised
-    # validation MRR@20 of the TPAD row 24.03 +- 0.13 (3 seeds) -> 24.34 (128) -> 24.62 (256).
+    # keep what only the picture shows; raised validation MRR@20 of the TPAD row 24.03 +- 0.13 (3 seeds,
+    # batch 32) -> 24.62 (256), measured before the issue-15 loss fixes (docs/method.md, Stage 1).
     c.stage1.batch_size = 256
     c.stage1.learning_rate = 3e-3
     c.stage1.warmup_steps = 20
-    # InfoNCE of e_K with its image view and its text view. At 0.1 e_K kept little of what only the
-    # picture shows (colour probe 23 % vs 73 % for the untrained towers); at 1.0 it keeps it (57 %).
+    # InfoNCE of e_K with its image view and its text view; at 1.0 e_K keeps what only the picture shows
+    # (colour), which drives transitions. `launch/probe.py` measures what each export keeps.
     c.stage1.contrastive_weight = 1.0
     c.stage1.reconstruct_weight = 1.0  # e_K decodes the bag of its own title and category words
     c.stage1.temperature = 0.1

@@ -16,13 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tpad_jax import cli  # noqa: E402
+from tpad_jax import cli, workdir as workdir_lib  # noqa: E402
 from tpad_jax.eval.evaluate import expand_models, run  # noqa: E402,F401  (expand_models: used by tests)
 
 
 def main():
     logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
-    run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.models)
+    with workdir_lib.lock(flags.FLAGS.workdir):
+        run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.models)
 
 
 if __name__ == "__main__":

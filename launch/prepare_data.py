@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tpad_jax import cli  # noqa: E402
+from tpad_jax import cli, workdir as workdir_lib  # noqa: E402
 from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/tpad_base.py[:preset]).",
@@ -68,9 +68,10 @@ def main():
     logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     config, workdir = _CONFIG.value, _WORKDIR.value
     start = time.perf_counter()
-    data = prepared.load_or_prepare(config, workdir)
-    tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
-    tfds_builder.build_item_table(data, workdir)
+    with workdir_lib.lock(workdir):
+        data = prepared.load_or_prepare(config, workdir)
+        tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
+        tfds_builder.build_item_table(data, workdir)
     print(format_table(statistics(data, tokenizer)))
     print(f"prepared {workdir}/data in {time.perf_counter() - start:.1f} s")
 

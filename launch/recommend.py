@@ -23,7 +23,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tpad_jax import cli  # noqa: E402
-from tpad_jax.data import prepared, raw  # noqa: E402
+from tpad_jax.data import raw, readonly  # noqa: E402
 from tpad_jax.train import msbr  # noqa: E402
 
 DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
@@ -39,7 +39,7 @@ class _AnyItem:
 def recommend(config, workdir: str, sessions_path: str, top_k: int, name: str = DEFAULT_MODEL):
     """Yields one output record (a dict) per session of `sessions_path`, in file order."""
     msbr.check_trained(workdir, name)  # before the data: an untrained workdir costs no preparation
-    data = prepared.load_or_prepare(config, workdir)
+    data = readonly.load(config, workdir)  # never prepares: serving leaves the workdir as it is
     model = msbr.load_selected(name, config, workdir, data)
     row_of = {item_id: row for row, item_id in enumerate(data.item_ids)}
     top_k = min(top_k, data.num_items)

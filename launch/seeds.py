@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tpad_jax import cli, runner  # noqa: E402
-from tpad_jax.data import prepared  # noqa: E402
+from tpad_jax import cli, runner, workdir as workdir_lib  # noqa: E402
+from tpad_jax.data import readonly  # noqa: E402
 from tpad_jax.eval import seeds  # noqa: E402
 
 
@@ -33,8 +33,9 @@ def main():
         return
     names = [n.strip() for n in flags.FLAGS.models.split(",") if n.strip()]
     extra = [int(s) for s in flags.FLAGS.seeds.split(",") if s.strip()]
-    data = prepared.load_or_prepare(config, workdir)
-    spread = seeds.seed_spread(names, config, workdir, data, extra)
+    with workdir_lib.lock(workdir):
+        data = readonly.load(config, workdir)  # a finished run's data: never prepared again here
+        spread = seeds.seed_spread(names, config, workdir, data, extra)
     print(seeds.write_spread(spread, [config.seed, *extra], os.path.join(workdir, "results")))
 
 

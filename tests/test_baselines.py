@@ -49,21 +49,31 @@ def test_markov_transition_counts_with_popularity_backoff():
     np.testing.assert_allclose(scores[2], TIEBREAK, rtol=1e-6)
 
 
-@pytest.mark.parametrize("k, sample_size, expected", [
+@pytest.mark.parametrize("k, sample_size, votes, scores", [
     # Cosines with {1, 2}: s0 {0,1,2} 2/sqrt(6), s1 {1,2} 1, s2 {2,3} 1/2, s3 {1,4} 1/2.
-    (2, 10, [1 + 2 / math.sqrt(6), 2 + 2 / math.sqrt(6), 2 + 2 / math.sqrt(6), 0.25, 0.25, 0.0]),
-    # Only the two most recent sharing sessions (s3, s2) are candidates.
-    (2, 2, [0.25, 1.5, 1.5, 1.5, 1.5, 0.0]),
+    # Items 1 and 2 tie on votes: the more popular 2 (4 clicks against 3) ranks first.
+    (2, 10, [2 / math.sqrt(6), 1 + 2 / math.sqrt(6), 1 + 2 / math.sqrt(6), 0, 0, 0],
+     [1, 2, 3, 0.25, 0.25, 0.0]),
+    # Only the two most recent sharing sessions (s3, s2) are candidates: four equal votes, by popularity
+    # (item 3 and item 4 both have 1 click and stay tied).
+    (2, 2, [0, 0.5, 0.5, 0.5, 0.5, 0], [0.25, 2, 3, 1, 1, 0.0]),
     # s3 and s2 tie at 1/2: the more recent s3 wins.
-    (1, 2, [0.25, 1.5, 0.75, 0.25, 1.5, 0.0]),
+    (1, 2, [0, 0.5, 0, 0, 0.5, 0], [0.25, 2, 0.75, 0.25, 1, 0.0]),
 ])
-def test_sknn_scores(k, sample_size, expected):
+def test_sknn_votes_and_their_order(k, sample_size, votes, scores):
     model = baselines.make_baseline("sknn", sknn_config(k, sample_size)).fit(TRAIN, NUM_ITEMS)
-    np.testing.assert_allclose(model.score(prefixes([1, 2]))[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(model.votes(prefixes([1, 2])).toarray()[0], votes, rtol=1e-6)
+    np.testing.assert_array_equal(model.score(prefixes([1, 2]))[0], scores)
+
+
+def test_sknn_without_any_neighbour_ranks_by_popularity():
+    scores = baselines.SessionKNN(k=2, sample_size=10).fit(TRAIN, NUM_ITEMS).score(prefixes([5], [0]))
+    np.testing.assert_allclose(scores[0], TIEBREAK, rtol=1e-6)
+    assert scores[1].argmax() == 2 and np.all(scores[1][[0, 1, 2]] >= 1)  # s0 {0,1,2} votes, 2 most popular
 
 
 def reference_sknn(train, num_items, prefix, k, sample_size):
-    """Session-kNN written out with Python sets, for comparison with the sparse implementation."""
+    """Session-kNN votes written out with Python sets, for comparison with the sparse implementation."""
     query = set(prefix.tolist())
     sharing = [i for i in range(len(train)) if query & set(train[i].tolist())]
     candidates = sorted(sharing, reverse=True)[:sample_size]
@@ -74,8 +84,7 @@ def reference_sknn(train, num_items, prefix, k, sample_size):
     for i in neighbours:
         for item in set(train[i].tolist()):
             votes[item] += similarity[i]
-    tiebreak = baselines.popularity_tiebreak(baselines.item_counts(train, num_items))
-    return np.where(votes > 0, 1 + votes, tiebreak)
+    return votes
 
 
 def test_sknn_matches_set_reference_on_random_sessions():
@@ -83,9 +92,16 @@ def test_sknn_matches_set_reference_on_random_sessions():
     train = [rng.integers(0, 15, size=rng.integers(2, 6)).astype(np.int32) for _ in range(80)]
     queries = [rng.integers(0, 15, size=rng.integers(1, 5)).astype(np.int32) for _ in range(20)]
     model = baselines.SessionKNN(k=5, sample_size=12).fit(train, 15)
-    scores = model.score(queries)
+    votes, scores = model.votes(queries).toarray(), model.score(queries)
+    counts = baselines.item_counts(train, 15)
     for row, query in enumerate(queries):
-        np.testing.assert_allclose(scores[row], reference_sknn(train, 15, query, 5, 12), rtol=1e-6)
+        expected = reference_sknn(train, 15, query, 5, 12)
+        np.testing.assert_allclose(votes[row], expected, rtol=1e-6)
+        # Same order as sorting by (voted, votes, popularity): the scores rank exactly that way.
+        key = [(v > 0, round(v, 9), c) for v, c in zip(expected, counts)]
+        for i in range(15):
+            for j in range(15):
+                assert (scores[row, i] > scores[row, j]) == (key[i] > key[j]), (row, i, j)
 
 
 def test_oracle_returns_rows_of_given_examples():

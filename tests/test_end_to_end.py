@@ -2,7 +2,6 @@
 resume of a stage killed with SIGKILL."""
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -17,28 +16,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tpad_base", os.path.join(ROOT, "configs", "tpad_base.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from tpad_jax import runner
-
-    workdir = str(tmp_path_factory.mktemp("e2e"))
-    config = tiny_config(**{"eval.models": ("pop", "tpad")})
-    runner.run(config, workdir, "all")
-    return config, workdir
+def finished_run(tiny_run):
+    return tiny_run  # conftest.py: the session's finished tiny run with the `pop` and `tpad` rows
 
 
 def test_pipeline_writes_exports_results_and_curves(finished_run):

@@ -64,6 +64,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
             restarted.kill()
     assert restarted.returncode == 0, output[-3000:]
     assert f"resuming train from checkpoint step {resumed_from}" in output
+    # The killed attempt's records of the steps redone after its checkpoint are gone: no step twice.
+    resumed_steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+    assert resumed_steps == list(range(1, STEPS + 1))
 
     got = np.load(tmp_path / "resumed.npz")
     assert set(got.files) == set(expected)

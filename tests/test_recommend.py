@@ -69,7 +69,7 @@ def test_cli_prints_one_json_line_per_session(trained, tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "recommend.py"), "--config",
          os.path.join(ROOT, "configs", "tpad_base.py") + ":tiny", f"--workdir={workdir}",
-         f"--sessions={path}", "--top_k=5", "--model=gru4rec"],
+         f"--sessions={path}", "--top_k=5", "--model=gru4rec", "--config.msbr.max_epochs=1"],
         capture_output=True, text=True, check=True, cwd=str(tmp_path))
     records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert [r["session_id"] for r in records] == ["a", "b", "c"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tpad_base
-from tpad_jax import export
+from tpad_jax import cli, export, provenance
 from tpad_jax.data import prepared
 from tpad_jax.eval import baselines, metrics, seeds
 from tpad_jax.train import logging, loop, msbr
@@ -199,7 +199,8 @@ def test_content_features_are_normalised_and_frozen(tiny):
     config = tpad_base.get_config("tiny")
     config.msbr.max_epochs = 1
     features = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32) * 3.0
-    export.write_export(os.path.join(workdir, "export"), features, data.item_ids, {"source": "test"})
+    export.write_export(os.path.join(workdir, "export"), features, data.item_ids,
+                        _export_meta(config, data, "tpad"))
     model = msbr.train_msbr("tpad", config, workdir, data)
     assert config.msbr.content_norm == "whiten"
     np.testing.assert_allclose(np.asarray(model.content[...]), msbr.normalise_content(features, "whiten"),
@@ -209,11 +210,17 @@ def test_content_features_are_normalised_and_frozen(tiny):
     ranks = msbr.evaluate_neural("tpad", config, workdir, data)
     assert ranks.shape == data.examples("test")[1].shape and ranks.max() < data.num_items
 
-    export.write_export(os.path.join(workdir, "export_raw"), features, data.item_ids[::-1], {})
-    with pytest.raises(ValueError, match="export_raw/item_ids.json"):
+    export.write_export(os.path.join(workdir, "export_raw"), features, data.item_ids[::-1],
+                        _export_meta(config, data, "raw"))
+    with pytest.raises(cli.UserError, match="export_raw/item_ids.json"):
         msbr.train_msbr("transformer+raw", config, workdir, data)
-    with pytest.raises(FileNotFoundError, match="export_stage1/item_embeddings.npy"):
+    with pytest.raises(cli.UserError, match="export_stage1/item_embeddings.npy: missing"):
         msbr.train_msbr("transformer+stage1", config, workdir, data)
+
+
+def _export_meta(config, data, variant):
+    """The export_meta of `variant` exported under `config` from `data` (what runner.write_exports writes)."""
+    return {"variant": variant, "inputs": provenance.export_record(config, data.fingerprint, variant)}
 
 
 def test_l2_normalisation_gives_unit_rows():

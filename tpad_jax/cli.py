@@ -9,11 +9,18 @@ traceback.
 """
 
 import os
+import platform
 import sys
 
 from absl import app, flags
 
 VERBOSE_ENV = "TPAD_VERBOSE"
+NATIVE_ISA_ENV = "TPAD_NATIVE_ISA"
+# XLA compiles CPU code for the host's vector instructions, so the same run gives other floats on a
+# machine with other instructions (tiny preset, same data and seed: the exported e_K differ between
+# AVX2, AVX and SSE4.2 codegen; benchmarks/RESULTS.md). Capping at AVX2, which every x86 server of the
+# last decade has, makes runs on AVX2 and AVX-512 machines compile the same code.
+PINNED_CPU_ISA = "AVX2"
 USER_ERROR_STATUS = 2
 
 
@@ -23,10 +30,21 @@ class UserError(ValueError):
 
 def run(main):
     """`absl.app.run` for a launch script's `main()`; it takes no arguments (positional ones are refused)."""
+    pin_cpu_isa()
     if "workdir" in flags.FLAGS:
         flags.register_validator("workdir", _can_be_directory, message="is a file (or inside one), "
                                  "expected a directory")
     app.run(lambda argv: _main_with_user_errors(main, argv), flags_parser=_parse_flags)
+
+
+def pin_cpu_isa():
+    """Caps XLA's CPU codegen at `PINNED_CPU_ISA` on x86 (before JAX starts its backend), unless the user
+    set `--xla_cpu_max_isa` or `TPAD_NATIVE_ISA=1` (the host's own instructions: faster, not portable)."""
+    existing = os.environ.get("XLA_FLAGS", "")
+    if (platform.machine().lower() not in ("x86_64", "amd64") or os.environ.get(NATIVE_ISA_ENV) == "1"
+            or "--xla_cpu_max_isa" in existing):
+        return
+    os.environ["XLA_FLAGS"] = f"{existing} --xla_cpu_max_isa={PINNED_CPU_ISA}".strip()
 
 
 def _main_with_user_errors(main, argv):

@@ -1,8 +1,9 @@
 """Stage 3: run the Knowledge-MLLM over every item and write the TPAD item representations.
 
 Writes `DIR/<name>/item_embeddings.npy` (float32 [N, d]), `item_ids.json` (row -> item id) and
-`export_meta.json` (config, checkpoint step, dims, dataset fingerprint). The same model and tables
-give the same arrays: the computation is deterministic and padded to a fixed batch shape.
+`export_meta.json` (config, checkpoint step, dims, dataset fingerprint and the `provenance` record of
+what made it). The same model and tables give the same arrays: the computation is deterministic and
+padded to a fixed batch shape.
 """
 
 import functools
@@ -16,6 +17,11 @@ from flax import nnx
 
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import tpad as tpad_lib
+from tpad_jax.workdir import atomic_open
+
+EMBEDDINGS_FILE = "item_embeddings.npy"
+IDS_FILE = "item_ids.json"
+META_FILE = "export_meta.json"
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -40,23 +46,41 @@ def item_embeddings(model, batch_size: int) -> np.ndarray:
 
 
 def write_export(out_dir: str, embeddings: np.ndarray, item_ids, meta: dict) -> None:
+    """Writes the three files of an export, each atomically, export_meta.json last.
+
+    The old export_meta.json goes first, so an export cut short reads as incomplete (`is_complete`),
+    never as new arrays under the old record.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    np.save(os.path.join(out_dir, "item_embeddings.npy"), embeddings.astype(np.float32))
-    with open(os.path.join(out_dir, "item_ids.json"), "w") as f:
+    meta_path = os.path.join(out_dir, META_FILE)
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    with atomic_open(os.path.join(out_dir, EMBEDDINGS_FILE), "wb") as f:
+        np.save(f, embeddings.astype(np.float32))
+    with atomic_open(os.path.join(out_dir, IDS_FILE)) as f:
         json.dump(list(item_ids), f)
     meta = dict(meta, num_items=int(embeddings.shape[0]), dim=int(embeddings.shape[1]))
-    with open(os.path.join(out_dir, "export_meta.json"), "w") as f:
+    with atomic_open(meta_path) as f:
         json.dump(meta, f, indent=2, sort_keys=True, default=str)
+
+
+def is_complete(out_dir: str) -> bool:
+    """Whether `out_dir` holds a whole export (its export_meta.json is written last)."""
+    return all(os.path.exists(os.path.join(out_dir, name)) for name in (EMBEDDINGS_FILE, IDS_FILE, META_FILE))
+
+
+def load_meta(out_dir: str) -> dict:
+    """The export_meta.json of an export."""
+    with open(os.path.join(out_dir, META_FILE), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load_export(out_dir: str):
     """(embeddings [N, d] float32, item_ids list, meta dict)."""
-    embeddings = np.load(os.path.join(out_dir, "item_embeddings.npy"))
-    with open(os.path.join(out_dir, "item_ids.json")) as f:
+    embeddings = np.load(os.path.join(out_dir, EMBEDDINGS_FILE))
+    with open(os.path.join(out_dir, IDS_FILE)) as f:
         item_ids = json.load(f)
-    with open(os.path.join(out_dir, "export_meta.json")) as f:
-        meta = json.load(f)
-    return embeddings, item_ids, meta
+    return embeddings, item_ids, load_meta(out_dir)
 
 
 def retrieval_ranks(embeddings: np.ndarray, data, split: str = "test", batch_size: int = 512) -> np.ndarray:

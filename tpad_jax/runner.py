@@ -1,14 +1,20 @@
 """The whole method in order: prepare -> stage 1 -> stage 2 (+ ablations) -> export -> downstream -> report.
 
 Every step reads what earlier steps wrote in the workdir, so any of them can be run alone and a re-run
-resumes where the last one stopped (finished stages are restored, not retrained).
+resumes where the last one stopped (finished stages are restored, not retrained). A stage whose inputs
+changed (the prepared data or the config keys that shape it; `provenance.py`) is moved to DIR/stale/ and
+trained again, with one line saying so. One run at a time holds the workdir (`workdir.lock`).
 """
 
+import contextlib
 import json
 import os
 import time
 
-from tpad_jax import export
+from tpad_jax import export, provenance
+from tpad_jax.cli import UserError
+from tpad_jax.data import prepared
+from tpad_jax import workdir as workdir_lib
 from tpad_jax.eval import compare, evaluate, report, significance
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.parallel import distributed
@@ -36,13 +42,32 @@ def run(config, workdir: str, stage: str = "all") -> None:
     """Runs `stage` (prepare, 1, 2, export, msbr or all) of TPAD in `workdir`."""
     distributed.maybe_initialize(config.dist)
     os.makedirs(workdir, exist_ok=True)
+    # Only the main process locks: the workdir is one run's, whatever number of processes it has.
+    with workdir_lib.lock(workdir) if distributed.is_main_process() else contextlib.nullcontext():
+        _run(config, workdir, stage)
+
+
+def _run(config, workdir: str, stage: str) -> None:
     clock = time.perf_counter()
     if distributed.is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with workdir_lib.atomic_open(os.path.join(workdir, "config.json")) as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    data = prepared.load_or_prepare(config, workdir)
+    if not data.has_content:
+        # Titles and images are what the towers read: an ID-only catalogue runs the ID rows and baselines.
+        print(f"data: {data.num_items} items (ID only), {len(data.train)} train / {len(data.valid)} valid / "
+              f"{len(data.test)} test sessions; split {data.stats.get('split', 'by time')}", flush=True)
+        if stage in ("1", "2", "export"):
+            raise UserError(f"--stage={stage}: {prepared.NO_CONTENT}; stages 1, 2 and export need titles or images")
+        print(f"towers, stages 1-2 and exports skipped: {prepared.NO_CONTENT}; the ID rows and baselines run",
+              flush=True)
+        if stage in ("all", "msbr"):
+            evaluate_all(config, workdir, None)
+        return
     inputs = inputs_lib.build_inputs(config, workdir)
     print(f"data: {inputs.data.num_items} items, {len(inputs.data.train)} train / {len(inputs.data.valid)} "
-          f"valid / {len(inputs.data.test)} test sessions ({time.perf_counter() - clock:.1f} s)", flush=True)
+          f"valid / {len(inputs.data.test)} test sessions; split {inputs.data.stats.get('split', 'by time')} "
+          f"({time.perf_counter() - clock:.1f} s)", flush=True)
     if stage == "prepare":
         return
     model_names = evaluate.configured_models(config)
@@ -62,18 +87,28 @@ def train_towers(inputs, stage: str, variants) -> dict:
     if stage == "msbr":
         return {}
     models = {}
-    if "raw" in variants:
+    if provenance.RAW in variants:
         raw = inputs.make_model()
         inputs.initialize(raw)
-        models["raw"] = raw
+        models[provenance.RAW] = raw
+    claim_stage(inputs, provenance.STAGE1)
     stage1_model = stages.run_stage1(inputs)
-    models["stage1"] = stage1_model
+    models[provenance.STAGE1] = stage1_model
     if stage == "1":
         return models
     for variant in variants:
         if variant in stages.STAGE2_VARIANTS:
+            claim_stage(inputs, variant)
             models[variant] = stages.run_stage2(inputs, stage1_model, variant)
     return models
+
+
+def claim_stage(inputs, variant: str) -> None:
+    """Readies the directory of stage 1 or of a stage-2 variant for this run's inputs (`provenance.claim`)."""
+    name, label = ("stage1", "stage 1") if variant == provenance.STAGE1 else (
+        stages.stage2_dir_name(variant), f"stage 2 ({variant})")
+    provenance.claim(inputs.workdir, name, provenance.stage_record(inputs.config, inputs.data.fingerprint,
+                                                                   variant), label)
 
 
 def write_exports(inputs, models: dict) -> None:
@@ -84,16 +119,17 @@ def write_exports(inputs, models: dict) -> None:
         if distributed.is_main_process():
             meta = {"variant": variant, "config": inputs.config.to_dict(),
                     "checkpoint_step": _checkpoint_step(inputs.workdir, variant),
-                    "dataset_fingerprint": inputs.data.fingerprint}
+                    "dataset_fingerprint": inputs.data.fingerprint,
+                    "inputs": provenance.export_record(inputs.config, inputs.data.fingerprint, variant)}
             export.write_export(os.path.join(inputs.workdir, export_dir_name(variant)), embeddings,
                                 inputs.data.item_ids, meta)
         ranks = export.retrieval_ranks(embeddings, inputs.data, "test", inputs.config.eval.batch_size)
         _, targets = inputs.data.examples("test")
         rows += metrics_lib.slice_rows(f"probe:{variant}", ranks, inputs.data.cold_mask(targets), (20,))
+    if rows:
+        provenance.claim_results(inputs.workdir, inputs.data.fingerprint)  # every process: it synchronizes
     if rows and distributed.is_main_process():
-        path = os.path.join(inputs.workdir, "results", "probe.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        with workdir_lib.atomic_open(os.path.join(inputs.workdir, "results", "probe.json")) as f:
             json.dump(rows, f, indent=1)
         print(_probe_table(rows), flush=True)
 
@@ -109,13 +145,15 @@ def write_minilm_export(inputs) -> None:
     from tpad_jax.models import bert  # noqa: PLC0415  (loads the wheel only when this row is requested)
 
     out_dir = os.path.join(inputs.workdir, "export_minilm")
-    if os.path.exists(os.path.join(out_dir, "item_embeddings.npy")):
+    record = provenance.export_record(inputs.config, inputs.data.fingerprint, provenance.MINILM)
+    if export.is_complete(out_dir) and provenance.identity(export.load_meta(out_dir).get("inputs")) == \
+            provenance.identity(record):
         return
     embeddings = bert.MiniLMEncoder.from_installed_wheel().encode(item_texts(inputs.data))
     if distributed.is_main_process():
         export.write_export(out_dir, embeddings, inputs.data.item_ids,
-                            {"variant": "minilm", "encoder": "sentence-transformers/all-MiniLM-L6-v2",
-                             "dataset_fingerprint": inputs.data.fingerprint})
+                            {"variant": provenance.MINILM, "encoder": provenance.MINILM_ENCODER,
+                             "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
 
 
 def _checkpoint_step(workdir: str, variant: str):

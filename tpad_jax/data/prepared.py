@@ -3,8 +3,12 @@
 `load_or_prepare(config, workdir)` resolves the data source, generates the synthetic catalogue when needed,
 reads and validates the raw data, applies the protocol, and writes DIR/data/prepared/{catalogue.json,
 splits.npz, stats.json, fingerprint.txt} (byte-identical for the same inputs). Later calls load those
-files; they are prepared again only when the data config they were made from differs. Delete
-DIR/data/prepared after editing the raw files of a canonical/adapter source.
+files; they are prepared again only when the data config they were made from differs, or the bytes of a
+canonical catalogue's split.json (its sha256 is part of that config). Delete DIR/data/prepared after
+editing the other raw files of a canonical/adapter source.
+
+A canonical catalogue with a split.json is split as listed (`protocol.split_given`); without one, by time
+(`protocol.split_sessions`). stats.json says which (`"split"`).
 """
 
 import hashlib
@@ -20,6 +24,7 @@ from tpad_jax.data import amazon2018, protocol, raw, srgnn_pickle, synthetic
 SOURCES = ("synthetic", "canonical", "amazon2018", "srgnn_pickle")
 SPLITS = ("train", "valid", "test")
 PREPARED_FILES = ("catalogue.json", "splits.npz", "stats.json")
+NO_CONTENT = "the catalogue has no content (no item has a title or an image)"
 SIGNATURE_KEYS = ("raw_dir", "amazon_category", "protocol", "min_item_count", "min_session_length",
                   "max_session_length", "test_fraction", "valid_fraction", "on_error", "cold_threshold")
 
@@ -52,7 +57,19 @@ def data_signature(config):
     if source == "synthetic":
         signature["synthetic"] = dict(sorted(config.data.synthetic.to_dict().items()))
         signature["image_size"] = config.data.image_size
+    split_path = given_split_path(source, config.data.raw_dir)
+    if split_path:  # only then: data prepared from a catalogue without split.json stays valid
+        with open(split_path, "rb") as f:
+            signature["split_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return signature
+
+
+def given_split_path(source, raw_dir):
+    """raw_dir/split.json of a canonical catalogue that has one, else None."""
+    if source != "canonical":
+        return None
+    path = os.path.join(os.path.abspath(raw_dir), raw.SPLIT_FILE)
+    return path if os.path.exists(path) else None
 
 
 def _write_atomic(path, data):
@@ -82,14 +99,16 @@ def ensure_synthetic(config, raw_dir):
 
 
 def _read_raw(source, config, raw_dir, report):
-    """Items and sessions of a session-level source."""
+    """Items, sessions and the given split ({name: sessions}, or None) of a session-level source."""
     on_error = config.data.on_error
     if source == "amazon2018":
-        return amazon2018.load(raw_dir, config.data.amazon_category, on_error, report)
+        return (*amazon2018.load(raw_dir, config.data.amazon_category, on_error, report), None)
     items = raw.read_items(os.path.join(raw_dir, "items.jsonl"), on_error, report)
     sessions = raw.read_sessions(os.path.join(raw_dir, "sessions.jsonl"), {i.item_id for i in items},
                                  on_error, report)
-    return items, sessions
+    split_path = given_split_path(source, raw_dir)
+    given = raw.read_split(split_path, sessions, on_error, report) if split_path else None
+    return items, sessions, given
 
 
 def _pickled_splits(config, raw_dir):
@@ -109,29 +128,47 @@ def _pickled_splits(config, raw_dir):
         "test": (test.prefixes, test.targets),
     }
     sessions = {name: [p + [t] for p, t in zip(*pair)] for name, pair in examples.items()}
-    return items, sessions, examples, {"as_given": "srgnn pickles: no filtering, split or augmentation"}
+    filtering = {"as_given": "srgnn pickles: no filtering, split or augmentation"}
+    return items, sessions, examples, filtering, "as given by the SR-GNN pickles"
 
 
-def _session_splits(config, raw_dir, items, sessions):
-    """Protocol splits of raw sessions; the item table keeps only items that occur in some split."""
+def _session_splits(config, raw_dir, items, sessions, given):
+    """Protocol splits of raw sessions, by time or as `given` ({name: sessions} of split.json, or None);
+    the item table keeps only items that occur in some split.
+
+    Returns:
+      (items, {split: sessions}, {split: examples}, filtering stats, a one-line description of the split).
+    """
     d = config.data
-    splits = protocol.split_sessions(
-        sessions, min_item_count=d.min_item_count, min_session_length=d.min_session_length,
-        max_session_length=d.max_session_length, test_fraction=d.test_fraction,
-        valid_fraction=d.valid_fraction, train_fraction=d.train_fraction)
+    filters = dict(min_item_count=d.min_item_count, min_session_length=d.min_session_length,
+                   max_session_length=d.max_session_length, valid_fraction=d.valid_fraction,
+                   train_fraction=d.train_fraction)
+    if given is None:
+        splits = protocol.split_sessions(sessions, test_fraction=d.test_fraction, **filters)
+        description = f"by time: the latest {d.test_fraction:g} of the sessions as test"
+        read = f"{len(sessions)} sessions read"
+    else:
+        splits = protocol.split_given(given, **filters)
+        listed = {name: len(given[name]) for name in SPLITS if name in given}
+        splits.stats["sessions_not_in_split_json"] = len(sessions) - sum(listed.values())
+        carved = ("" if "valid" in given else ", no validation" if not d.valid_fraction else
+                  f", validation the latest {d.valid_fraction:g} of train")
+        counts = " / ".join(f"{n} {name}" for name, n in listed.items())
+        description = f"given by {raw.SPLIT_FILE}: {counts} sessions listed{carved}"
+        read = f"{listed['train']} train sessions listed in {raw.SPLIT_FILE}"
     if not splits.train:
         # Nothing downstream can train on an empty split (TFDS would only say "No examples were yielded").
         stats = splits.stats
         raise UserError(
-            f"{raw_dir}: no train session left after the {d.protocol} protocol ({len(sessions)} sessions "
-            f"read; {stats['items_below_min_count']} items with fewer than data.min_item_count="
+            f"{raw_dir}: no train session left after the {d.protocol} protocol ({read}; "
+            f"{stats['items_below_min_count']} items with fewer than data.min_item_count="
             f"{d.min_item_count} occurrences dropped; {stats['sessions_too_short']} sessions then shorter "
             f"than data.min_session_length={d.min_session_length})")
     by_split = {name: getattr(splits, name) for name in SPLITS}
     used = set().union(*(protocol.count_items(s) for s in by_split.values()))
     items = [item for item in items if item.item_id in used]
     examples = {name: protocol.make_examples(s, d.protocol) for name, s in by_split.items()}
-    return items, by_split, examples, splits.stats
+    return items, by_split, examples, splits.stats, description
 
 
 def _ragged(sequences, row):
@@ -145,7 +182,7 @@ def _unragged(flat, offsets):
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
-def _statistics(source, config, items, sessions, examples, report, filtering):
+def _statistics(source, config, items, sessions, examples, report, filtering, split):
     train_counts = protocol.count_items(sessions["train"])
     test_targets = examples["test"][1]
     cold = sum(train_counts.get(t, 0) < config.data.cold_threshold for t in test_targets)
@@ -153,7 +190,9 @@ def _statistics(source, config, items, sessions, examples, report, filtering):
         "source": source,
         "protocol": config.data.protocol,
         "items": len(items),
+        "items_with_title": sum(item.title is not None for item in items),
         "items_with_image": sum(item.image is not None for item in items),
+        "split": split,
         "sessions": {name: len(sessions[name]) for name in SPLITS},
         "examples": {name: len(examples[name][1]) for name in SPLITS},
         "clicks": {name: sum(map(len, sessions[name])) for name in SPLITS},
@@ -178,9 +217,9 @@ def prepare(config, workdir):
     elif not os.path.isdir(raw_dir):
         raise UserError(f"data.raw_dir={config.data.raw_dir}: no such directory")
     if source == "srgnn_pickle":
-        items, sessions, examples, filtering = _pickled_splits(config, raw_dir)
+        items, sessions, examples, filtering, split = _pickled_splits(config, raw_dir)
     else:
-        items, sessions, examples, filtering = _session_splits(
+        items, sessions, examples, filtering, split = _session_splits(
             config, raw_dir, *_read_raw(source, config, raw_dir, report))
     row = {item.item_id: r for r, item in enumerate(items)}
     arrays = {}
@@ -196,7 +235,7 @@ def prepare(config, workdir):
         "categories": [item.category for item in items],
         "images": [item.image for item in items],
     }
-    stats = _statistics(source, config, items, sessions, examples, report, filtering)
+    stats = _statistics(source, config, items, sessions, examples, report, filtering, split)
     prepared_dir = os.path.join(workdir, "data", "prepared")
     os.makedirs(prepared_dir, exist_ok=True)
     _write_atomic(os.path.join(prepared_dir, "catalogue.json"), _json_bytes(catalogue))
@@ -235,7 +274,9 @@ class PreparedData:
         self.cold_threshold = config["cold_threshold"]
         self.raw_dir = raw_dir
         self.item_ids = catalogue["item_ids"]
-        self.titles = catalogue["titles"]
+        # A null title reads as "" in prompts and the tokenizer; has_title tells the two apart.
+        self.has_title = np.array([title is not None for title in catalogue["titles"]], bool)
+        self.titles = [title or "" for title in catalogue["titles"]]
         self.categories = catalogue["categories"]
         self.image_paths = [None if image is None else os.path.join(raw_dir, image)
                             for image in catalogue["images"]]
@@ -250,6 +291,11 @@ class PreparedData:
         self.train_item_counts = np.bincount(arrays["train_session_items"], minlength=self.num_items)
         self.train_item_counts = self.train_item_counts.astype(np.int64)
         self._oracle = {}
+
+    @property
+    def has_content(self) -> bool:
+        """Whether some item has a title or an image: the towers and the content rows need one."""
+        return bool(self.has_title.any() or self.has_image.any())
 
     def examples(self, split):
         """(prefixes: list of int32 arrays, targets: int32 [n]) of `split`, as the protocol defines them."""

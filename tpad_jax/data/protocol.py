@@ -11,6 +11,9 @@ Both protocols (`mmsbr`, the default, and `srgnn`) prepare sessions the same way
 5. drop test clicks on items never seen in train, then test sessions now shorter than `min_session_length`;
 6. validation = the last `valid_fraction` of the train sessions; its clicks on items not in the remaining
    train are dropped the same way, so validation mirrors test.
+A given split (split.json, `split_given`) replaces step 4 and keeps each listed session in its split: train
+gets steps 1-3 (occurrences counted over train), test and a given validation only step 5; without a
+given validation, step 6 carves it from train.
 They differ in the examples: `mmsbr` gives one example per session (prefix = all but the last item,
 target = the last), `srgnn` every prefix of length >= 1 (prefix augmentation) in every split.
 """
@@ -75,13 +78,55 @@ def split_sessions(sessions, *, min_item_count, min_session_length, max_session_
     Returns:
       Splits with sessions as lists of item ids, each in time order.
     """
+    _check_settings(min_session_length, train_fraction)
+    kept, stats = _filter_train(sorted(sessions, key=time_order_key), min_item_count=min_item_count,
+                                min_session_length=min_session_length,
+                                max_session_length=max_session_length)
+    num_test = int(round(len(kept) * test_fraction))
+    return _held_out(kept[:len(kept) - num_test], kept[len(kept) - num_test:], None, stats,
+                     min_session_length=min_session_length, valid_fraction=valid_fraction,
+                     train_fraction=train_fraction)
+
+
+def split_given(given, *, min_item_count, min_session_length, max_session_length, valid_fraction,
+                train_fraction=1.0):
+    """Splits of a split the user gave (split.json): its sessions stay in the split that lists them.
+
+    Train gets steps 1-3, with item occurrences counted over the train sessions only (the held-out
+    sessions do not decide what train keeps); test, and validation when given, get step 5 only, so their
+    targets stay the listed ones (no truncation). Without a given validation, step 6 carves it from
+    train. Then `train_fraction` as in `split_sessions`. Every split is in time order.
+
+    Args:
+      given: {"train": [raw.Session], "test": [raw.Session]}, optionally "valid".
+    Returns:
+      Splits with sessions as lists of item ids.
+    """
+    _check_settings(min_session_length, train_fraction)
+    train, stats = _filter_train(sorted(given["train"], key=time_order_key), min_item_count=min_item_count,
+                                 min_session_length=min_session_length,
+                                 max_session_length=max_session_length)
+    held_out = {name: [session.items for session in sorted(given[name], key=time_order_key)]
+                for name in ("valid", "test") if name in given}
+    return _held_out(train, held_out["test"], held_out.get("valid"), stats,
+                     min_session_length=min_session_length, valid_fraction=valid_fraction,
+                     train_fraction=train_fraction)
+
+
+def _check_settings(min_session_length, train_fraction):
     if min_session_length < 2:
         raise UserError(f"data.min_session_length must be >= 2 (a prefix and a target), "
                         f"got {min_session_length}")
+    if not 0.0 < train_fraction <= 1.0:
+        raise UserError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
+
+
+def _filter_train(sessions, *, min_item_count, min_session_length, max_session_length):
+    """Steps 1-3 on raw sessions (in the order given): (lists of item ids, stats of what they removed)."""
     counts = count_items([s.items for s in sessions])
     frequent = {item for item, count in counts.items() if count >= min_item_count}
     kept, clicks_rare, sessions_short = [], 0, 0
-    for session in sorted(sessions, key=time_order_key):
+    for session in sessions:
         items = [item for item in session.items if item in frequent]
         clicks_rare += len(session.items) - len(items)
         if len(items) < min_session_length:
@@ -89,25 +134,28 @@ def split_sessions(sessions, *, min_item_count, min_session_length, max_session_
             continue
         kept.append(items)
     truncated = sum(len(items) > max_session_length for items in kept)
-    kept = [items[:max_session_length] for items in kept]
-
-    num_test = int(round(len(kept) * test_fraction))
-    train, test = kept[:len(kept) - num_test], kept[len(kept) - num_test:]
-    test, test_clicks_unseen, test_sessions_unseen = _drop_unseen(
-        test, set(count_items(train)), min_session_length)
-    num_valid = int(round(len(train) * valid_fraction))
-    train, valid = train[:len(train) - num_valid], train[len(train) - num_valid:]
-    valid, valid_clicks_unseen, valid_sessions_unseen = _drop_unseen(
-        valid, set(count_items(train)), min_session_length)
-    if not 0.0 < train_fraction <= 1.0:
-        raise UserError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
-    num_left_out = len(train) - max(int(round(len(train) * train_fraction)), 1)
-    train = train[num_left_out:]
     stats = {
         "items_below_min_count": len(counts) - len(frequent),
         "clicks_on_rare_items": clicks_rare,
         "sessions_too_short": sessions_short,
         "sessions_truncated": truncated,
+    }
+    return [items[:max_session_length] for items in kept], stats
+
+
+def _held_out(train, test, valid, stats, *, min_session_length, valid_fraction, train_fraction):
+    """Steps 5-6 and `train_fraction`: Splits of filtered train and raw test (and valid, or None)."""
+    test, test_clicks_unseen, test_sessions_unseen = _drop_unseen(
+        test, set(count_items(train)), min_session_length)
+    if valid is None:
+        num_valid = int(round(len(train) * valid_fraction))
+        train, valid = train[:len(train) - num_valid], train[len(train) - num_valid:]
+    valid, valid_clicks_unseen, valid_sessions_unseen = _drop_unseen(
+        valid, set(count_items(train)), min_session_length)
+    num_left_out = len(train) - max(int(round(len(train) * train_fraction)), 1)
+    train = train[num_left_out:]
+    stats = {
+        **stats,
         "test_clicks_unseen_in_train": test_clicks_unseen,
         "test_sessions_too_short_after_unseen": test_sessions_unseen,
         "valid_clicks_unseen_in_train": valid_clicks_unseen,

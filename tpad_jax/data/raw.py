@@ -1,14 +1,19 @@
-"""The canonical raw format (items.jsonl, sessions.jsonl, images/) with readers that name every bad field.
+"""The canonical raw format (items.jsonl, sessions.jsonl, images/, split.json) with readers that name every
+bad field.
 
-items.jsonl:    {"item_id": str, "title": str, "category": str | null, "image": "relative/path.jpg" | null}
+items.jsonl:    {"item_id": str, "title": str | null, "category": str | null, "image": "path.jpg" | null}
 sessions.jsonl: {"session_id": str, "items": [item_id, ...], "timestamp": int | null}   (click order)
+split.json:     {"train": [session_id, ...], "test": [session_id, ...], "valid": [...]}  (optional file;
+                "valid" optional too)
 
 Files are UTF-8 (a leading byte-order mark is dropped; CRLF line ends and blank lines are fine). Image
 paths are relative to the directory holding items.jsonl and must resolve inside it, symlinks included.
-`category`, `image` and `timestamp` may be absent (read as null). With `on_error="raise"` the first bad
-record raises `RawFormatError`; with `on_error="skip"` the record is skipped (an unknown item inside a
-session drops only that click) and the reason is counted in a `SkipReport`, which ends up in the dataset
-statistics.
+`category`, `image` and `timestamp` may be absent (read as null). `title` may be null (an item known by
+its id only; a catalogue where no item has a title or an image is ID-only) but not absent, so a misspelt
+key is not read as "no title". With `on_error="raise"` the first bad record raises `RawFormatError`; with
+`on_error="skip"` the record is skipped (an unknown item inside a session drops only that click; a listed
+session id that sessions.jsonl lacks drops only that id) and the reason is counted in a `SkipReport`,
+which ends up in the dataset statistics.
 """
 
 import codecs
@@ -31,7 +36,7 @@ ON_ERROR_CHOICES = ("raise", "skip")
 @dataclasses.dataclass(frozen=True)
 class Item:
     item_id: str
-    title: str
+    title: str | None  # None: the item has no text
     category: str | None
     image: str | None  # relative to the catalogue directory
 
@@ -158,10 +163,13 @@ def _records(path):
         raise RawFormatError(path, 0, None, "empty file: no records")
 
 
-def _check_type(record, field, types, path, line, *, required, type_name):
-    """Returns record[field] if it has one of `types` (absent -> None when not required), else raises."""
+def _check_type(record, field, types, path, line, *, required, type_name, nullable=False):
+    """Returns record[field] if it has one of `types`, else raises.
+
+    Absent or null is None when not `required`; a `nullable` field must be present but may be null.
+    """
     if field not in record or record[field] is None:
-        if required:
+        if required and not (nullable and field in record):
             raise RawFormatError(path, line, field, "missing")
         return None
     value = record[field]
@@ -177,14 +185,15 @@ def _parse_item(record, path, line, catalogue_dir):
         raise _with_reason(RawFormatError(path, line, None, "expected a JSON object"), "wrong_type")
     try:
         item_id = _check_type(record, "item_id", str, path, line, required=True, type_name="string")
-        title = _check_type(record, "title", str, path, line, required=True, type_name="string")
+        title = _check_type(record, "title", str, path, line, required=True, nullable=True,
+                            type_name="string")
         category = _check_type(record, "category", str, path, line, required=False, type_name="string")
         image = _check_type(record, "image", str, path, line, required=False, type_name="string")
     except RawFormatError as e:
         raise _with_reason(e, "missing_field" if e.message == "missing" else "wrong_type")
     if not item_id.strip():
         raise _with_reason(RawFormatError(path, line, "item_id", "empty"), "missing_field")
-    if not title.strip():
+    if title is not None and not title.strip():
         raise _with_reason(RawFormatError(path, line, "title", "empty"), "missing_title")
     if image is not None:
         problem = check_image(catalogue_dir, image)
@@ -282,6 +291,97 @@ def read_sessions(path, known_items, on_error="raise", report=None):
     report = SkipReport() if report is None else report  # shared with the click-level skips
     parse = lambda record, line: _parse_session(record, path, line, known_items, on_error, report)  # noqa: E731
     return _read_records(path, parse, "session_id", on_error, report)
+
+
+SPLIT_FILE = "split.json"
+SPLIT_KEYS = ("train", "valid", "test")
+REQUIRED_SPLIT_KEYS = ("train", "test")
+
+
+def read_split(path, sessions, on_error="raise", report=None):
+    """Reads a given split (split.json) and resolves its session ids against `sessions`.
+
+    The file's shape (an object with lists "train" and "test", optionally "valid", of id strings) is
+    checked first and always raises. A listed id that `sessions` lacks, or one listed twice, raises
+    (on_error="raise") or is dropped and counted (reasons "split_id_not_in_sessions",
+    "split_id_listed_twice"; the first listing wins).
+
+    Args:
+      path: the split.json file.
+      sessions: list[Session] read from sessions.jsonl next to it.
+      on_error: "raise" or "skip".
+      report: SkipReport collecting skip reasons (a fresh one when None).
+    Returns:
+      {split name: list[Session] in the listed order} for each split the file lists.
+    """
+    check_on_error(on_error)
+    report = SkipReport() if report is None else report
+    text, listed = _split_lists(path)
+    by_id = {session.session_id: session for session in sessions}
+    sessions_file = os.path.join(os.path.dirname(path), "sessions.jsonl")
+    chosen, listed_in = {}, {}
+    for name, ids in listed.items():
+        chosen[name] = []
+        for session_id in ids:
+            if session_id in listed_in:
+                line = _line_of(text, name, session_id, skip=int(listed_in[session_id] == name))
+                error = RawFormatError(path, line, name, f"session id {session_id!r} listed twice (also in "
+                                       f"{listed_in[session_id]!r})")
+                handle_error(error, "split_id_listed_twice", on_error, report)
+            elif session_id not in by_id:
+                error = RawFormatError(path, _line_of(text, name, session_id), name,
+                                       f"session id {session_id!r} not in {sessions_file}")
+                handle_error(error, "split_id_not_in_sessions", on_error, report)
+            else:
+                listed_in[session_id] = name
+                chosen[name].append(by_id[session_id])
+    return chosen
+
+
+def _split_lists(path):
+    """(text, {split name: list of id strings}) of a split.json whose shape is checked."""
+    check_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RawFormatError(path, line, None, f"not UTF-8: byte 0x{data[e.start]:02x}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RawFormatError(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
+    expected = 'expected {"train": [session ids], "test": [session ids]} and optionally "valid"'
+    if not isinstance(value, dict):
+        raise RawFormatError(path, 1, None, expected)
+    for key in value:
+        if key not in SPLIT_KEYS:
+            raise RawFormatError(path, _line_of(text, key), key, f"unknown key; {expected}")
+    for key in REQUIRED_SPLIT_KEYS:
+        if key not in value:
+            raise RawFormatError(path, 1, key, "missing")
+    for key, ids in value.items():
+        if not isinstance(ids, list):
+            raise RawFormatError(path, _line_of(text, key), key,
+                                 f"expected a list of session ids, got {type(ids).__name__}")
+        for session_id in ids:
+            if not isinstance(session_id, str):
+                raise RawFormatError(path, _line_of(text, key), key,
+                                     f"expected session id strings, got {type(session_id).__name__}")
+    return text, {key: value[key] for key in SPLIT_KEYS if key in value}
+
+
+def _line_of(text, key, value=None, skip=0):
+    """1-based line of `"key"` in a JSON text, or of the string `value` after it, past `skip` earlier
+    occurrences (0 when not found). Only for messages: called on errors, it scans the text."""
+    position = text.find(json.dumps(key))
+    needle = json.dumps(value, ensure_ascii=False)
+    for _ in range(skip + 1 if value is not None else 0):
+        if position < 0:
+            break
+        position = text.find(needle, position + 1)
+    return text.count("\n", 0, position) + 1 if position >= 0 else 0
 
 
 def write_items(path, items):

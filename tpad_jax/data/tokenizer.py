@@ -8,6 +8,7 @@ Token ids of the TPAD special tokens:
 Always read the ids through `special_ids(tokenizer)`.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<item>", "<sep>")
 # The fixed words of the prompt layouts (prompts.py), so BPE learns them as whole tokens.
 PROMPT_WORDS = ("Item:", "Category:", "Next:")
+TOKENIZER_INPUTS = "tokenizer_inputs.json"  # what DIR/data/tokenizer.json was trained on
 
 
 def train_tokenizer(texts, vocab_size, path):
@@ -83,9 +85,9 @@ def tokenizer_for(config, data, workdir):
 
     A checkpoint's tokenizer is adopted (every call, it is cheap): `data.tokenizer_path` when set, else
     that of the checkpoint the base loads (`model.gguf_path`: rebuilt from the GGUF; `model.checkpoint_dir`:
-    its tokenizer.json). Otherwise an existing DIR/data/tokenizer.json is loaded or a BPE is trained on
-    the catalogue's titles and categories. Delete the file to retrain after changing the catalogue or the
-    vocab size.
+    its tokenizer.json). Otherwise DIR/data/tokenizer.json is loaded when DIR/data/tokenizer_inputs.json
+    says it was trained on this prepared data (its fingerprint) with this vocab size; else a BPE is trained
+    on the catalogue's titles and categories and both files are written.
     """
     from tpad_jax import pretrained  # noqa: PLC0415  (pretrained imports the model code, which is heavy)
 
@@ -93,10 +95,16 @@ def tokenizer_for(config, data, workdir):
     source = config.data.tokenizer_path or pretrained.tokenizer_source(config.model, path.parent)
     if source:
         return adopt_tokenizer(source, path)
-    if path.exists():
+    trained_on = {"data_fingerprint": data.fingerprint, "vocab_size": config.data.tokenizer_vocab_size}
+    inputs_path = path.with_name(TOKENIZER_INPUTS)
+    if path.exists() and inputs_path.exists() and json.loads(inputs_path.read_text()) == trained_on:
         return load_tokenizer(path)
     texts = [*data.titles, *(category for category in data.categories if category)]
-    return train_tokenizer(texts, config.data.tokenizer_vocab_size, path)
+    tokenizer = train_tokenizer(texts, config.data.tokenizer_vocab_size, path)
+    partial = inputs_path.with_name(f"{inputs_path.name}.tmp{os.getpid()}")
+    partial.write_text(json.dumps(trained_on))
+    os.replace(partial, inputs_path)
+    return tokenizer
 
 
 def _save(tokenizer, path):

@@ -91,8 +91,10 @@ class SessionKNN:
     """Session-kNN (Jannach & Ludewig, 2017) over binary item sets with cosine similarity.
 
     Candidates are the `sample_size` most recent train sessions sharing an item with the prefix; the
-    `k` most similar of them vote for their items with their similarity. Items no neighbour contains are
-    ordered by popularity below every voted item (a popularity back-off of vanishing weight).
+    `k` most similar of them vote for their items with their similarity. Voted items rank by their votes,
+    equal votes by popularity; items no neighbour contains follow, by popularity. The scores encode that
+    order (1 + the dense rank of (votes, popularity) within the row for voted items, the popularity
+    tie-break below 1 for the others), not the votes themselves.
     """
 
     def __init__(self, k: int, sample_size: int):
@@ -103,7 +105,8 @@ class SessionKNN:
         self.num_items = num_items
         self.session_items = _session_item_matrix(train_sessions, num_items, binary=True)
         self.session_sizes = np.asarray(self.session_items.sum(axis=1)).reshape(-1)
-        self.tiebreak = popularity_tiebreak(item_counts(train_sessions, num_items))
+        self.counts = item_counts(train_sessions, num_items)
+        self.tiebreak = popularity_tiebreak(self.counts)
         return self
 
     def neighbour_weights(self, prefixes) -> sp.csr_matrix:
@@ -127,9 +130,20 @@ class SessionKNN:
         return sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))),
                              shape=(len(prefixes), self.session_items.shape[0]))
 
+    def votes(self, prefixes) -> sp.coo_matrix:
+        """[b, num_items] sparse sums of the neighbours' similarities (only voted items stored)."""
+        return (self.neighbour_weights(prefixes) @ self.session_items).tocoo()
+
     def score(self, prefixes) -> np.ndarray:
-        votes = (self.neighbour_weights(prefixes) @ self.session_items).toarray()
-        return np.where(votes > 0, 1.0 + votes, self.tiebreak[None, :]).astype(np.float32)
+        votes = self.votes(prefixes)
+        # Sorting (row, votes, popularity) triples gives each voted item its lexicographic dense rank;
+        # rows are contiguous in that order, so subtracting the row's first rank keeps scores small.
+        keys = np.stack([votes.row, votes.data, self.counts[votes.col]], axis=1).astype(np.float64)
+        distinct, rank = np.unique(keys, axis=0, return_inverse=True)
+        first = np.searchsorted(distinct[:, 0], votes.row)
+        scores = np.tile(self.tiebreak, (len(prefixes), 1))
+        scores[votes.row, votes.col] = 1.0 + rank.reshape(-1) - first
+        return scores.astype(np.float32)
 
 
 class Oracle:

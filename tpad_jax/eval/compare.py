@@ -13,6 +13,7 @@ import os
 
 from tpad_jax.cli import UserError
 from tpad_jax.eval import report
+from tpad_jax.workdir import atomic_open
 
 
 def split_signature(workdir: str) -> str:
@@ -79,7 +80,7 @@ def write_comparison(runs: list[tuple[str, str]], out_dir: str) -> list[dict]:
     if os.path.exists(stale):  # write_results merges into an existing csv; a comparison starts afresh
         os.remove(stale)
     report.write_results(rows, out_dir)
-    with open(os.path.join(out_dir, "runs.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "runs.json")) as f:
         json.dump([{"label": label, "workdir": os.path.abspath(workdir)} for label, workdir in runs], f, indent=1)
     return rows
 

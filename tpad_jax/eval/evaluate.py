@@ -5,12 +5,13 @@ import time
 
 import numpy as np
 
-from tpad_jax import cli
-from tpad_jax.data import prepared
+from tpad_jax import cli, export, provenance
+from tpad_jax.data import prepared, readonly
 from tpad_jax.eval import baselines, metrics, report
 
 BASELINE_MODELS = ("oracle",) + baselines.BASELINE_NAMES
 TEST_SPLIT = "test"
+NO_ORACLE = "only synthetic data knows the true next-item distribution"
 
 
 def configured_models(config) -> list[str]:
@@ -33,15 +34,49 @@ def expand_models(spec: str, config) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.ndarray | None:
-    """Test ranks of one model; None for the oracle on data without a known generator."""
+def needs_content(name: str) -> bool:
+    """Whether model `name` reads features exported by the towers (a content row)."""
+    if name in BASELINE_MODELS:
+        return False
+    from tpad_jax.train import msbr  # noqa: PLC0415 (only neural models need the training stack)
+
+    return msbr.NEURAL_MODELS.get(name, (None, None))[1] is not None
+
+
+def runnable_models(names, data) -> tuple[list[str], dict[str, str]]:
+    """Splits model `names` into those `data` can rank and {model: why it is skipped}, in order.
+
+    The oracle needs the synthetic generator; the content rows need a catalogue with content (an
+    ID-only catalogue has no title or image for the towers to read).
+    """
+    runnable, skipped = [], {}
+    for name in names:
+        if name == "oracle" and data.source != "synthetic":
+            skipped[name] = NO_ORACLE
+        elif not data.has_content and needs_content(name):
+            skipped[name] = f"{prepared.NO_CONTENT}: the towers are not built"
+        else:
+            runnable.append(name)
+    return runnable, skipped
+
+
+def check_exports(names, config, workdir: str, data) -> None:
+    """Raises UserError, before any model is ranked, when a content row among `names` would read an
+    export made from other inputs than `config` and the prepared data (`provenance.check_export`)."""
+    from tpad_jax.train import msbr  # noqa: PLC0415 (only neural models need the training stack)
+
+    for name in names:
+        subdir = msbr.NEURAL_MODELS.get(name, (None, None))[1]
+        if subdir and export.is_complete(os.path.join(workdir, subdir)):
+            provenance.check_export(os.path.join(workdir, subdir), config, data.fingerprint)
+
+
+def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.ndarray:
+    """Test ranks of one model that `runnable_models` lets run on `data`."""
     batch_size = config.eval.batch_size
     if name == "oracle":
-        scores = data.oracle_scores(TEST_SPLIT)
-        if scores is None:
-            return None
         # The oracle's rows follow the examples, so its chunks are indexed by example position.
-        oracle = baselines.Oracle(scores)
+        oracle = baselines.Oracle(data.oracle_scores(TEST_SPLIT))
         return metrics.rank_targets(oracle.score, np.arange(len(targets)), targets, batch_size)
     if name in baselines.BASELINE_NAMES:
         model = baselines.make_baseline(name, config).fit(data.train, data.num_items)
@@ -58,24 +93,29 @@ def run(config, workdir: str, models: str) -> list[dict]:
       All rows of the updated results.csv.
     """
     names = expand_models(models, config)
-    data = prepared.load_or_prepare(config, workdir)
+    # Prepared only into a workdir that has none: the data of finished work is never replaced here.
+    data = readonly.load(config, workdir) if readonly.has_prepared(workdir) else \
+        prepared.load_or_prepare(config, workdir)
+    names, skipped = runnable_models(names, data)
+    check_exports(names, config, workdir, data)
     prefixes, targets = data.examples(TEST_SPLIT)
     cold_mask = data.cold_mask(targets)
     print(f"test examples: {len(targets)} ({int(np.sum(cold_mask))} with cold targets), "
-          f"items: {data.num_items}")
+          f"items: {data.num_items}; split {data.stats.get('split', 'by time')}")
+    for line in report.skipped_lines(skipped):
+        print(f"skipped {line}")
     rows, ranks_of = [], {}
     for name in names:
         start = time.perf_counter()
         ranks = rank_model(name, config, workdir, data, prefixes, targets)
-        if ranks is None:
-            print(f"{name}: skipped (only synthetic data knows the true next-item distribution)")
-            continue
         if ranks.shape != targets.shape:
             raise ValueError(f"{name}: {ranks.shape[0]} ranks for {targets.shape[0]} test examples")
         rows.extend(metrics.slice_rows(name, ranks, cold_mask, tuple(config.eval.ks)))
         ranks_of[name] = ranks
         print(f"{name}: ranked in {time.perf_counter() - start:.1f} s")
-    merged = report.write_results(rows, os.path.join(workdir, "results"))
-    report.write_ranks(ranks_of, cold_mask, os.path.join(workdir, "results"))
-    print(report.markdown_tables(merged))
+    results_dir = os.path.join(workdir, "results")
+    provenance.claim_results(workdir, data.fingerprint)
+    merged = report.write_results(rows, results_dir, skipped)
+    report.write_ranks(ranks_of, cold_mask, results_dir)
+    print(report.markdown_tables(merged, report.read_skipped(results_dir)))
     return merged

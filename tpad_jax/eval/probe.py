@@ -25,6 +25,8 @@ import os
 
 import numpy as np
 
+from tpad_jax.workdir import atomic_open
+
 ATTRIBUTES = ("colour", "category", "shape", "material", "style")
 # Export variants in report order; other exports (e.g. minilm) follow alphabetically.
 EXPORT_ORDER = ("raw", "stage1", "tpad", "no-gen", "no-disentangle", "no-align")
@@ -272,10 +274,10 @@ def write_table(rows, results_dir, *, k=10, folds=5, l2=1.0, seed=0):
     """Writes results_dir/attribute_probe.md and attribute_probe.csv (values in [0, 1]); returns the md."""
     os.makedirs(results_dir, exist_ok=True)
     text = markdown(rows, k=k, folds=folds, l2=l2, seed=seed)
-    with open(os.path.join(results_dir, "attribute_probe.md"), "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(results_dir, "attribute_probe.md"), encoding="utf-8") as f:
         f.write(text)
     columns = _columns(rows)
-    with open(os.path.join(results_dir, "attribute_probe.csv"), "w", newline="", encoding="utf-8") as f:
+    with atomic_open(os.path.join(results_dir, "attribute_probe.csv"), newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["export", "items", "dim", *[c.replace(":", "_") for c in columns]])
         for row in rows:

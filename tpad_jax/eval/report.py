@@ -1,4 +1,5 @@
-"""The results report: results.csv (long format), results.md (tables), bar charts and training curves."""
+"""The results report: results.csv (long format), results.md (tables and the rows skipped, with why),
+skipped.json, bar charts and training curves."""
 
 import csv
 import json
@@ -12,6 +13,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tpad_jax.cli import UserError  # noqa: E402
+from tpad_jax.workdir import atomic_open  # noqa: E402
 
 CSV_FIELDS = ("model", "slice", "metric", "k", "value")
 TABLE_SLICES = ("all", "cold", "warm")
@@ -19,6 +21,7 @@ METRICS = ("HR", "MRR", "NDCG")
 TABLE_COLUMNS = tuple((metric, k) for metric in METRICS for k in (5, 10, 20))
 PLOTTED = (("HR", 20), ("MRR", 20))
 NOT_RANKED = ("oracle",)  # an upper bound, not a competitor: never marked best
+SKIPPED_FILE = "skipped.json"
 
 
 def read_results(path: str) -> list[dict]:
@@ -65,12 +68,14 @@ def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
     return [row for model in order for row in by_model[model]]
 
 
-def write_results(rows: list[dict], results_dir: str) -> list[dict]:
-    """Merges `rows` into results_dir/results.csv and rewrites results.md and the bar charts.
+def write_results(rows: list[dict], results_dir: str, skipped: dict | None = None) -> list[dict]:
+    """Merges `rows` into results_dir/results.csv, `skipped` into skipped.json, and rewrites results.md
+    and the bar charts.
 
     Args:
       rows: dicts with keys model, slice (all|cold|warm), metric (HR|MRR|NDCG), k (int), value (%).
       results_dir: created when missing.
+      skipped: {model: why it was not evaluated}. A model with rows now is no longer skipped.
     Returns:
       All rows now in results.csv.
     """
@@ -79,15 +84,29 @@ def write_results(rows: list[dict], results_dir: str) -> list[dict]:
     existing = read_results(csv_path) if os.path.exists(csv_path) else []
     # Rounded as the csv stores them, so the returned rows equal what read_results gives back.
     merged = merge_rows(existing, [dict(r, value=round(r["value"], 2)) for r in rows])
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         writer.writerows([r["model"], r["slice"], r["metric"], r["k"], f"{r['value']:.2f}"] for r in merged)
-    with open(os.path.join(results_dir, "results.md"), "w") as f:
-        f.write(markdown_tables(merged))
+    evaluated = set(_models_in_order(rows))
+    skipped = {model: reason for model, reason in {**read_skipped(results_dir), **(skipped or {})}.items()
+               if model not in evaluated}
+    with atomic_open(os.path.join(results_dir, SKIPPED_FILE)) as f:
+        json.dump(skipped, f, indent=1)
+    with atomic_open(os.path.join(results_dir, "results.md")) as f:
+        f.write(markdown_tables(merged, skipped))
     for metric, k in PLOTTED:
         plot_bars(merged, metric, k, os.path.join(results_dir, f"{metric.lower()}{k}.png"))
     return merged
+
+
+def read_skipped(results_dir: str) -> dict:
+    """{model: reason} of results_dir/skipped.json ({} when there is none)."""
+    path = os.path.join(results_dir, SKIPPED_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 RANKS_FILE = "ranks.npz"
@@ -109,9 +128,8 @@ def write_ranks(ranks_of: dict, cold_mask, results_dir: str) -> None:
         if not np.array_equal(old_mask, cold_mask):
             existing = {}  # ranks of another test split: dropped, they would pair with the wrong examples
     arrays = {_RANK_PREFIX + name: ranks for name, ranks in {**existing, **ranks_of}.items()}
-    with open(path + ".tmp", "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, cold_mask=cold_mask, **arrays)
-    os.replace(path + ".tmp", path)
 
 
 def read_ranks(path: str) -> tuple[dict, np.ndarray]:
@@ -121,8 +139,9 @@ def read_ranks(path: str) -> tuple[dict, np.ndarray]:
         return ranks, archive["cold_mask"]
 
 
-def markdown_tables(rows: list[dict]) -> str:
-    """One Markdown table per slice: models as rows, HR/MRR/NDCG @5/10/20 as columns, best in bold.
+def markdown_tables(rows: list[dict], skipped: dict | None = None) -> str:
+    """One Markdown table per slice: models as rows, HR/MRR/NDCG @5/10/20 as columns, best in bold;
+    then the `skipped` rows ({model: reason}), one line per reason.
 
     Ties for the best are all bold; a column where every model scores 0 has no bold.
     """
@@ -149,7 +168,17 @@ def markdown_tables(rows: list[dict]) -> str:
                     cells.append(f"{value:.2f}")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
+    if skipped:
+        sections.append("### skipped\n\n" + "\n".join(f"- {line}" for line in skipped_lines(skipped)))
     return "\n\n".join(sections) + "\n"
+
+
+def skipped_lines(skipped: dict) -> list[str]:
+    """One line per reason of {model: reason}: `a, b: reason`, models in their order."""
+    by_reason = {}
+    for model, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(model)
+    return [f"{', '.join(models)}: {reason}" for reason, models in by_reason.items()]
 
 
 def plot_bars(rows: list[dict], metric: str, k: int, out_png: str) -> None:
@@ -166,7 +195,8 @@ def plot_bars(rows: list[dict], metric: str, k: int, out_png: str) -> None:
     ax.set_ylabel(f"{metric}@{k} (%)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -206,7 +236,8 @@ def plot_training_curves(metrics_jsonl_paths: dict[str, str], out_png: str) -> N
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from tpad_jax.eval import metrics
 from tpad_jax.train import msbr
+from tpad_jax.workdir import atomic_open
 
 COLUMNS = (("valid", "all", "MRR"), ("test", "all", "HR"), ("test", "all", "MRR"), ("test", "cold", "HR"))
 
@@ -78,9 +79,9 @@ def write_spread(spread: dict, seeds, results_dir: str) -> str:
     """Writes results_dir/seeds.md and seeds.csv (one line per model, column and seed); returns the md."""
     os.makedirs(results_dir, exist_ok=True)
     text = markdown(spread, seeds)
-    with open(os.path.join(results_dir, "seeds.md"), "w") as f:
+    with atomic_open(os.path.join(results_dir, "seeds.md")) as f:
         f.write(text)
-    with open(os.path.join(results_dir, "seeds.csv"), "w", newline="") as f:
+    with atomic_open(os.path.join(results_dir, "seeds.csv"), newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "split", "slice", "metric", "k", "seed", "value"])
         for name, columns in spread.items():

@@ -222,7 +222,7 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
             tqdm.tqdm.write(f"resuming {desc} from checkpoint step {start}")
 
     # ------------------------------------------------------------------------------------ loop
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
     progress = tqdm.tqdm(total=num_steps, initial=start, desc=desc, disable=not is_main)
     last_checkpoint = None if start == 0 else start
     logged: dict[str, float] = {}

@@ -8,8 +8,10 @@ transformer) read every prefix of a session in one pass (`SessionTable`, `msbr.w
 others read one prefix per row (`PrefixTable`). Rows are batched by length bucket
 (`msbr.length_buckets`) so that short ones are not padded to the full width. After every epoch the model is ranked on the validation
 split (never on test): the best epoch's parameters are kept in `DIR/msbr/<name>/best.npz` and training
-stops after `msbr.patience` epochs without improvement. `selection.json` records the choice; a
-workdir whose selection is finished is never trained again.
+stops after `msbr.patience` epochs without improvement. `selection.json` records the choice and the
+`provenance` record of the row's inputs (data, config keys, the export it read); a finished selection
+of the same inputs is never trained again, one of other inputs is moved aside and trained anew, and
+`load_selected` serves a row only for the inputs it was trained on.
 """
 
 import dataclasses
@@ -23,7 +25,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from tpad_jax import export
+from tpad_jax import export, provenance
+from tpad_jax import workdir as workdir_lib
 from tpad_jax.cli import UserError
 from tpad_jax.data import pipeline, raw
 from tpad_jax.eval import metrics as metrics_lib
@@ -220,14 +223,20 @@ def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int,
     return iter(grain.MapDataset.source(source).to_iter_dataset(read_options)), source.batches_per_epoch
 
 
+def export_dir(workdir: str, export_subdir: str) -> str:
+    """DIR/<export_subdir>, once it holds a whole export (else UserError)."""
+    directory = os.path.join(workdir, export_subdir)
+    if not export.is_complete(directory):
+        raise UserError(
+            f"{directory}/{export.EMBEDDINGS_FILE}: missing; run the stage that exports these features first")
+    return directory
+
+
 def load_features(workdir: str, export_subdir: str | None, data) -> np.ndarray | None:
     """The exported features [N, d_c] of DIR/<export_subdir> as written (None: ID only)."""
     if export_subdir is None:
         return None
-    directory = os.path.join(workdir, export_subdir)
-    if not os.path.exists(os.path.join(directory, "item_embeddings.npy")):
-        raise UserError(
-            f"{directory}/item_embeddings.npy: missing; run the stage that exports these features first")
+    directory = export_dir(workdir, export_subdir)
     embeddings, item_ids, _ = export.load_export(directory)
     if list(item_ids) != list(data.item_ids):
         raise UserError(f"{directory}/item_ids.json: rows do not match the prepared catalogue "
@@ -348,9 +357,8 @@ def read_selection(directory: str) -> dict | None:
 
 
 def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with workdir_lib.atomic_open(path, encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
 
 
 def save_params(path: str, model) -> None:
@@ -386,13 +394,36 @@ def load_selected(name: str, config, workdir: str, data, features=_UNREAD):
     """The model `name` with its selected (best validation) parameters, on the default device.
 
     `features`: the model's exported features when the caller has them (else read here).
+
+    Raises:
+      UserError when the row was trained on other inputs than `config`, `data` and its export now
+      give (it would score with other settings than it learned, or not load at all).
     """
+    directory = model_dir(workdir, name)
+    record = inputs_record(name, config, workdir, data)
+    stored = (read_selection(directory) or {}).get("inputs")
+    if provenance.identity(stored) != provenance.identity(record):
+        raise UserError(f"{directory}: model {name!r} was trained on other inputs than these settings "
+                        f"({provenance.differences(stored, record)}); launch/evaluate.py --models={name} "
+                        "trains it again")
     if features is _UNREAD:
         _, export_subdir = _model_spec(name)
         features = load_features(workdir, export_subdir, data)
     model = model_factory(name, config, data.num_items, features)()
     load_params(os.path.join(model_dir(workdir, name), BEST_PARAMS), model)
     return model
+
+
+def inputs_record(name: str, config, workdir: str, data) -> dict:
+    """The `provenance` record of row `name` trained now: this data, `config` and the export it reads.
+
+    Raises:
+      UserError when the row's export is missing or was not made from this data.
+    """
+    _, export_subdir = _model_spec(name)
+    export_id = None if export_subdir is None else provenance.export_id(export_dir(workdir, export_subdir),
+                                                                        data.fingerprint)
+    return provenance.downstream_record(config, data.fingerprint, export_id)
 
 
 def _model_spec(name: str):
@@ -404,11 +435,13 @@ def _model_spec(name: str):
 def train_msbr(name: str, config, workdir: str, data):
     """Trains `name` with validation model selection (resuming if interrupted); returns the selected model.
 
-    A finished selection in DIR/msbr/<name>/selection.json is loaded, not retrained.
+    A finished selection in DIR/msbr/<name>/selection.json of the same inputs is loaded, not retrained;
+    work of other inputs is moved aside first (`provenance.claim`).
     """
     _, export_subdir = _model_spec(name)
     directory = model_dir(workdir, name)
-    os.makedirs(directory, exist_ok=True)
+    record = inputs_record(name, config, workdir, data)
+    provenance.claim(workdir, os.path.relpath(directory, workdir), record, f"downstream {name}")
     selection = read_selection(directory)
     if selection is not None and selection["finished"]:
         return load_selected(name, config, workdir, data)
@@ -458,7 +491,7 @@ def train_msbr(name: str, config, workdir: str, data):
         state = selection_state(history, msbr.patience)
         if state["best_epoch"] == epoch:
             save_params(os.path.join(directory, BEST_PARAMS), model)
-        _write_selection(directory, history, state, finished=False)
+        _write_selection(directory, history, state, record, finished=False)
         tqdm.tqdm.write(f"{name} epoch {epoch}: valid {metric_name} {history[epoch]:.2f} "
                         f"(best {state['best_metric']:.2f} at epoch {state['best_epoch']})")
         if state["stop"]:
@@ -480,16 +513,16 @@ def train_msbr(name: str, config, workdir: str, data):
         pass
     if not history:
         raise ValueError(f"{name}: training ended without a validation epoch")
-    _write_selection(directory, history, selection_state(history, msbr.patience), finished=True)
+    _write_selection(directory, history, selection_state(history, msbr.patience), record, finished=True)
     return load_selected(name, config, workdir, data, features)
 
 
-def _write_selection(directory: str, history: dict, state: dict, finished: bool) -> None:
+def _write_selection(directory: str, history: dict, state: dict, record: dict, finished: bool) -> None:
     metric = f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}"
     _write_json(os.path.join(directory, SELECTION_FILE), {
         "metric": metric, "split": VALID_SPLIT, "best_epoch": state["best_epoch"],
         "best_metric": state["best_metric"], "history": {str(e): v for e, v in sorted(history.items())},
-        "finished": finished})
+        "finished": finished, "inputs": record})
 
 
 def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
