@@ -161,7 +161,7 @@ def test_rows_equal_the_full_run_at_those_positions_in_value_and_lora_gradients(
         part, grads_part = nnx.value_and_grad(loss)(lora, slice(2, 7))
         assert float(part) == pytest.approx(float(full), rel=1e-5)
         for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_part)):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # float32 sums of O(10) values
 
 
 def test_qwen2_style_biases_tied_head_and_free_head_dim():
