@@ -125,11 +125,7 @@ def differences(stored: dict | None, current: dict) -> str:
 
 def read_record(directory: str) -> dict | None:
     """The record of DIR/<name>/inputs.json, or None when there is none."""
-    path = os.path.join(directory, RECORD_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return workdir_lib.read_json(os.path.join(directory, RECORD_FILE))
 
 
 def claim(workdir: str, name: str, record: dict, label: str, redo: str = "retraining") -> bool:

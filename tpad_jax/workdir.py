@@ -9,6 +9,7 @@ replaces `path` only once it is complete: a reader sees the old file or the new 
 
 import contextlib
 import fcntl
+import json
 import os
 
 from tpad_jax.cli import UserError
@@ -62,6 +63,14 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def read_json(path: str):
+    """The JSON value in `path`, or None when the file does not exist (yet)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def move_aside(workdir: str, name: str) -> str:

@@ -349,11 +349,7 @@ def selection_state(history: dict, patience: int) -> dict:
 
 def read_selection(directory: str) -> dict | None:
     """The selection.json of a model directory, or None before the first validation."""
-    path = os.path.join(directory, SELECTION_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return workdir_lib.read_json(os.path.join(directory, SELECTION_FILE))
 
 
 def _write_json(path: str, value) -> None:
