@@ -159,7 +159,8 @@ def test_rows_equal_the_full_run_at_those_positions_in_value_and_lora_gradients(
 
         full, grads_full = nnx.value_and_grad(loss)(lora, None)
         part, grads_part = nnx.value_and_grad(loss)(lora, slice(2, 7))
-        assert float(part) == pytest.approx(float(full), rel=1e-5)
+        # A sum of 2 x 5 x width sines of O(1): float32 rounding of the terms adds up to ~1e-5 in absolute.
+        assert float(part) == pytest.approx(float(full), rel=1e-5, abs=1e-4)
         for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads_part)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # float32 sums of O(10) values
 
