@@ -64,7 +64,7 @@ def _run(config, workdir: str, stage: str) -> None:
         if stage in ("all", "msbr"):
             evaluate_all(config, workdir, None)
         return
-    inputs = inputs_lib.build_inputs(config, workdir)
+    inputs = inputs_lib.build_inputs(config, workdir, data)
     print(f"data: {inputs.data.num_items} items, {len(inputs.data.train)} train / {len(inputs.data.valid)} "
           f"valid / {len(inputs.data.test)} test sessions; split {inputs.data.stats.get('split', 'by time')} "
           f"({time.perf_counter() - clock:.1f} s)", flush=True)

@@ -46,9 +46,12 @@ class StageInputs:
         nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision))
 
 
-def build_inputs(config, workdir: str) -> StageInputs:
-    """Prepares data and tokenizer when needed and tokenizes every item prompt once."""
-    data = prepared.load_or_prepare(config, workdir)
+def build_inputs(config, workdir: str, data=None) -> StageInputs:
+    """Prepares data and tokenizer when needed and tokenizes every item prompt once.
+
+    `data`: the prepared data when the caller has already loaded it (else loaded or prepared here).
+    """
+    data = prepared.load_or_prepare(config, workdir) if data is None else data
     tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
     with_images = bool(np.any(data.has_image))
     mllm_cfg = pretrained.mllm_config(config.model, vocab_size=tokenizer.get_vocab_size(),
