@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the repo on sys.path, timing, JSON lines, dated RESULTS.md rows.
+"""What every benchmark script shares: timing, JSON lines, dated RESULTS.md rows.
 
     from common import emit, median_time, record_rows   # benchmarks/ is the script's directory
 
@@ -15,13 +15,10 @@ import json
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 

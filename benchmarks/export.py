@@ -14,16 +14,12 @@ call (which compiles):
 """
 
 import argparse
-import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, which puts the repo on sys.path
-
-from common import default_workdir, emit_row, median_time, record_rows  # noqa: E402
-from train_step import load_config  # noqa: E402
-from tpad_jax import export  # noqa: E402
-from tpad_jax.train import inputs as inputs_lib  # noqa: E402
+from common import default_workdir, emit_row, median_time, record_rows
+from train_step import load_config
+from tpad_jax import export
+from tpad_jax.train import inputs as inputs_lib
 
 COLUMNS = ["preset", "measurement", "items", "batch", "first s", "median s", "items/s", "machine"]
 NOTE = ("`python benchmarks/export.py --config configs/tpad_base.py --preset <preset>` (run alone: "

@@ -27,18 +27,14 @@ consumes them; the goal is >= 5, so the step never waits on input.
 
 import json
 import os
-import sys
 import tempfile
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, which puts the repo on sys.path
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import time  # noqa: E402
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from common import append_results, emit, machine, median_time  # noqa: E402
-from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib  # noqa: E402
+from common import append_results, emit, machine, median_time
+from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib
 
 STAGES = ("stage1", "stage2")
 PIPELINES = ("session_batches", "item_row_batches", "item_batches", "item_pixel_table")

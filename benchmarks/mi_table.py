@@ -12,8 +12,6 @@ d rho^2 / (1 - rho^2). `tests/test_mi.py` runs the same `fit_estimator`.
 
 import argparse
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tpad_jax.models import mi  # noqa: E402
+from tpad_jax.models import mi
 
 LOWER_BOUNDS = ("infonce", "mine", "nwj", "jsd")
 ESTIMATORS = LOWER_BOUNDS + ("club",)

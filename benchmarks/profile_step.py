@@ -16,17 +16,14 @@ import argparse
 import collections
 import glob
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, which puts the repo on sys.path
+import jax
+from jax.profiler import ProfileData
 
-import jax  # noqa: E402
-from jax.profiler import ProfileData  # noqa: E402
-
-import bench_towers  # noqa: E402
-from common import emit  # noqa: E402
+import bench_towers
+from common import emit
 
 # Trace events that wrap other events (the executor, thread-pool waits, Python frames), not ops.
 WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "$", "np.asarray", "Pjit")

@@ -37,23 +37,19 @@ FLOPs      per token of a pass over the LM: 2 P_layers forward + 2 P_layers for 
 
 import dataclasses
 import math
-import os
 import re
-import sys
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
 
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax.data import prompts  # noqa: E402
-from tpad_jax.models import mllm, tpad  # noqa: E402
-from tpad_jax.parallel import mesh as mesh_lib  # noqa: E402
-from tpad_jax.parallel import rules as rules_lib  # noqa: E402
-from tpad_jax.train import optim  # noqa: E402
+from tpad_jax.data import prompts
+from tpad_jax.models import mllm, tpad
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.parallel import rules as rules_lib
+from tpad_jax.train import optim
 
 GIB = 2**30
 DEVICE_MEMORY_GIB = (16, 32, 80)

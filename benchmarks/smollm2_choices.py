@@ -33,19 +33,16 @@ tokens alone give a probe.
 import argparse
 import dataclasses
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, which puts the repo on sys.path
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from common import emit_row, median_time, record_rows  # noqa: E402
-from tpad_jax.data import prompts, raw  # noqa: E402
-from tpad_jax.models import bert, gguf as gguf_checkpoint, hf_weights, llm  # noqa: E402
-from tpad_jax.pretrained import FirstLayers  # noqa: E402
+from common import emit_row, median_time, record_rows
+from tpad_jax.data import prompts, raw
+from tpad_jax.models import bert, gguf as gguf_checkpoint, hf_weights, llm
+from tpad_jax.pretrained import FirstLayers
 
 COLUMNS = ["catalogue", "lm", "layers", "dtype", "title tokens", "titles cut %", "genre AUC", "AUC std",
            "top-1 %", "cos vs fp32", "items/s", "time x", "machine"]

@@ -34,23 +34,19 @@ Measured per stage:
 import argparse
 import dataclasses
 import importlib.util
-import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py, which puts the repo on sys.path
+import jax
+import ml_collections
+from flax import nnx
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from common import apply_overrides, default_workdir, emit_row, median_time, record_rows  # noqa: E402
-from peak import measure_peak  # noqa: E402
-from tpad_jax.models import tpad as tpad_lib  # noqa: E402
-from tpad_jax.parallel import mesh as mesh_lib  # noqa: E402
-from tpad_jax.train import inputs as inputs_lib, loop, stages  # noqa: E402
-from tpad_jax.train.logging import read_metrics  # noqa: E402
+from common import apply_overrides, default_workdir, emit_row, median_time, record_rows
+from peak import measure_peak
+from tpad_jax.models import tpad as tpad_lib
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.train import inputs as inputs_lib, loop, stages
+from tpad_jax.train.logging import read_metrics
 
 COLUMNS = ["preset", "stage", "batch", "tokens/step", "compile s", "step s", "tokens/s", "examples/s",
            "model GFLOP", "XLA GFLOP", "MFU %", "XLA util %", "peak GFLOP/s", "compiles", "loop step s",

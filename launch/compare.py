@@ -9,14 +9,11 @@ runs.json, and prints results.md.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from tpad_jax import cli  # noqa: E402
-from tpad_jax.eval import compare, report  # noqa: E402
+from tpad_jax import cli
+from tpad_jax.eval import compare, report
 
 
 def main():

@@ -8,16 +8,11 @@ Usage:
 config.eval.models. Rows of models already in DIR/results/results.csv and not evaluated now are kept.
 """
 
-import os
-import sys
+from absl import flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax import cli, workdir as workdir_lib  # noqa: E402
-from tpad_jax.eval.evaluate import expand_models, run  # noqa: E402,F401  (expand_models: used by tests)
+from tpad_jax import cli, workdir as workdir_lib
+from tpad_jax.eval.evaluate import expand_models, run  # noqa: F401  (expand_models: used by tests)
 
 
 def main():

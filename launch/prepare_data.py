@@ -5,19 +5,14 @@ Usage:
   python launch/prepare_data.py --config configs/tpad_base.py:tiny --workdir runs/tiny
 """
 
-import os
-import sys
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
 
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax import cli, workdir as workdir_lib  # noqa: E402
-from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib  # noqa: E402
+from tpad_jax import cli, workdir as workdir_lib
+from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/tpad_base.py[:preset]).",
                                           lock_config=True)

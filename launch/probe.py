@@ -12,16 +12,13 @@ Without exports it says so on stderr and exits 2 (a user error, `tpad_jax/cli.py
 
 import glob
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax import cli, export  # noqa: E402
-from tpad_jax.data import prepared  # noqa: E402
-from tpad_jax.eval import probe  # noqa: E402
+from tpad_jax import cli, export
+from tpad_jax.data import prepared
+from tpad_jax.eval import probe
 
 
 def read_exports(workdir: str) -> dict:

@@ -12,16 +12,13 @@ Writes DIR/results/pipeline_seeds.md and .csv, or DIR/results/seeds.md and .csv,
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax import cli, runner, workdir as workdir_lib  # noqa: E402
-from tpad_jax.data import readonly  # noqa: E402
-from tpad_jax.eval import seeds  # noqa: E402
+from tpad_jax import cli, runner, workdir as workdir_lib
+from tpad_jax.data import readonly
+from tpad_jax.eval import seeds
 
 
 def main():

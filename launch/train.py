@@ -8,15 +8,10 @@ models + baselines + report), all. Each stage reads what earlier ones wrote in t
 same command again resumes from the last checkpoint.
 """
 
-import os
-import sys
+from absl import flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax import cli  # noqa: E402
+from tpad_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:preset]).",
                                 lock_config=True)

@@ -4,19 +4,16 @@ Usage: python tests/multihost_worker.py PROCESS_ID PORT WORKDIR OUT_NPZ
 Each process has 2 CPU devices and reads its half of every global batch.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import ml_collections
+import numpy as np
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-import toy_training as toy  # noqa: E402
-from tpad_jax.parallel import distributed  # noqa: E402
-from tpad_jax.parallel import mesh as mesh_lib  # noqa: E402
-from tpad_jax.train import loop  # noqa: E402
+import toy_training as toy
+from tpad_jax.parallel import distributed
+from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.train import loop
 
 NUM_PROCESSES = 2
 LOCAL_BATCH = 8
