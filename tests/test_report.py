@@ -54,6 +54,40 @@ def test_markdown_bold_best_excludes_oracle_and_marks_missing(tmp_path):
     assert tables["### cold"][4] == "| sknn |" + " – |" * 9
 
 
+def _write_selection(workdir, model, best_epoch, epochs, finished=True, cap=None):
+    """A hand-written DIR/msbr/<model>/selection.json (the fields tpad_jax/train/msbr.py writes)."""
+    directory = workdir / "msbr" / model
+    directory.mkdir(parents=True)
+    history = {str(e): 10.0 + e / 3 for e in range(1, epochs + 1)}
+    selection = {"metric": "MRR@20", "split": "valid", "best_epoch": best_epoch,
+                 "best_metric": history[str(best_epoch)], "history": history, "finished": finished}
+    if cap is not None:
+        selection["inputs"] = {"data_fingerprint": "f", "config": {"msbr.max_epochs": cap}, "export": None}
+    (directory / "selection.json").write_text(json.dumps(selection))
+
+
+def test_results_md_lists_each_neural_rows_training_epochs(tmp_path):
+    _write_selection(tmp_path, "gru4rec", best_epoch=6, epochs=9, cap=40)
+    _write_selection(tmp_path, "tpad", best_epoch=8, epochs=8, cap=8)
+    _write_selection(tmp_path, "srgnn", best_epoch=2, epochs=3, finished=False, cap=40)
+    _write_selection(tmp_path, "transformer", best_epoch=7, epochs=8)  # from before inputs were recorded
+    _write_selection(tmp_path, "sknn-unused", best_epoch=1, epochs=1, cap=40)  # not in the results
+    rows = [row for model in ("pop", "gru4rec", "tpad", "srgnn", "transformer", "markov")
+            for row in rows_for(model, 1, slices=("all",))]
+    report.write_results(rows, str(tmp_path / "results"))
+    text = (tmp_path / "results" / "results.md").read_text()
+    table = text.split("### training epochs\n\n")[1].strip().splitlines()
+    assert table == [
+        "| model | best epoch / epochs run | epoch cap | stopped by | valid MRR@20 |",
+        "|---|---:|---:|---|---:|",
+        "| gru4rec | 6 / 9 | 40 | patience | 12.00 |",
+        "| tpad | 8 / 8 | 8 | cap | 12.67 |",
+        "| srgnn | 2 / 3 | 40 | interrupted | 10.67 |",
+        "| transformer | 7 / 8 | – | – | 12.33 |",
+    ]
+    assert text.index("### warm") < text.index("### training epochs")
+
+
 def test_markdown_leaves_all_zero_columns_plain():
     rows = [{"model": m, "slice": "all", "metric": "HR", "k": 5, "value": 0.0} for m in ("pop", "sknn")]
     assert "**" not in report.markdown_tables(rows)

@@ -1,9 +1,13 @@
 """Downstream recommender training: prefixes, validation-only model selection, early stop, no retraining."""
 
+import importlib.util
 import os
+import types
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import tpad_base
 from tpad_jax import cli, export, provenance
@@ -274,3 +278,115 @@ def test_seed_spread_reuses_the_run_and_retrains_only_other_seeds(tiny):
     assert "| transformer | " in text and f"{mean:.2f} +- " in text
     with pytest.raises(ValueError, match="the run's own seed"):
         seeds.seed_spread(["transformer"], config, workdir, data, [config.seed])
+
+
+def test_row_config_overrides_only_its_row():
+    config = tpad_base.get_config("tiny")
+    config.msbr.per_model.gru4rec.learning_rate = 0.01
+    config.msbr.per_model.gru4rec.hidden_dim = 48
+    config.msbr.per_model.gru4rec.max_epochs = 5
+    gru4rec = msbr.row_config("gru4rec", config).msbr
+    settings = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience")
+    # dropout and patience: the tiny preset's msbr.*
+    assert [gru4rec[key] for key in settings] == [0.01, 48, 0.1, 5, 1]
+    transformer = msbr.row_config("transformer", config).msbr
+    assert [transformer[key] for key in settings] == [3e-3, 32, 0.1, 2, 1]
+    assert "per_model" not in gru4rec and "per_model" not in transformer
+    assert msbr.row_config("gru4rec", msbr.row_config("gru4rec", config)).msbr == gru4rec
+    assert msbr.encoder_config("gru4rec", config).hidden_dim == 48
+    assert msbr.encoder_config("transformer", config).hidden_dim == 32
+    assert config.msbr.learning_rate == 3e-3 and config.msbr.per_model.gru4rec.learning_rate == 0.01
+
+
+def test_a_row_setting_changes_that_rows_record_only():
+    data = types.SimpleNamespace(fingerprint="f" * 64)  # ID-only rows read no export
+    config = tpad_base.get_config("tiny")
+    before = {name: msbr.inputs_record(name, config, "unused", data) for name in ("gru4rec", "srgnn")}
+    config.msbr.per_model.gru4rec.dropout = 0.3
+    after = {name: msbr.inputs_record(name, config, "unused", data) for name in ("gru4rec", "srgnn")}
+    assert after["srgnn"] == before["srgnn"]
+    assert provenance.differences(before["gru4rec"], after["gru4rec"]) == "msbr.dropout 0.1 -> 0.3"
+    assert not any(key.startswith("msbr.per_model") for key in after["gru4rec"]["config"])
+
+
+def test_per_model_rejects_unknown_rows_and_settings():
+    config = tpad_base.get_config("tiny")
+    config.msbr.per_model["bert4rec"] = {"learning_rate": 0.1}
+    config.msbr.per_model.gru4rec["num_layers"] = 3
+    with pytest.raises(cli.UserError, match=r"unknown row 'bert4rec'; gru4rec.num_layers: not a per-row"):
+        msbr.row_config("transformer", config)
+
+
+def test_per_model_section_covers_every_row_and_takes_command_line_overrides():
+    assert tpad_base.NEURAL_ROWS == tuple(msbr.NEURAL_MODELS)
+    assert tuple(tpad_base.ROW_SETTING_TYPES) == msbr.ROW_SETTINGS
+    tiny = tpad_base.get_config("tiny").msbr.per_model
+    assert all(value is None for row in tiny.values() for value in row.values())
+    base = tpad_base.get_config().msbr.per_model
+    assert {row: {k: v for k, v in settings.items() if v is not None} for row, settings in base.items()
+            if any(v is not None for v in settings.values())} == tpad_base.TUNED_ROWS
+    parsed = _parse_config("--config.msbr.per_model.gru4rec.learning_rate=0.02",
+                           '--config.msbr.per_model["srgnn+tpad"].hidden_dim=16')
+    assert msbr.row_config("gru4rec", parsed).msbr.learning_rate == 0.02
+    assert msbr.encoder_config("srgnn+tpad", parsed).hidden_dim == 16
+    assert msbr.encoder_config("srgnn", parsed).hidden_dim == 32
+    with pytest.raises(AttributeError):  # the config is locked: a misspelled setting fails
+        _parse_config("--config.msbr.per_model.gru4rec.lr=0.02")
+
+
+def _parse_config(*overrides):
+    """The tiny preset as `--config configs/tpad_base.py:tiny` with `overrides` gives it (locked)."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "tpad_base.py")
+    argv = ["prog", f"--config={path}:tiny", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def test_a_row_trains_and_serves_with_its_own_hidden_size(tiny, monkeypatch):
+    _, workdir, data, _, _ = tiny
+    config = tpad_base.get_config("tiny")
+    config.msbr.per_model.srgnn.hidden_dim = 16
+    config.msbr.per_model.srgnn.max_epochs = 1
+    model = msbr.train_msbr("srgnn", config, workdir, data)
+    assert model.id_embedding.embedding[...].shape == (data.num_items, 16)
+    selection = msbr.read_selection(msbr.model_dir(workdir, "srgnn"))
+    assert selection["inputs"]["config"]["msbr.hidden_dim"] == 16 and list(selection["history"]) == ["1"]
+
+    def no_training(**kwargs):
+        raise AssertionError("run_loop called for a row whose settings did not change")
+
+    monkeypatch.setattr(loop, "run_loop", no_training)
+    config.msbr.per_model.transformer.learning_rate = 0.5  # another row's setting: srgnn is served as is
+    served = msbr.load_selected("srgnn", config, workdir, data)
+    np.testing.assert_array_equal(served.id_embedding.embedding[...], model.id_embedding.embedding[...])
+    config.msbr.per_model.srgnn.hidden_dim = 24
+    with pytest.raises(cli.UserError, match=r"msbr.hidden_dim 16 -> 24"):
+        msbr.load_selected("srgnn", config, workdir, data)
+
+
+def _tune_script():
+    """benchmarks/tune.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "tune.py")
+    spec = importlib.util.spec_from_file_location("tune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_coordinate_search_takes_each_setting_in_turn():
+    calls = []
+    scores = {(1, 10, 0): 1.0, (2, 10, 0): 3.0, (3, 10, 0): 3.0, (2, 20, 1): 4.0}
+
+    def score(settings):
+        calls.append((settings["a"], *settings[("b", "c")]))
+        return scores[calls[-1]]
+
+    tune = _tune_script()
+    chosen, tried = tune.coordinate_search(score, (("a", (1, 2, 3)), (("b", "c"), ((10, 0), (20, 1)))))
+    assert chosen == {"a": 2, ("b", "c"): (20, 1)}  # a: 2 and 3 tie, the earlier value stays
+    assert calls == [(1, 10, 0), (2, 10, 0), (3, 10, 0), (2, 20, 1)]  # (2, 10, 0) is not trained twice
+    assert [value for _, value in tried] == [1.0, 3.0, 3.0, 4.0]
+    assert tune.row_settings(chosen) == {"a": 2, "b": 20, "c": 1}

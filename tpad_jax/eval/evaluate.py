@@ -117,5 +117,6 @@ def run(config, workdir: str, models: str) -> list[dict]:
     provenance.claim_results(workdir, data.fingerprint)
     merged = report.write_results(rows, results_dir, skipped)
     report.write_ranks(ranks_of, cold_mask, results_dir)
-    print(report.markdown_tables(merged, report.read_skipped(results_dir)))
+    with open(os.path.join(results_dir, "results.md"), encoding="utf-8") as f:
+        print(f.read())  # what write_results rendered, epochs and skipped rows included
     return merged

@@ -1,5 +1,5 @@
-"""The results report: results.csv (long format), results.md (tables and the rows skipped, with why),
-skipped.json, bar charts and training curves."""
+"""The results report: results.csv (long format), results.md (tables, each neural row's training epochs
+and the rows skipped, with why), skipped.json, bar charts and training curves."""
 
 import csv
 import json
@@ -22,6 +22,8 @@ TABLE_COLUMNS = tuple((metric, k) for metric in METRICS for k in (5, 10, 20))
 PLOTTED = (("HR", 20), ("MRR", 20))
 NOT_RANKED = ("oracle",)  # an upper bound, not a competitor: never marked best
 SKIPPED_FILE = "skipped.json"
+# A neural row's validation selection, as tpad_jax/train/msbr.py writes it (DIR/msbr/<model>/selection.json).
+SELECTION_FILE = "selection.json"
 
 
 def read_results(path: str) -> list[dict]:
@@ -74,7 +76,8 @@ def write_results(rows: list[dict], results_dir: str, skipped: dict | None = Non
 
     Args:
       rows: dicts with keys model, slice (all|cold|warm), metric (HR|MRR|NDCG), k (int), value (%).
-      results_dir: created when missing.
+      results_dir: DIR/results (created when missing); results.md lists the training epochs of the
+        models that have a DIR/msbr/<model>/selection.json.
       skipped: {model: why it was not evaluated}. A model with rows now is no longer skipped.
     Returns:
       All rows now in results.csv.
@@ -93,8 +96,9 @@ def write_results(rows: list[dict], results_dir: str, skipped: dict | None = Non
                if model not in evaluated}
     with atomic_open(os.path.join(results_dir, SKIPPED_FILE)) as f:
         json.dump(skipped, f, indent=1)
+    epochs = read_epochs(os.path.dirname(os.path.abspath(results_dir)), _models_in_order(merged))
     with atomic_open(os.path.join(results_dir, "results.md")) as f:
-        f.write(markdown_tables(merged, skipped))
+        f.write(markdown_tables(merged, skipped, epochs))
     for metric, k in PLOTTED:
         plot_bars(merged, metric, k, os.path.join(results_dir, f"{metric.lower()}{k}.png"))
     return merged
@@ -139,9 +143,43 @@ def read_ranks(path: str) -> tuple[dict, np.ndarray]:
         return ranks, archive["cold_mask"]
 
 
-def markdown_tables(rows: list[dict], skipped: dict | None = None) -> str:
+def read_epochs(workdir: str, models) -> dict:
+    """{model: its selection.json} for the `models` with a DIR/msbr/<model>/selection.json, in order."""
+    selections = {}
+    for model in models:
+        path = os.path.join(workdir, "msbr", model, SELECTION_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                selections[model] = json.load(f)
+    return selections
+
+
+def epochs_table(selections: dict) -> str:
+    """Markdown: per neural row, the selected epoch, the epochs trained, the cap and what stopped it.
+
+    `stopped by` is `patience` when validation stopped improving before `msbr.max_epochs` (the row's
+    recorded cap), `cap` when the cap ended training, `interrupted` when training did not finish.
+    """
+    lines = ["### training epochs", "", "| model | best epoch / epochs run | epoch cap | stopped by | "
+             "valid MRR@20 |", "|---|---:|---:|---|---:|"]
+    for model, selection in selections.items():
+        run = max(int(epoch) for epoch in selection["history"])
+        cap = selection.get("inputs", {}).get("config", {}).get("msbr.max_epochs")
+        if not selection["finished"]:
+            stopped = "interrupted"
+        elif cap is None:  # a selection from before the inputs were recorded
+            stopped = "–"
+        else:
+            stopped = "cap" if run == cap else "patience"
+        lines.append(f"| {model} | {selection['best_epoch']} / {run} | {'–' if cap is None else cap} | "
+                     f"{stopped} | {selection['best_metric']:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown_tables(rows: list[dict], skipped: dict | None = None, epochs: dict | None = None) -> str:
     """One Markdown table per slice: models as rows, HR/MRR/NDCG @5/10/20 as columns, best in bold;
-    then the `skipped` rows ({model: reason}), one line per reason.
+    then the training epochs of the neural rows (`epochs`: {model: selection}, `epochs_table`) and the
+    `skipped` rows ({model: reason}), one line per reason.
 
     Ties for the best are all bold; a column where every model scores 0 has no bold.
     """
@@ -168,6 +206,8 @@ def markdown_tables(rows: list[dict], skipped: dict | None = None) -> str:
                     cells.append(f"{value:.2f}")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
+    if epochs:
+        sections.append(epochs_table(epochs))
     if skipped:
         sections.append("### skipped\n\n" + "\n".join(f"- {line}" for line in skipped_lines(skipped)))
     return "\n\n".join(sections) + "\n"

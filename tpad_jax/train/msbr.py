@@ -6,11 +6,13 @@ workdir (or are absent for ID-only models). Training examples are all prefixes o
 with their next click; the loss is the full-softmax cross-entropy. Causal encoders (GRU4Rec, the causal
 transformer) read every prefix of a session in one pass (`SessionTable`, `msbr.whole_sessions`); the
 others read one prefix per row (`PrefixTable`). Rows are batched by length bucket
-(`msbr.length_buckets`) so that short ones are not padded to the full width. After every epoch the model is ranked on the validation
-split (never on test): the best epoch's parameters are kept in `DIR/msbr/<name>/best.npz` and training
-stops after `msbr.patience` epochs without improvement. `selection.json` records the choice and the
-`provenance` record of the row's inputs (data, config keys, the export it read); a finished selection
-of the same inputs is never trained again, one of other inputs is moved aside and trained anew, and
+(`msbr.length_buckets`) so that short ones are not padded to the full width. After every epoch the
+model is ranked on the validation split (never on test): the best epoch's parameters are kept in
+`DIR/msbr/<name>/best.npz` and training stops after `msbr.patience` epochs without improvement. Each
+row trains, is served and is recorded under its own settings (`row_config`: `msbr.per_model.<row>`
+over `msbr.*`). `selection.json` records the choice and the `provenance` record of the row's inputs
+(data, its settings, the export it read); a finished selection of the same inputs is never trained
+again, one of other inputs is moved aside and trained anew, and
 `load_selected` serves a row only for the inputs it was trained on.
 """
 
@@ -49,6 +51,8 @@ NEURAL_MODELS = {
     "tpad-no-align": ("transformer", "export_no-align"),
     "transformer+minilm": ("transformer", "export_minilm"),
 }
+# Settings a row may set for itself in `msbr.per_model.<row>.<key>` (None: the row takes `msbr.<key>`).
+ROW_SETTINGS = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience")
 SELECTION_METRIC = ("MRR", 20)  # validation metric that picks the epoch (and the default model)
 SELECTION_FILE = "selection.json"
 BEST_PARAMS = "best.npz"
@@ -255,22 +259,66 @@ def normalise_content(embeddings: np.ndarray, normalise: str, eps: float = 1e-3)
     variance), so under `l2` the projection sees items of one cluster as near-identical; whitening gives
     every direction the catalogue varies in the same weight.
     """
-    x = np.asarray(embeddings, np.float64)
-    if normalise == "l2":
-        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    if normalise == "whiten":
-        x = x - x.mean(axis=0)
-        variances, vectors = np.linalg.eigh(x.T @ x / len(x))
-        variances = np.maximum(variances, 0.0)
-        x = (x @ vectors) / np.sqrt(variances + eps * variances.max())
-        return (x / np.sqrt(np.mean(np.sum(x * x, axis=1)))).astype(np.float32)
-    raise UserError(f"msbr.content_norm must be one of {CONTENT_NORMS}, got {normalise!r}")
+    return content_transform(embeddings, normalise, eps)(embeddings)
+
+
+def content_transform(features: np.ndarray, normalise: str, eps: float = 1e-3):
+    """The map `normalise_content(features, normalise)` applies to each row, fitted on `features` once,
+    so that rows outside them (new items) get the catalogue's statistics, not their own."""
+    if normalise == "l2":  # per row: nothing to fit
+        def unit(rows):
+            x = np.asarray(rows, np.float64)
+            return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return unit
+    if normalise != "whiten":
+        raise UserError(f"msbr.content_norm must be one of {CONTENT_NORMS}, got {normalise!r}")
+    x = np.asarray(features, np.float64)
+    mean = x.mean(axis=0)
+    variances, vectors = np.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+    variances = np.maximum(variances, 0.0)
+    scale = np.sqrt(variances + eps * variances.max())
+    white = ((x - mean) @ vectors) / scale
+    norm = np.sqrt(np.mean(np.sum(white * white, axis=1)))
+
+    def whiten(rows):
+        return ((((np.asarray(rows, np.float64) - mean) @ vectors) / scale) / norm).astype(np.float32)
+    return whiten
+
+
+def row_config(name: str, config):
+    """`config` as the neural row `name` sees it: `msbr.per_model[name]`'s settings in place of `msbr.*`.
+
+    The copy has no `per_model` section, so the row's provenance record holds its own effective
+    settings: a per-row setting retrains that row and no other. A config without the section (or a
+    copy this returned) is returned as it is.
+
+    Raises:
+      UserError for a per_model entry of an unknown row or a key outside `ROW_SETTINGS`.
+    """
+    _model_spec(name)
+    per_model = config.msbr.get("per_model")
+    if per_model is None:
+        return config
+    problems = [f"unknown row {row!r}" for row in per_model if row not in NEURAL_MODELS]
+    problems += [f"{row}.{key}: not a per-row setting" for row, settings in per_model.items()
+                 for key in settings if key not in ROW_SETTINGS]
+    if problems:
+        raise UserError(f"msbr.per_model: {'; '.join(problems)}; rows: {', '.join(NEURAL_MODELS)}; "
+                        f"settings: {', '.join(ROW_SETTINGS)}")
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        del resolved.msbr["per_model"]
+        for key, value in per_model.get(name, {}).items():
+            if value is not None:
+                resolved.msbr[key] = value
+    return resolved
 
 
 def encoder_config(name: str, config) -> msbr_models.EncoderConfig:
-    """The session encoder of the neural model `name` under `config.msbr`."""
+    """The session encoder of the neural model `name` under its settings (`row_config`)."""
     encoder, _ = _model_spec(name)
-    return dataclasses.replace(msbr_models.EncoderConfig.from_config(config), encoder=encoder)
+    settings = msbr_models.EncoderConfig.from_config(row_config(name, config))
+    return dataclasses.replace(settings, encoder=encoder)
 
 
 def model_factory(name: str, config, num_items: int, features):
@@ -279,6 +327,7 @@ def model_factory(name: str, config, num_items: int, features):
     The item vectors read the features normalised per `msbr.content_norm`; the last-item similarity
     term reads their unit rows, so that it is the cosine the retrieval probe ranks by.
     """
+    config = row_config(name, config)
     cfg = encoder_config(name, config)
     content = similarity = None
     if features is not None:
@@ -419,7 +468,7 @@ def inputs_record(name: str, config, workdir: str, data) -> dict:
     _, export_subdir = _model_spec(name)
     export_id = None if export_subdir is None else provenance.export_id(export_dir(workdir, export_subdir),
                                                                         data.fingerprint)
-    return provenance.downstream_record(config, data.fingerprint, export_id)
+    return provenance.downstream_record(row_config(name, config), data.fingerprint, export_id)
 
 
 def _model_spec(name: str):
@@ -435,6 +484,7 @@ def train_msbr(name: str, config, workdir: str, data):
     work of other inputs is moved aside first (`provenance.claim`).
     """
     _, export_subdir = _model_spec(name)
+    config = row_config(name, config)
     directory = model_dir(workdir, name)
     record = inputs_record(name, config, workdir, data)
     provenance.claim(workdir, os.path.relpath(directory, workdir), record, f"downstream {name}")
