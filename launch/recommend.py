@@ -1,78 +1,133 @@
-"""Recommends next items for sessions with a trained downstream model; one JSON line per session.
+"""Recommends next items for sessions with a trained downstream model; one JSON line per input line.
 
 Usage:
-  python launch/recommend.py --config configs/tpad_base.py --workdir runs/base \
-      --sessions my_sessions.jsonl --top_k 20 [--model tpad]
+  python launch/recommend.py --workdir runs/base --sessions my_sessions.jsonl --top_k 20 \
+      [--model tpad] [--config configs/tpad_base.py] [--noexclude_seen] [--new_items new/items.jsonl]
+  cat my_sessions.jsonl | python launch/recommend.py --workdir runs/base --sessions -
 
-`--sessions` is in the canonical format (`{"session_id": ..., "items": [item ids in click order]}`).
+A thin front of `tpad_jax.recommender.Recommender` (scores, shapes and new items are documented there):
+the model is loaded and compiled once, then sessions are answered `--batch_size` at a time (a file) or
+one by one as lines arrive (`--sessions -`, standard input; compiled for one session by default). Input lines are canonical sessions
+(`{"session_id": ..., "items": [item ids in click order]}`). Each good line gets
+`{"session_id", "model", "unknown_items", "recommendations": [{item_id, title, score, probability}]}`;
+ids unknown to the items are listed under "unknown_items" and left out, and a session with no known
+item gets an "error" field instead of recommendations. A bad line (not UTF-8, malformed JSON, a
+missing or mistyped field) gets `{"line": N, "error": "..."}` and the next lines are still answered.
+
 The model defaults to `tpad`, the method; the other neural rows (ablations, ID-only and classic-recipe
 models) are comparison rows, served only when named. A model whose training did not finish is not
-served. Item ids unknown to the catalogue are listed per session under "unknown_items" and left out of
-its prefix; a session with no known item gets an "error" field instead of recommendations.
+served. Without `--config` the run's own DIR/config.json is read.
 """
 
-import os
+import codecs
+import json
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from ml_collections import config_flags
 
-import json  # noqa: E402
+from tpad_jax import cli
+from tpad_jax import recommender as recommender_lib
+from tpad_jax.train import msbr
 
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from tpad_jax import cli  # noqa: E402
-from tpad_jax.data import raw, readonly  # noqa: E402
-from tpad_jax.train import msbr  # noqa: E402
-
-DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
+DEFAULT_MODEL = recommender_lib.DEFAULT_MODEL
 
 
-class _AnyItem:
-    """A `known_items` that accepts every id: unknown ids are reported per session here, not dropped."""
-
-    def __contains__(self, item_id):
-        return True
-
-
-def recommend(config, workdir: str, sessions_path: str, top_k: int, name: str = DEFAULT_MODEL):
-    """Yields one output record (a dict) per session of `sessions_path`, in file order."""
-    msbr.check_trained(workdir, name)  # before the data: an untrained workdir costs no preparation
-    data = readonly.load(config, workdir)  # never prepares: serving leaves the workdir as it is
-    model = msbr.load_selected(name, config, workdir, data)
-    row_of = {item_id: row for row, item_id in enumerate(data.item_ids)}
-    top_k = min(top_k, data.num_items)
-    score_fn = msbr.prefix_scorer(model, msbr.prefix_width(config), batch_size=1)
-    for session in raw.read_sessions(sessions_path, _AnyItem()):
-        record = {"session_id": session.session_id, "model": name,
-                  "unknown_items": [item for item in session.items if item not in row_of]}
-        rows = np.array([row_of[item] for item in session.items if item in row_of], np.int32)
-        if len(rows) == 0:
-            record["error"] = "no item of this session is in the catalogue"
-            record["recommendations"] = []
-            yield record
+def session_lines(stream):
+    """Yields (line number, session dict or an error message) for each non-blank line of a byte stream."""
+    for number, line in enumerate(stream, start=1):
+        if number == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield number, f"not UTF-8: byte 0x{line[error.start]:02x} at column {error.start + 1}"
             continue
-        scores = np.asarray(score_fn([rows]))[0]
-        best = np.argsort(-scores, kind="stable")[:top_k]
-        record["recommendations"] = [
-            {"item_id": data.item_ids[row], "title": data.titles[row], "score": float(scores[row])}
-            for row in best.tolist()]
-        yield record
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield number, f"malformed JSON: {error.msg}"
+            continue
+        if not isinstance(record, dict):
+            yield number, "expected a JSON object"
+        elif "session_id" not in record or record["session_id"] is None:
+            yield number, "field 'session_id': missing"
+        else:
+            try:
+                recommender_lib.parse_session(record)
+            except cli.UserError as error:
+                yield number, str(error)
+                continue
+            yield number, record
+
+
+def answer(recommender, lines, top_k: int, exclude_seen: bool, chunk: int):
+    """Yields one output record per item of `lines` (from `session_lines`), in order, `chunk` good
+    sessions per call of the recommender."""
+    pending = []
+
+    def flush():
+        results = recommender.recommend([record for _, record in pending], top_k, exclude_seen)
+        for (_, record), result in zip(pending, results):
+            yield {"session_id": record["session_id"], "model": recommender.name, **result}
+        pending.clear()
+
+    for number, record in lines:
+        if isinstance(record, str):
+            yield from flush()
+            yield {"line": number, "error": record}
+            continue
+        pending.append((number, record))
+        if len(pending) >= chunk:
+            yield from flush()
+    yield from flush()
+
+
+def recommend(config, workdir: str, sessions_path: str, top_k: int, name: str = DEFAULT_MODEL,
+              exclude_seen: bool = True, new_items: str | None = None, batch_size: int | None = None):
+    """Yields one output record (a dict) per non-blank line of `sessions_path` ("-": standard input).
+
+    `batch_size` None: 1 for standard input, answered line by line (a smaller compiled shape answers one
+    session about 5x sooner on the default catalogue: benchmarks/RESULTS.md), else 64.
+    """
+    if batch_size is None:
+        batch_size = 1 if sessions_path == "-" else recommender_lib.DEFAULT_BATCH_SIZE
+    recommender = recommender_lib.Recommender.from_workdir(workdir, name, config, batch_size)
+    if new_items:
+        recommender.add_items(new_items)
+    recommender.check_k(top_k)
+    if sessions_path == "-":
+        yield from answer(recommender, session_lines(sys.stdin.buffer), top_k, exclude_seen, chunk=1)
+        return
+    try:
+        stream = open(sessions_path, "rb")  # noqa: SIM115  (closed below; the generator reads it lazily)
+    except OSError as error:
+        raise cli.UserError(f"{sessions_path}: {error.strerror}") from error
+    with stream:
+        yield from answer(recommender, session_lines(stream), top_k, exclude_seen, chunk=batch_size)
 
 
 def main():
     f = flags.FLAGS
-    for record in recommend(f.config, f.workdir, f.sessions, f.top_k, f.model):
+    for record in recommend(f.config, f.workdir, f.sessions, f.top_k, f.model, f.exclude_seen, f.new_items,
+                            f.batch_size):
         print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":
     # Flags are defined here, not at import, so tests can import this module next to other launchers.
-    config_flags.DEFINE_config_file("config", None, "Path to a config file (file.py:arg).", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (file.py:arg); default: the "
+                                    "run's DIR/config.json.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory holding the trained models (DIR/msbr/).")
-    flags.DEFINE_string("sessions", None, "Canonical sessions.jsonl to recommend for.")
-    flags.DEFINE_integer("top_k", 20, "Recommendations per session.")
+    flags.DEFINE_string("sessions", None, "Canonical sessions.jsonl to recommend for; - reads standard input.")
+    flags.DEFINE_integer("top_k", 20, "Recommendations per session (1 to the number of items).")
+    flags.DEFINE_bool("exclude_seen", True, "Leave the session's own items out of its recommendations.")
+    flags.DEFINE_string("new_items", None, "Items outside the catalogue to recommend too: a canonical "
+                        "items.jsonl, or a directory written by launch/embed_items.py.")
+    flags.DEFINE_integer("batch_size", None, "Sessions per compiled call (default: 1 for standard input, "
+                         f"{recommender_lib.DEFAULT_BATCH_SIZE} for a file).")
     flags.DEFINE_string("model", DEFAULT_MODEL, f"A trained neural model ({', '.join(msbr.NEURAL_MODELS)}).")
-    flags.mark_flags_as_required(["config", "workdir", "sessions"])
+    flags.mark_flags_as_required(["workdir", "sessions"])
     cli.run(main)

@@ -32,7 +32,8 @@ def _embed_all(graphdef, state, batch_size):
     round trip left the device idle; this runs the base export about a fifth faster).
     """
     model = nnx.merge(graphdef, state)
-    num_items = model.cfg.num_items
+    # The rows of its tables, not cfg.num_items: new_items.py gives a trained model tables of other items.
+    num_items = model.tables["item_pos"][...].shape[0]
     num_chunks = -(-num_items // batch_size)
     rows = (jnp.arange(num_chunks * batch_size, dtype=jnp.int32) % num_items).reshape(num_chunks, batch_size)
     e_k = jax.lax.map(lambda chunk: tpad_lib.item_forward(model, chunk)[1], rows)
@@ -40,7 +41,7 @@ def _embed_all(graphdef, state, batch_size):
 
 
 def item_embeddings(model, batch_size: int) -> np.ndarray:
-    """e_K for all N items of `model`'s tables, in fixed-size padded batches: float32 [N, d]."""
+    """e_K for all N items (rows) of `model`'s tables, in fixed-size padded batches: float32 [N, d]."""
     graphdef, state = nnx.split(model)
     return np.asarray(_embed_all(graphdef, state, batch_size))
 

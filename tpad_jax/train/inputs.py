@@ -46,6 +46,24 @@ class StageInputs:
         nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision))
 
 
+def tpad_config(config, data, tokenizer) -> tpad_lib.TPADConfig:
+    """The TPAD model shape of `config` over the catalogue `data` and its `tokenizer`.
+
+    A catalogue without any image builds no vision tower (`mllm.vision` is None, no image slots).
+    """
+    with_images = bool(np.any(data.has_image))
+    mllm_cfg = pretrained.mllm_config(config.model, vocab_size=tokenizer.get_vocab_size(),
+                                      image_size=config.data.image_size, with_images=with_images)
+    if not with_images:
+        mllm_cfg = dataclasses.replace(mllm_cfg, vision=None)
+    n_img = min(config.data.item_visual_tokens, mllm_cfg.vision.num_features) if with_images else 0
+    return tpad_lib.TPADConfig(
+        mllm=mllm_cfg, embed_dim=config.model.embed_dim, image_token_id=tokenizer_lib.special_ids(tokenizer)[
+            "image"], num_items=data.num_items,
+        item_prompt_length=prompts.item_prompt_length(n_img, config.data.max_item_tokens),
+        item_visual_tokens=n_img)
+
+
 def build_inputs(config, workdir: str, data=None) -> StageInputs:
     """Prepares data and tokenizer when needed and tokenizes every item prompt once.
 
@@ -53,19 +71,10 @@ def build_inputs(config, workdir: str, data=None) -> StageInputs:
     """
     data = prepared.load_or_prepare(config, workdir) if data is None else data
     tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
-    with_images = bool(np.any(data.has_image))
-    mllm_cfg = pretrained.mllm_config(config.model, vocab_size=tokenizer.get_vocab_size(),
-                                      image_size=config.data.image_size, with_images=with_images)
-    if not with_images:  # a text-only catalogue needs no vision tower at all
-        mllm_cfg = dataclasses.replace(mllm_cfg, vision=None)
-    n_img = min(config.data.item_visual_tokens, mllm_cfg.vision.num_features) if with_images else 0
-    tpad_cfg = tpad_lib.TPADConfig(
-        mllm=mllm_cfg, embed_dim=config.model.embed_dim, image_token_id=tokenizer_lib.special_ids(tokenizer)[
-            "image"], num_items=data.num_items,
-        item_prompt_length=prompts.item_prompt_length(n_img, config.data.max_item_tokens),
-        item_visual_tokens=n_img)
+    tpad_cfg = tpad_config(config, data, tokenizer)
+    n_img = tpad_cfg.item_visual_tokens
     item_prompts = pipeline.item_prompt_table(config, data, tokenizer, n_img)
-    pixels = pipeline.item_pixel_table(config, data)[0] if with_images else None
+    pixels = pipeline.item_pixel_table(config, data)[0] if tpad_cfg.mllm.vision is not None else None
     return StageInputs(config=config, workdir=workdir, data=data, tokenizer=tokenizer, tpad_cfg=tpad_cfg,
                        item_prompts=item_prompts, pixels=pixels, has_image=np.asarray(data.has_image, bool),
                        mesh=mesh_lib.make_mesh(config.mesh), rules=rules_lib.get_rules(config.mesh.rules))
