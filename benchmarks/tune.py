@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from tpad_jax import cli, provenance
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.data import readonly
-from tpad_jax.eval import evaluate, metrics
+from tpad_jax.eval import evaluate, metrics, seeds
 from tpad_jax.train import msbr
 
 # (setting, values) in search order; the first value of each is where the search starts: the settings
@@ -83,23 +83,12 @@ def trial_label(settings: dict) -> str:
             f"_e{settings['max_epochs']}p{settings['patience']}")
 
 
-def linked_workdir(source: str, directory: str) -> str:
-    """`directory` with `source`'s prepared data and exports linked in (read, never written)."""
-    os.makedirs(directory, exist_ok=True)
-    for entry in os.listdir(source):
-        if entry == "data" or entry.startswith("export"):
-            link = os.path.join(directory, entry)
-            if not os.path.lexists(link):
-                os.symlink(os.path.abspath(os.path.join(source, entry)), link)
-    return directory
-
-
 def run_trial(row: str, settings: dict, config, source: str, out: str, data) -> dict:
     """Trains `row` under `settings` (or reads the finished trial back); returns its table row."""
     trial_config = config.copy_and_resolve_references()
     for key, value in settings.items():
         trial_config.msbr.per_model[row][key] = value
-    directory = linked_workdir(source, os.path.join(out, row, trial_label(settings)))
+    directory = seeds.linked_workdir(source, os.path.join(out, row, trial_label(settings)))
     record_id = provenance.record_id(msbr.inputs_record(row, trial_config, directory, data))
     path = os.path.join(directory, TRIAL_FILE)
     stored = workdir_lib.read_json(path)

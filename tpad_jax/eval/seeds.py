@@ -20,16 +20,20 @@ from tpad_jax.workdir import atomic_open
 COLUMNS = (("valid", "all", "MRR"), ("test", "all", "HR"), ("test", "all", "MRR"), ("test", "cold", "HR"))
 
 
-def seed_workdir(workdir: str, seed: int) -> str:
-    """DIR/seeds/seed<s>/ with DIR's prepared data and exports linked in."""
-    directory = os.path.join(workdir, "seeds", f"seed{seed}")
+def linked_workdir(source: str, directory: str) -> str:
+    """`directory` with `source`'s prepared data and exports linked in (read, never written)."""
     os.makedirs(directory, exist_ok=True)
-    for entry in os.listdir(workdir):
+    for entry in os.listdir(source):
         if entry == "data" or entry.startswith("export"):
             link = os.path.join(directory, entry)
             if not os.path.lexists(link):
-                os.symlink(os.path.abspath(os.path.join(workdir, entry)), link)
+                os.symlink(os.path.abspath(os.path.join(source, entry)), link)
     return directory
+
+
+def seed_workdir(workdir: str, seed: int) -> str:
+    """DIR/seeds/seed<s>/ with DIR's prepared data and exports linked in."""
+    return linked_workdir(workdir, os.path.join(workdir, "seeds", f"seed{seed}"))
 
 
 def seed_values(name: str, config, workdir: str, data) -> dict:
