@@ -9,7 +9,7 @@ a time:
                it: the naive reference a user writes.
   jax_full     the project's path until now (export.retrieval_ranks): a score_fn returning [batch, N]
                scores, ranked by `metrics.rank_targets`.
-  jax_chunked  `metrics.rank_targets_by_dot`: [batch, batch + item_chunk] scores at a time.
+  jax_chunked  `metrics.rank_by_dot` per batch: [batch, batch + item_chunk] scores at a time.
 Each (method, N) is timed in a fresh subprocess (median of 3 calls after a first call that compiles)
 whose peak RSS (VmHWM), minus that of a child that only imports and allocates the same inputs, is the
 method's peak memory: earlier sizes cannot pollute it. S shrinks with N so that each call stays near a second.
@@ -64,8 +64,13 @@ def jax_full_ranks(sessions, items, targets, batch_size: int, item_chunk: int) -
 
 
 def jax_chunked_ranks(sessions, items, targets, batch_size: int, item_chunk: int) -> np.ndarray:
-    """`metrics.rank_targets_by_dot`: memory bounded by batch x (batch + item_chunk) scores."""
-    return metrics.rank_targets_by_dot(sessions, items, targets, batch_size, item_chunk)
+    """`metrics.rank_by_dot` batch by batch, as `msbr.rank_examples` ranks: memory bounded by
+    batch x (batch + item_chunk) scores."""
+    table = jax.device_put(items)
+    return np.concatenate([
+        np.asarray(metrics.rank_by_dot(sessions[start:start + batch_size], table,
+                                       targets[start:start + batch_size], item_chunk))
+        for start in range(0, len(targets), batch_size)])
 
 
 METHODS = {"numpy": numpy_ranks, "jax_full": jax_full_ranks, "jax_chunked": jax_chunked_ranks}
@@ -161,7 +166,7 @@ def main():
             note="Rank each target among all N items by dot-product score, d = 64, fp32, synthetic inputs "
                  "(`benchmarks/eval.py`). `numpy`: s @ items.T then a full argsort per row; `jax_full`: "
                  "`metrics.rank_targets` over [batch, N] scores; `jax_chunked`: "
-                 "`metrics.rank_targets_by_dot` over [batch, batch + item_chunk] scores at a time. "
+                 "`metrics.rank_by_dot` over [batch, batch + item_chunk] scores at a time. "
                  "sessions/s: median of 3 calls after a warm-up; peak_extra_mb: peak RSS (VmHWM) of a fresh "
                  "process minus that of one that only imports and allocates the inputs; mfu: scoring flops "
                  "(2 S N d) per second over the fp32 matmul peak of `benchmarks/peak.py`; "

@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from common import append_results, emit, machine, median_time
+from tpad_jax import pretrained
 from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib
 
 STAGES = ("stage1", "stage2")
@@ -96,7 +97,7 @@ def json_key(column: str) -> str:
 def prepare(config, workdir):
     """(PreparedData, tokenizer) with the TFDS item table built, as a training run prepares them."""
     data = prepared.load_or_prepare(config, workdir)
-    tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
+    tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir, pretrained.tokenizer_source(config, workdir))
     tfds_builder.build_item_table(data, workdir)
     return data, tokenizer
 

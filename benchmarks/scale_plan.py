@@ -49,7 +49,7 @@ from tpad_jax.data import prompts
 from tpad_jax.models import mllm, tpad
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
-from tpad_jax.train import optim
+from tpad_jax.train import optim, stages
 
 GIB = 2**30
 DEVICE_MEMORY_GIB = (16, 32, 80)
@@ -80,21 +80,18 @@ def tpad_config(config, num_items=1):
                            item_visual_tokens=n_img)
 
 
-def is_trainable(path, model_config):
-    """Whether stage 2 updates the parameter at `path` (its groups, the base only under full fine-tuning)."""
-    if re.search(tpad.GROUP_PATTERNS["base"], path):
-        return model_config.full_finetune
-    return model_config.train_projector or "projector" not in path
-
-
 def leaves(module, model_config, base_itemsize):
     """Every variable of `module` (abstract or concrete) as a `Leaf` under the plan's dtype policy."""
+    # The production filter decides what stage 2 trains; the plan only counts it.
+    wrt = optim.trainable_filter(stages.STAGE2_GROUPS, full_finetune=model_config.full_finetune,
+                                 train_projector=model_config.train_projector)
+    trainable_paths = {key for key, _ in nnx.to_flat_state(nnx.state(module, wrt))}
     out = []
     for key, variable in nnx.to_flat_state(nnx.state(module)):
         path = optim.path_string(key)
         value = variable.get_value()
         table = isinstance(variable, tpad.ItemTable)
-        trainable = not table and is_trainable(path, model_config)
+        trainable = key in trainable_paths
         names = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
         itemsize = jnp.dtype(value.dtype).itemsize if table else (
             TRAINABLE_BYTES if trainable else base_itemsize)

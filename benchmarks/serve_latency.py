@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from common import ROOT, default_workdir, emit_row, record_rows
+from tpad_jax import layout
 from tpad_jax import recommender as recommender_lib
 from tpad_jax.data import readonly
 
@@ -45,7 +46,7 @@ BENCH_BATCH = 64
 
 def tiny_run(workdir: str) -> str:
     """A finished tiny run with the `tpad` row in `workdir`, trained in a child process on first use."""
-    if not os.path.exists(os.path.join(workdir, "msbr", "tpad", "best.npz")):
+    if not os.path.exists(layout.best_params_file(workdir, "tpad")):
         code = ("import importlib.util, sys\n"
                 f"spec = importlib.util.spec_from_file_location('c', {os.path.join(ROOT, 'configs', 'tpad_base.py')!r})\n"
                 "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"

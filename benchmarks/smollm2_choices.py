@@ -212,7 +212,7 @@ def main():
 
     titles, labels, _ = catalogue_labels(args.catalogue, args.label_separator, args.min_items)
     name = os.path.basename(os.path.normpath(args.catalogue))
-    checkpoint = gguf_checkpoint.read_gguf(gguf_checkpoint.find_smollm2_gguf())
+    checkpoint = gguf_checkpoint.GGUFCheckpoint(gguf_checkpoint.find_smollm2_gguf())
     layer_values = [int(v) for v in args.layers.split(",")]
     token_values = sorted(int(v) for v in args.title_tokens.split(","))
     dtypes = args.dtypes.split(",")
@@ -238,13 +238,13 @@ def main():
         if layers == 0 and dtype != "float32":
             continue  # the embedding table is float32 whatever the compute dtype
         batches, cut = token_batches(checkpoint.tokenizer, titles, tokens)
-        lm = first_layers_lm(checkpoint.tensors, checkpoint.hf_config, max(layers, 1), dtype)
+        lm = first_layers_lm(checkpoint, checkpoint.config, max(layers, 1), dtype)
         features, seconds = lm_features(lm, batches, len(titles), embeddings_only=layers == 0)
         add_row("smollm2", layers, dtype, tokens, cut, features, None if layers == 0 else seconds)
 
     longest = token_values[-1]
     batches, cut = token_batches(checkpoint.tokenizer, titles, longest)
-    random_cfg = dataclasses.replace(llm.LMConfig.from_hf(checkpoint.hf_config), num_layers=8)
+    random_cfg = dataclasses.replace(llm.LMConfig.from_hf(checkpoint.config), num_layers=8)
     features, seconds = lm_features(llm.LM(random_cfg, rngs=nnx.Rngs(0)), batches, len(titles))
     add_row("random", 8, "float32", longest, cut, features, seconds)
     minilm = bert.MiniLMEncoder.from_installed_wheel()

@@ -46,7 +46,7 @@ from peak import measure_peak
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import inputs as inputs_lib, loop, stages
-from tpad_jax.train.logging import read_metrics
+from tpad_jax.train.metrics_log import read_metrics
 
 COLUMNS = ["preset", "stage", "batch", "tokens/step", "compile s", "step s", "tokens/s", "examples/s",
            "model GFLOP", "XLA GFLOP", "MFU %", "XLA util %", "peak GFLOP/s", "compiles", "loop step s",

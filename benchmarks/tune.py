@@ -28,11 +28,12 @@ import time
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tpad_jax import cli, provenance
+from tpad_jax import cli, evaluate, layout, provenance, rows, seeds
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.data import readonly
-from tpad_jax.eval import evaluate, metrics, seeds
-from tpad_jax.train import msbr
+from tpad_jax.downstream import scoring, tables, training
+from tpad_jax.downstream import selection as selection_lib
+from tpad_jax.eval import metrics
 
 # (setting, values) in search order; the first value of each is where the search starts: the settings
 # all rows shared before (lr 3e-3, hidden 64, dropout 0.1) under the default budget. The learning rates
@@ -89,18 +90,18 @@ def run_trial(row: str, settings: dict, config, source: str, out: str, data) -> 
     for key, value in settings.items():
         trial_config.msbr.per_model[row][key] = value
     directory = seeds.linked_workdir(source, os.path.join(out, row, trial_label(settings)))
-    record_id = provenance.record_id(msbr.inputs_record(row, trial_config, directory, data))
+    record_id = provenance.record_id(selection_lib.inputs_record(row, trial_config, directory, data))
     path = os.path.join(directory, TRIAL_FILE)
     stored = workdir_lib.read_json(path)
     if stored is not None and stored["record_id"] == record_id:
         return dict(stored, **settings)
     clock = time.perf_counter()
-    model = msbr.train_msbr(row, trial_config, directory, data)
+    model = training.train_msbr(row, trial_config, directory, data)
     wall = time.perf_counter() - clock
-    selection = msbr.read_selection(msbr.model_dir(directory, row))
-    prefixes, targets = data.examples(msbr.VALID_SPLIT)
-    ranks = msbr.rank_examples(model, prefixes, targets, msbr.prefix_width(trial_config),
-                               trial_config.msbr.eval_batch_size)
+    selection = selection_lib.read_selection(layout.row_dir(directory, row))
+    prefixes, targets = data.examples(selection_lib.VALID_SPLIT)
+    ranks = scoring.rank_examples(model, prefixes, targets, tables.prefix_width(trial_config),
+                                  trial_config.msbr.eval_batch_size)
     valid = metrics.metrics_from_ranks(ranks, (20,))
     result = {"model": row, **settings, "valid MRR@20": round(valid[("MRR", 20)], 2),
               "valid HR@20": round(valid[("HR", 20)], 2), "best epoch": selection["best_epoch"],
@@ -167,6 +168,6 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run (prepared data and exports); only read.")
     _OUT = flags.DEFINE_string("out", None, "Directory of the trials and the tables.")
     _ROWS = flags.DEFINE_list("rows", ["gru4rec", "srgnn", "transformer", "transformer+raw"],
-                              f"Neural rows to search (of {', '.join(msbr.NEURAL_MODELS)}).")
+                              f"Neural rows to search (of {', '.join(rows.names(rows.neural()))}).")
     flags.mark_flags_as_required(["config", "workdir", "out"])
     cli.run(main)

@@ -13,21 +13,9 @@ Usage:
 import ml_collections
 from ml_collections import config_dict
 
-# The rows of the comparison, in report order. `launch/train.py` runs all of them by default.
-ALL_MODELS = (
-    "oracle", "pop", "s-pop", "markov", "sknn",
-    "gru4rec", "transformer", "srgnn",
-    "transformer+raw", "transformer+stage1", "tpad", "srgnn+tpad",
-    "tpad-no-gen", "tpad-no-disentangle", "tpad-no-align",
-)
-BASELINES = ("oracle", "pop", "s-pop", "markov", "sknn")
-# The neural rows (tpad_jax/train/msbr.py NEURAL_MODELS) and the settings each may set for itself in
-# `msbr.per_model.<row>` (None: the row takes `msbr.<key>`).
-NEURAL_ROWS = (
-    "gru4rec", "transformer", "srgnn",
-    "transformer+raw", "transformer+stage1", "tpad", "srgnn+tpad",
-    "tpad-no-gen", "tpad-no-disentangle", "tpad-no-align", "transformer+minilm",
-)
+from tpad_jax import rows
+
+# Settings a neural row may set for itself in `msbr.per_model.<row>` (None: the row takes `msbr.<key>`).
 ROW_SETTING_TYPES = {"learning_rate": float, "hidden_dim": int, "dropout": float, "max_epochs": int,
                      "patience": int}
 # Per-row settings of the base preset, chosen on validation MRR@20 by a coordinate search on the default
@@ -46,8 +34,7 @@ TUNED_ROWS = {
     "transformer": {"learning_rate": 3e-3, "hidden_dim": 64, "dropout": 0.3, "max_epochs": 40, "patience": 3},
     "srgnn": _SRGNN,
     "srgnn+tpad": _SRGNN,
-    **{row: _CONTENT_TRANSFORMER for row in ("transformer+raw", "transformer+stage1", "tpad", "tpad-no-gen",
-                                             "tpad-no-disentangle", "tpad-no-align", "transformer+minilm")},
+    **{row.name: _CONTENT_TRANSFORMER for row in rows.neural() if row.encoder == "transformer" and row.export},
 }
 
 
@@ -162,7 +149,7 @@ def get_config(arg=None):
     # validation MRR (docs/method.md, Stage 4).
     c.msbr.id_dropout = 0.0
     c.msbr.content_projection = "linear"  # linear | mlp
-    # Content rows add g * cos(e[last click], e[v]) to the score of v (g learned; models/msbr.py).
+    # Content rows add g * cos(e[last click], e[v]) to the score of v (g learned; models/session_encoders.py).
     c.msbr.last_item_similarity = False
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 512  # prefixes per batch (encoders that read one prefix per row: srgnn)
@@ -188,7 +175,7 @@ def get_config(arg=None):
 
     # ----------------------------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()
-    c.eval.models = ALL_MODELS
+    c.eval.models = rows.names(rows.defaults())  # the rows of the comparison, in report order
     c.eval.ks = (1, 5, 10, 20)
     c.eval.batch_size = 256  # sessions per chunk of the ranking
     c.eval.sknn_k = 100
@@ -226,7 +213,7 @@ def _per_model(overrides):
     per_model = ml_collections.ConfigDict({
         row: ml_collections.ConfigDict({key: config_dict.placeholder(kind)
                                         for key, kind in ROW_SETTING_TYPES.items()})
-        for row in NEURAL_ROWS})
+        for row in rows.names(rows.neural())})
     for row, settings in overrides.items():
         for key, value in settings.items():
             per_model[row][key] = value

@@ -17,9 +17,8 @@ own DIR/config.json is read.
 from absl import flags
 from ml_collections import config_flags
 
-from tpad_jax import cli, new_items
+from tpad_jax import cli, new_items, rows
 from tpad_jax import recommender as recommender_lib
-from tpad_jax.train import msbr
 
 
 def main():
@@ -36,6 +35,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("items", None, "Canonical items.jsonl of the items to embed.")
     flags.DEFINE_string("out", None, "Directory to write the new items' export to (outside DIR/export*).")
     flags.DEFINE_string("model", recommender_lib.DEFAULT_MODEL,
-                        f"The neural model whose export's K embeds ({', '.join(msbr.NEURAL_MODELS)}).")
+                        f"The neural model whose export's K embeds ({', '.join(rows.names(rows.neural()))}).")
     flags.mark_flags_as_required(["workdir", "items", "out"])
     cli.run(main)

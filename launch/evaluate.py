@@ -12,7 +12,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from tpad_jax import cli, workdir as workdir_lib
-from tpad_jax.eval.evaluate import expand_models, run  # noqa: F401  (expand_models: used by tests)
+from tpad_jax.evaluate import run
 
 
 def main():

@@ -11,7 +11,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tpad_jax import cli, workdir as workdir_lib
+from tpad_jax import cli, pretrained, workdir as workdir_lib
 from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/tpad_base.py[:preset]).",
@@ -65,7 +65,8 @@ def main():
     start = time.perf_counter()
     with workdir_lib.lock(workdir):
         data = prepared.load_or_prepare(config, workdir)
-        tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
+        tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir,
+                                                pretrained.tokenizer_source(config, workdir))
         tfds_builder.build_item_table(data, workdir)
     print(format_table(statistics(data, tokenizer)))
     print(f"prepared {workdir}/data in {time.perf_counter() - start:.1f} s")

@@ -16,14 +16,14 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from tpad_jax import cli, export
+from tpad_jax import cli, export, layout
 from tpad_jax.data import prepared
 from tpad_jax.eval import probe
 
 
 def read_exports(workdir: str) -> dict:
     """{variant: (embeddings, item_ids)} of DIR/export*; exports of other prepared data are skipped."""
-    fingerprint_path = os.path.join(workdir, "data", "prepared", "fingerprint.txt")
+    fingerprint_path = os.path.join(layout.prepared_dir(workdir), "fingerprint.txt")
     current = None
     if os.path.exists(fingerprint_path):
         with open(fingerprint_path, encoding="utf-8") as f:
@@ -57,7 +57,7 @@ def run(config, workdir: str, *, k=10, folds=5, l2=1.0, seed=0):
     item_ids, attributes = probe.synthetic_attributes(raw_dir)
     settings = dict(k=k, folds=folds, l2=l2, seed=seed)
     rows = probe.attribute_rows(exports, item_ids, attributes, **settings)
-    return probe.write_table(rows, os.path.join(workdir, "results"), **settings)
+    return probe.write_table(rows, layout.results_dir(workdir), **settings)
 
 
 def main():
@@ -66,7 +66,7 @@ def main():
                seed=flags.FLAGS.seed)
     if text is not None:
         print(text)
-        results_dir = os.path.join(os.path.abspath(workdir), "results")
+        results_dir = layout.results_dir(os.path.abspath(workdir))
         print(f"written to {os.path.join(results_dir, 'attribute_probe.md')} and .csv")
 
 

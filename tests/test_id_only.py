@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import tpad_base
+from tpad_jax import evaluate
 from tpad_jax.data import prepared, raw
-from tpad_jax.eval import evaluate, report
+from tpad_jax.eval import report
 
 NO_CONTENT_LINE = ("skipped tpad, srgnn+tpad: the catalogue has no content (no item has a title or an "
                    "image): the towers are not built")

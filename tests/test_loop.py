@@ -18,7 +18,7 @@ import resume_worker
 import toy_training as toy
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import checkpointing, loop, optim
-from tpad_jax.train.logging import read_metrics
+from tpad_jax.train.metrics_log import read_metrics
 
 WORKER = pathlib.Path(__file__).with_name("resume_worker.py")
 STEPS = 12
@@ -204,13 +204,3 @@ def test_trainable_parameter_outside_every_group_is_named(on_one_device):
     groups = {"heads": optim.GroupSchedule("head", peak_lr=0.1, warmup_steps=1, total_steps=5)}
     with pytest.raises(ValueError, match="body/lora/lora_a"):
         nnx.Optimizer(toy.make_model(), optim.make_optimizer(groups), wrt=toy.TRAINABLE)
-
-
-@pytest.mark.parametrize("full_finetune, expected", [
-    (False, {"body/lora/lora_a", "body/lora/lora_b", "head/kernel", "head/bias"}),
-    (True, {"body/kernel", "body/bias", "body/lora/lora_a", "body/lora/lora_b", "head/kernel", "head/bias"}),
-])
-def test_trainable_filter(full_finetune, expected, on_one_device):
-    wrt = optim.trainable_filter(full_finetune, extra_trainable=("^head/",))
-    flat = nnx.to_flat_state(nnx.state(toy.make_model(), wrt))
-    assert {optim.path_string(path) for path, _ in flat} == expected

@@ -143,18 +143,3 @@ def test_rank_by_dot_counts_ties_with_identical_float_items():
     for item_chunk in (7, 16, 101):  # more sessions than items per chunk, fewer, and one chunk
         ranks = metrics.rank_by_dot(sessions, items, targets, item_chunk)
         np.testing.assert_array_equal(ranks, metrics.ranks_from_scores(scores, targets))
-
-
-def test_rank_targets_by_dot_pads_the_last_batch():
-    rng = np.random.default_rng(5)
-    items = integer_vectors(rng, 29, 4)
-    sessions = integer_vectors(rng, 50, 4)
-    targets = rng.integers(0, 29, size=50)
-    ranks = metrics.rank_targets_by_dot(sessions, items, targets, batch_size=16, item_chunk=8)
-    assert ranks.dtype == np.int32 and ranks.shape == (50,)
-    np.testing.assert_array_equal(ranks, brute_force_ranks(sessions @ items.T, targets))
-
-
-def test_rank_targets_by_dot_rejects_mismatched_lengths():
-    with pytest.raises(ValueError, match="3 session vectors but 2 targets"):
-        metrics.rank_targets_by_dot(np.zeros((3, 4)), np.zeros((5, 4)), np.array([0, 1]))

@@ -10,14 +10,14 @@ import pytest
 from flax import nnx
 
 from configs import tpad_base
-from tpad_jax.models import msbr
+from tpad_jax.models import session_encoders
 
 NUM_ITEMS = 12
 CONTENT_DIM = 5
 
 
 def _config(encoder, causal=True, dropout=0.0):
-    return msbr.EncoderConfig(
+    return session_encoders.EncoderConfig(
         encoder=encoder, causal=causal, hidden_dim=16, num_layers=1, num_heads=2, dropout=dropout,
         gnn_steps=2, max_length=8,
     )
@@ -28,7 +28,7 @@ def _content():
 
 
 def _encoder(encoder, causal=True, content=True, dropout=0.0, seed=0):
-    model = msbr.SessionEncoder(
+    model = session_encoders.SessionEncoder(
         _config(encoder, causal, dropout), NUM_ITEMS, _content() if content else None, rngs=nnx.Rngs(seed)
     )
     return nnx.view(model, deterministic=True)
@@ -104,7 +104,7 @@ def test_srgnn_graph_of_hand_made_session():
     # Clicks 5 2 7 2 9 then two padding slots: nodes sit at positions 0 (5), 1 (2), 2 (7), 4 (9).
     items = jnp.array([5, 2, 7, 2, 9, 0, 0], jnp.int32)
     mask = jnp.array([True] * 5 + [False] * 2)
-    alias, a_in, a_out = msbr.srgnn_graph(items, mask)
+    alias, a_in, a_out = session_encoders.srgnn_graph(items, mask)
     np.testing.assert_array_equal(alias[:5], [0, 1, 2, 1, 4])
     # Edges 5->2, 2->7, 7->2, 2->9; node 2 has out-degree 2 and in-degree 2.
     expected_out = np.zeros((7, 7))
@@ -120,7 +120,7 @@ def test_srgnn_graph_of_hand_made_session():
 
 
 def test_srgnn_graph_counts_a_repeated_transition_once():
-    alias, a_in, a_out = msbr.srgnn_graph(jnp.array([1, 2, 1, 2], jnp.int32), jnp.ones((4,), bool))
+    alias, a_in, a_out = session_encoders.srgnn_graph(jnp.array([1, 2, 1, 2], jnp.int32), jnp.ones((4,), bool))
     np.testing.assert_array_equal(alias, [0, 1, 0, 1])
     expected = np.zeros((4, 4))
     expected[0, 1] = expected[1, 0] = 1.0
@@ -144,7 +144,7 @@ def test_item_with_zeroed_id_embedding_scores_by_content():
 
 def test_mlp_content_projection_scores_cold_items_by_content():
     cfg = dataclasses.replace(_config("transformer"), content_projection="mlp")
-    model = nnx.view(msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0)), deterministic=True)
+    model = nnx.view(session_encoders.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0)), deterministic=True)
     cold = 6
     model.id_embedding.embedding[...] = model.id_embedding.embedding[...].at[cold].set(0.0)
     items, mask = _sessions()
@@ -156,7 +156,7 @@ def test_mlp_content_projection_scores_cold_items_by_content():
 
 def test_id_dropout_drops_whole_items_in_training_only():
     cfg = dataclasses.replace(_config("transformer"), id_dropout=0.5)
-    model = msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
+    model = session_encoders.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
     content_part = model.content_projection(model.content[...])
     ids = model.id_embedding.embedding[...]
     table = model.item_table()
@@ -167,7 +167,7 @@ def test_id_dropout_drops_whole_items_in_training_only():
     eval_table = nnx.view(model, deterministic=True).item_table()
     np.testing.assert_allclose(eval_table, content_part + ids, atol=1e-6)
     # ID-only models keep their IDs: dropping them would leave nothing to score with.
-    id_only = msbr.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0))
+    id_only = session_encoders.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(id_only.item_table(), id_only.id_embedding.embedding[...])
 
 
@@ -177,7 +177,7 @@ def test_content_is_frozen_not_a_parameter():
     top_level = {path[0] for path, _ in nnx.to_flat_state(params)}
     assert "content" not in top_level
     assert "content_projection" in top_level
-    assert isinstance(model.content, msbr.FrozenFeatures)
+    assert isinstance(model.content, session_encoders.FrozenFeatures)
 
 
 @pytest.mark.parametrize("chunk", [5, 12, 64])
@@ -193,7 +193,7 @@ def test_chunked_cross_entropy_equals_dense(chunk):
         return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.sum(valid)
 
     def chunked(vecs, tab):
-        return msbr.chunked_softmax_cross_entropy(vecs, tab, targets, chunk, mask=valid)
+        return session_encoders.chunked_softmax_cross_entropy(vecs, tab, targets, chunk, mask=valid)
 
     np.testing.assert_allclose(chunked(session_vecs, table), dense(session_vecs, table), rtol=1e-5)
     for got, expected in zip(
@@ -217,11 +217,11 @@ def _toy_next_item_batch(key, batch=32, width=6):
 
 @pytest.mark.parametrize("encoder", ["transformer", "srgnn", "gru4rec"])
 def test_training_steps_reduce_next_item_loss(encoder):
-    model = msbr.SessionEncoder(_config(encoder, dropout=0.1), NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
+    model = session_encoders.SessionEncoder(_config(encoder, dropout=0.1), NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     def loss_fn(model, items, mask, targets):
-        return msbr.chunked_softmax_cross_entropy(model(items, mask), model.item_table(), targets, 5)
+        return session_encoders.chunked_softmax_cross_entropy(model(items, mask), model.item_table(), targets, 5)
 
     @nnx.jit
     def train_step(model, optimizer, items, mask, targets):
@@ -241,11 +241,11 @@ def test_training_steps_reduce_next_item_loss(encoder):
 
 def test_encoder_config_reads_the_run_config():
     config = tpad_base.get_config("tiny")
-    cfg = msbr.EncoderConfig.from_config(config)
+    cfg = session_encoders.EncoderConfig.from_config(config)
     assert (cfg.encoder, cfg.hidden_dim, cfg.num_layers) == ("transformer", 32, 1)
     assert cfg.max_length == config.data.max_session_length
     with pytest.raises(ValueError, match="msbr.encoder"):
-        msbr.EncoderConfig(encoder="lstm")
+        session_encoders.EncoderConfig(encoder="lstm")
 
 
 @pytest.mark.parametrize("encoder, causal", ALL_VARIANTS)
@@ -254,7 +254,8 @@ def test_last_item_similarity_adds_the_weighted_cosine_to_the_last_click(encoder
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     plain = _encoder(encoder, causal)
     cfg = dataclasses.replace(_config(encoder, causal), last_item_similarity=True)
-    model = nnx.view(msbr.SessionEncoder(cfg, NUM_ITEMS, _content(), unit, rngs=nnx.Rngs(0)), deterministic=True)
+    model = nnx.view(session_encoders.SessionEncoder(cfg, NUM_ITEMS, _content(), unit, rngs=nnx.Rngs(0)),
+                     deterministic=True)
     model.similarity_weight[...] = jnp.asarray(2.5)
     items, mask = _sessions()
     last = np.array([1, 2])  # the last clicks of the two sessions (items[0, 4], items[1, 2])

@@ -17,7 +17,7 @@ import toy_training as toy
 from tpad_jax.parallel import distributed
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import loop
-from tpad_jax.train.logging import read_metrics
+from tpad_jax.train.metrics_log import read_metrics
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 

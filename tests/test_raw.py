@@ -172,6 +172,31 @@ def test_byte_that_is_not_utf8_names_line_and_column(tmp_path):
     assert report.as_dict() == {"not_utf8": 1}
 
 
+@pytest.mark.parametrize("ending", [b"", b"\n"])
+def test_json_lines_policies_on_a_torn_last_line(tmp_path, ending):
+    # A process killed while appending leaves a last line without its newline; only that one is torn.
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n[2]\n{"step": 3, "lo' + ending)
+    with pytest.raises(raw.RawFormatError, match=r"metrics.jsonl:2: expected a JSON object$"):
+        list(raw.json_lines(path))
+    report = raw.SkipReport()
+    assert list(raw.json_lines(path, "skip", report)) == [(1, {"step": 1})]
+    assert report.as_dict() == {"malformed_json": 1, "wrong_type": 1}
+    path.write_bytes(b'{"step": 1}\n{"step": 3, "lo' + ending)
+    if ending:
+        with pytest.raises(raw.RawFormatError, match=r"metrics.jsonl:2: malformed JSON"):
+            list(raw.json_lines(path, "tolerate_torn_end"))
+    else:
+        assert list(raw.json_lines(path, "tolerate_torn_end")) == [(1, {"step": 1})]
+
+
+def test_a_file_of_skipped_lines_is_not_empty(tmp_path):
+    path = write_lines(tmp_path / "sessions.jsonl", ["[1]"])
+    report = raw.SkipReport()
+    assert raw.read_sessions(path, {"a"}, on_error="skip", report=report) == []
+    assert report.as_dict() == {"wrong_type": 1}
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(raw.RawFormatError, match=r"items.jsonl: no such file$"):
         raw.read_items(tmp_path / "items.jsonl")

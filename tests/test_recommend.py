@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs import tpad_base
-from tpad_jax import cli
+from tpad_jax import cli, layout
 from tpad_jax import recommender as recommender_lib
 from tpad_jax.data import prepared
-from tpad_jax.train import loop, msbr
+from tpad_jax.downstream import scoring, serving, tables, training
+from tpad_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def trained(tmp_path_factory):
     config.msbr.max_epochs = 1
     workdir = str(tmp_path_factory.mktemp("recommend"))
     data = prepared.load_or_prepare(config, workdir)
-    msbr.train_msbr("gru4rec", config, workdir, data)
+    training.train_msbr("gru4rec", config, workdir, data)
     return config, workdir, data
 
 
@@ -43,15 +44,15 @@ def load_recommend_launcher():
 def test_only_finished_models_are_served(tmp_path):
     for name, finished in (("transformer", True), ("srgnn", False)):
         os.makedirs(tmp_path / "msbr" / name)
-        (tmp_path / "msbr" / name / msbr.SELECTION_FILE).write_text(
+        (tmp_path / "msbr" / name / layout.SELECTION_FILE).write_text(
             json.dumps({"best_metric": 30.0, "finished": finished}))
-    msbr.check_trained(str(tmp_path), "transformer")
+    serving.check_trained(str(tmp_path), "transformer")
     with pytest.raises(cli.UserError, match=r"srgnn/selection.json: the training of 'srgnn' was interrupted"):
-        msbr.check_trained(str(tmp_path), "srgnn")
+        serving.check_trained(str(tmp_path), "srgnn")
     with pytest.raises(cli.UserError, match=r"msbr/gru4rec: model 'gru4rec' is not trained in this workdir"):
-        msbr.check_trained(str(tmp_path), "gru4rec")
+        serving.check_trained(str(tmp_path), "gru4rec")
     with pytest.raises(cli.UserError, match="unknown neural model 'tpadd'"):
-        msbr.check_trained(str(tmp_path), "tpadd")
+        serving.check_trained(str(tmp_path), "tpadd")
 
 
 def test_the_default_model_is_tpad_never_the_row_that_won_validation(trained, tmp_path):
@@ -83,8 +84,8 @@ def test_cli_prints_one_json_line_per_session(trained, tmp_path):
 
     # The recommendations are the top 5 of the selected model's scores for the known clicks, the
     # session's own items left out.
-    model = msbr.load_selected("gru4rec", config, workdir, data)
-    score_fn = msbr.prefix_scorer(model, msbr.prefix_width(config), batch_size=1)
+    model = serving.load_selected("gru4rec", config, workdir, data)
+    score_fn = scoring.prefix_scorer(model, tables.prefix_width(config), batch_size=1)
     scores = np.asarray(score_fn([np.array([3, 7], np.int32)]))[0]
     top = [row for row in np.argsort(-scores, kind="stable") if row not in (3, 7)][:5]
     assert [r["item_id"] for r in a["recommendations"]] == [ids[row] for row in top]

@@ -1,12 +1,11 @@
 """Results report: csv round trip and merging, Markdown tables, plots, training curves."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
 from configs import tpad_base
+from tpad_jax import evaluate
 from tpad_jax.eval import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +54,7 @@ def test_markdown_bold_best_excludes_oracle_and_marks_missing(tmp_path):
 
 
 def _write_selection(workdir, model, best_epoch, epochs, finished=True, cap=None):
-    """A hand-written DIR/msbr/<model>/selection.json (the fields tpad_jax/train/msbr.py writes)."""
+    """A hand-written DIR/msbr/<model>/selection.json (the fields tpad_jax/downstream/selection.py writes)."""
     directory = workdir / "msbr" / model
     directory.mkdir(parents=True)
     history = {str(e): 10.0 + e / 3 for e in range(1, epochs + 1)}
@@ -109,32 +108,16 @@ def test_read_results_names_line_and_field(tmp_path):
         report.read_results(str(path))
 
 
-def test_training_curves(tmp_path):
-    stage1 = tmp_path / "stage1.jsonl"
-    stage1.write_text("\n".join(json.dumps(r) for r in (
-        {"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 9.0}, {"step": 3, "loss": 2.5})) + "\n")
-    stage2 = tmp_path / "stage2.jsonl"
-    stage2.write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
-    assert report.read_loss_curve(str(stage1)) == ([1, 3], [3.0, 2.5])
-    out = tmp_path / "curves.png"
-    report.plot_training_curves({"stage1": str(stage1), "stage2": str(stage2)}, str(out))
-    assert out.read_bytes()[:8] == PNG_MAGIC
-    stage2.write_text('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": \n')
-    with pytest.raises(ValueError, match=r"stage2.jsonl:2: not JSON"):
-        report.read_loss_curve(str(stage2))
-
-
-def load_evaluate_launcher():
-    """launch/evaluate.py as a module (launch/ is a folder of scripts, not a package)."""
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "launch", "evaluate.py")
-    spec = importlib.util.spec_from_file_location("evaluate_launcher", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_metric_records_leave_out_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # torn by a kill: left out
+    assert report.read_metric_records(str(path)) == [{"step": 5, "loss": 1.0}]
+    path.write_text('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": \n')  # a whole line: an error
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: malformed JSON"):
+        report.read_metric_records(str(path))
 
 
 def test_expand_models():
-    evaluate = load_evaluate_launcher()
     config = tpad_base.get_config("tiny")
     assert evaluate.expand_models("baselines", config) == ["oracle", "pop", "s-pop", "markov", "sknn"]
     assert evaluate.expand_models("sknn,baselines,tpad", config) == [
@@ -145,7 +128,6 @@ def test_expand_models():
 
 
 def test_configured_models_from_a_command_line_list():
-    from tpad_jax.eval import evaluate  # noqa: PLC0415
     config = tpad_base.get_config("tiny")
     config.eval.models = ("transformer, tpad",)  # what `--config.eval.models=transformer,tpad` gives
     assert evaluate.configured_models(config) == ["transformer", "tpad"]
@@ -153,7 +135,6 @@ def test_configured_models_from_a_command_line_list():
 
 
 def test_evaluate_baselines_on_tiny_preset(tmp_path):
-    evaluate = load_evaluate_launcher()
     rows = evaluate.run(tpad_base.get_config("tiny"), str(tmp_path), "baselines")
     assert list(dict.fromkeys(r["model"] for r in rows)) == ["oracle", "pop", "s-pop", "markov", "sknn"]
     assert rows == report.read_results(str(tmp_path / "results" / "results.csv"))

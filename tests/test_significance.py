@@ -47,3 +47,18 @@ def test_seed_table_means_spreads_and_tests_against_the_reference():
     assert table["pop"][("cold", "HR")]["mean"] == 0.0 and table["tpad"][("cold", "HR")]["mean"] == 100.0
     text = significance.markdown(table, [0, 1])
     assert "| pop | 25.00 +- 0.00 (+50.00, p=" in text
+
+
+def test_write_table_writes_the_text_one_csv_line_per_seed_and_the_bars(tmp_path):
+    cold = np.array([True, False])
+    runs = [{"tpad": np.array([0, 30]), "pop": np.array([30, 30])},
+            {"tpad": np.array([0, 0]), "pop": np.array([30, 1])}]
+    table = significance.seed_table(runs, cold, num_resamples=200)
+    significance.write_table(table, [3, 4], "the text\n", str(tmp_path))
+    assert (tmp_path / "pipeline_seeds.md").read_text() == "the text\n"
+    lines = (tmp_path / "pipeline_seeds.csv").read_text().splitlines()
+    assert lines[0] == "model,slice,metric,k,seed,value,diff_vs_reference,p_value"
+    # tpad HR@20 over both examples: seed 3 hits 1 of 2, seed 4 hits 2 of 2; it is the reference (no p).
+    assert lines[1:3] == ["tpad,all,HR,20,3,50.00,,", "tpad,all,HR,20,4,100.00,,"]
+    assert len(lines) == 1 + 2 * 3 * 2  # models x columns x seeds
+    assert (tmp_path / "pipeline_seeds.png").stat().st_size > 0

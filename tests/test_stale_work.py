@@ -19,11 +19,13 @@ import sys
 import pytest
 
 from configs import tpad_base
-from tpad_jax import cli, export, provenance, runner
+from tpad_jax import cli, evaluate, export, layout, provenance, runner
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.data import readonly
-from tpad_jax.eval import evaluate, report
-from tpad_jax.train import logging, msbr
+from tpad_jax.downstream import selection as selection_lib
+from tpad_jax.downstream import serving
+from tpad_jax.eval import report
+from tpad_jax.train import metrics_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The rows of `tiny_run`; no probe evaluation in the stages a test retrains (it shapes nothing).
@@ -75,7 +77,7 @@ def test_every_stage_export_and_row_records_data_and_config(finished):
     fingerprint = _fingerprint(finished)
     stage1, stage2 = _json(finished, "stage1", "inputs.json"), _json(finished, "stage2", "inputs.json")
     meta = export.load_meta(os.path.join(finished, "export"))
-    selection = msbr.read_selection(msbr.model_dir(finished, "tpad"))
+    selection = selection_lib.read_selection(layout.row_dir(finished, "tpad"))
     for record in (stage1, stage2, meta["inputs"], selection["inputs"]):
         assert record["data_fingerprint"] == fingerprint and len(record["config_hash"]) == 64
     assert "stage1.steps" in stage1["config"] and "stage2.align_weight" not in stage1["config"]
@@ -133,7 +135,7 @@ def test_downstream_change_retrains_only_the_downstream_rows(finished, run_copy,
     for name in ("stage1", "stage2", "export", "export_stage1"):
         assert not filecmp.dircmp(os.path.join(finished, name), os.path.join(run_copy, name)).diff_files
     assert os.listdir(os.path.join(run_copy, "stale")) == ["msbr"]
-    selection = msbr.read_selection(msbr.model_dir(run_copy, "tpad"))
+    selection = selection_lib.read_selection(layout.row_dir(run_copy, "tpad"))
     assert selection["finished"] and selection["inputs"]["config"]["msbr.max_epochs"] == 1
     ranks, _ = report.read_ranks(os.path.join(run_copy, "results", report.RANKS_FILE))
     assert sorted(ranks) == ["pop", "tpad"]
@@ -164,7 +166,7 @@ def test_work_of_unknown_inputs_is_redone_or_refused(run_copy, capsys):
     assert "(no record of the inputs it was made from (made before inputs were recorded))" in line
     assert os.listdir(os.path.join(run_copy, "stage1")) == ["inputs.json"]
 
-    selection_path = os.path.join(msbr.model_dir(run_copy, "tpad"), msbr.SELECTION_FILE)
+    selection_path = os.path.join(layout.row_dir(run_copy, "tpad"), layout.SELECTION_FILE)
     selection = _json(selection_path)
     del selection["inputs"]
     with open(selection_path, "w") as f:
@@ -172,7 +174,7 @@ def test_work_of_unknown_inputs_is_redone_or_refused(run_copy, capsys):
     data = readonly.load(config, run_copy)
     with pytest.raises(cli.UserError, match="model 'tpad' was trained on other inputs than these settings "
                                             r"\(no record"):
-        msbr.load_selected("tpad", config, run_copy, data)
+        serving.load_selected("tpad", config, run_copy, data)
 
 
 def _recommend_launcher():
@@ -186,7 +188,7 @@ def _recommend_launcher():
 
 def _prepared_files(workdir):
     """{name: bytes} of DIR/data/prepared/."""
-    directory = readonly.prepared_dir(workdir)
+    directory = layout.prepared_dir(workdir)
     files = {}
     for name in os.listdir(directory):
         with open(os.path.join(directory, name), "rb") as f:
@@ -257,18 +259,20 @@ def _tensorboard_events(directory):
 
 
 def test_a_resumed_log_drops_the_records_of_redone_steps(tmp_path):
-    writer = logging.MetricsWriter(tmp_path)
+    writer = metrics_log.MetricsWriter(tmp_path)
     for step in range(1, 7):
         writer.write(step, {"loss": float(step)})
     writer.close()
-    with open(tmp_path / logging.METRICS_FILE, "a") as f:
+    first_lines = (tmp_path / metrics_log.METRICS_FILE).read_text().splitlines(keepends=True)
+    with open(tmp_path / metrics_log.METRICS_FILE, "a") as f:
         f.write('{"step": 7, "lo')  # a line cut short by a kill
-    resumed = logging.MetricsWriter(tmp_path, resume_step=3)  # the checkpoint of step 3: 4.. are redone
+    resumed = metrics_log.MetricsWriter(tmp_path, resume_step=3)  # the checkpoint of step 3: 4.. are redone
     resumed.write(4, {"loss": 40.0})
     resumed.close()
-    assert [(r["step"], r["loss"]) for r in logging.read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0),
-                                                                                 (4, 40.0)]
-    purges = [e.step for e in _tensorboard_events(tmp_path / logging.TENSORBOARD_DIR)
+    assert (tmp_path / metrics_log.METRICS_FILE).read_text().startswith("".join(first_lines[:3]))
+    records = metrics_log.read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    purges = [e.step for e in _tensorboard_events(tmp_path / metrics_log.TENSORBOARD_DIR)
               if e.HasField("session_log") and e.session_log.status == e.session_log.START]
     assert purges[-1] == 4  # TensorBoard hides the first attempt's events from step 4 on
 

@@ -62,21 +62,19 @@ def test_load_rejects_a_tokenizer_without_tpad_specials(tmp_path):
 
 
 def test_tokenizer_for_trains_once_then_loads_or_adopts(tmp_path):
-    config = SimpleNamespace(data=SimpleNamespace(tokenizer_path=None, tokenizer_vocab_size=300),
-                             model=SimpleNamespace(gguf_path=None, checkpoint_dir=None))
+    config = SimpleNamespace(data=SimpleNamespace(tokenizer_vocab_size=300))
     data = SimpleNamespace(titles=TITLES, categories=CATEGORIES + [None], fingerprint="f1")
-    trained = tokenizer_lib.tokenizer_for(config, data, tmp_path)
+    trained = tokenizer_lib.tokenizer_for(config, data, tmp_path, None)
     path = tmp_path / "data" / "tokenizer.json"
     assert path.exists()
     # The same prepared data loads the file (here: its stand-in's titles changed, its fingerprint not).
     same = SimpleNamespace(titles=["Completely different words"], categories=[None], fingerprint="f1")
-    assert tokenizer_lib.tokenizer_for(config, same, tmp_path).get_vocab() == trained.get_vocab()
+    assert tokenizer_lib.tokenizer_for(config, same, tmp_path, None).get_vocab() == trained.get_vocab()
     # Other prepared data, or another vocab size, trains it again: never a tokenizer of other titles.
     other = SimpleNamespace(titles=["Completely different words"], categories=[None], fingerprint="f2")
-    assert tokenizer_lib.tokenizer_for(config, other, tmp_path).get_vocab() != trained.get_vocab()
-    assert tokenizer_lib.tokenizer_for(config, data, tmp_path).get_vocab() == trained.get_vocab()
+    assert tokenizer_lib.tokenizer_for(config, other, tmp_path, None).get_vocab() != trained.get_vocab()
+    assert tokenizer_lib.tokenizer_for(config, data, tmp_path, None).get_vocab() == trained.get_vocab()
     _checkpoint_tokenizer(tmp_path / "ckpt.json")
-    config.data.tokenizer_path = str(tmp_path / "ckpt.json")
-    adopted = tokenizer_lib.tokenizer_for(config, data, tmp_path)
+    adopted = tokenizer_lib.tokenizer_for(config, data, tmp_path, str(tmp_path / "ckpt.json"))
     assert tokenizer_lib.special_ids(adopted)["pad"] == 3
     assert tokenizer_lib.special_ids(tokenizer_lib.load_tokenizer(path))["pad"] == 3

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import tpad_base
+from tpad_jax import rows
 from tpad_jax.data import prompts
 from tpad_jax.models import mllm
 from tpad_jax.models import tpad as tpad_lib
@@ -247,7 +248,7 @@ def test_generation_loss_scores_the_next_title_and_eos_of_a_session_prompt(max_t
 
 
 # ------------------------------------------------------------------------------ ablations
-@pytest.mark.parametrize("variant", list(stages.STAGE2_VARIANTS))
+@pytest.mark.parametrize("variant", rows.names(rows.stage2_variants()))
 def test_only_alignment_sends_sessions_into_k_at_every_variants_shipped_settings(variant):
     shipped = stages.stage2_config(tpad_base.get_config(), variant).stage2
     norms = _grad_norms(tiny_model(), shipped)

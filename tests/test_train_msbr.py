@@ -10,10 +10,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import tpad_base
-from tpad_jax import cli, export, provenance
+from tpad_jax import cli, export, layout, provenance, rows, seeds
 from tpad_jax.data import prepared
-from tpad_jax.eval import baselines, metrics, seeds
-from tpad_jax.train import logging, loop, msbr
+from tpad_jax.downstream import features as features_lib
+from tpad_jax.downstream import scoring, serving, tables, training
+from tpad_jax.downstream import selection as selection_lib
+from tpad_jax.downstream import settings as settings_lib
+from tpad_jax.eval import baselines, metrics
+from tpad_jax.train import loop, metrics_log as logging
 
 
 class RecordingData:
@@ -40,13 +44,13 @@ def tiny(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("msbr"))
     data = prepared.load_or_prepare(config, workdir)
     recording = RecordingData(data)
-    model = msbr.train_msbr("transformer", config, workdir, recording)
+    model = training.train_msbr("transformer", config, workdir, recording)
     return config, workdir, data, recording, model
 
 
 def test_padded_examples_keep_the_last_items_of_every_prefix():
     sessions = [np.array([5, 6, 7], np.int32), np.array([1, 2, 3, 4, 9], np.int32)]
-    table = msbr.PrefixTable.every_prefix(sessions, width=3)
+    table = tables.PrefixTable.every_prefix(sessions, width=3)
     expected = [([5], 6), ([5, 6], 7), ([1], 2), ([1, 2], 3), ([1, 2, 3], 4), ([2, 3, 4], 9)]
     assert len(table) == len(expected)
     for index, (prefix, target) in enumerate(expected):
@@ -54,7 +58,7 @@ def test_padded_examples_keep_the_last_items_of_every_prefix():
         assert got_target == target
         assert mask.tolist() == [True] * len(prefix) + [False] * (3 - len(prefix))
         assert items.tolist() == prefix + [0] * (3 - len(prefix))
-    items, mask = msbr.pad_prefixes([np.array([8, 9, 10, 11], np.int32)], width=3)
+    items, mask = tables.pad_prefixes([np.array([8, 9, 10, 11], np.int32)], width=3)
     assert items.tolist() == [[9, 10, 11]] and mask.all()
 
 
@@ -76,15 +80,15 @@ def test_session_table_holds_exactly_the_prefix_examples():
     # Lengths up to 9 with width 4: sessions longer than width + 1 need truncated-prefix rows.
     sessions = [rng.integers(1, 30, size=rng.integers(2, 10)).astype(np.int32) for _ in range(25)]
     width = 4
-    session_table = msbr.SessionTable.every_session(sessions, width)
+    session_table = tables.SessionTable.every_session(sessions, width)
     assert _pairs_of_session_table(session_table) == _pairs_of_prefix_table(
-        msbr.PrefixTable.every_prefix(sessions, width))
+        tables.PrefixTable.every_prefix(sessions, width))
     # Padding never counts, and each counted position has its click.
     assert not np.any(session_table.target_mask & ~session_table.mask)
 
 
 def test_session_table_rows_of_a_long_session():
-    table = msbr.SessionTable.every_session([np.array([1, 2, 3, 4, 5], np.int32)], width=2)
+    table = tables.SessionTable.every_session([np.array([1, 2, 3, 4, 5], np.int32)], width=2)
     assert table.items.tolist() == [[1, 2], [2, 3], [3, 4]]
     assert table.targets.tolist() == [[2, 3], [0, 4], [0, 5]]
     assert table.target_mask.tolist() == [[True, True], [False, True], [False, True]]
@@ -93,8 +97,8 @@ def test_session_table_rows_of_a_long_session():
 def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width():
     rng = np.random.default_rng(0)
     sessions = [rng.integers(1, 50, size=rng.integers(2, 12)).astype(np.int32) for _ in range(40)]
-    table = msbr.PrefixTable.every_prefix(sessions, width=10)
-    batches = msbr.BucketedBatches(table, (3, 10), batch_size=8, seed=1, num_epochs=2)
+    table = tables.PrefixTable.every_prefix(sessions, width=10)
+    batches = tables.BucketedBatches(table, (3, 10), batch_size=8, seed=1, num_epochs=2)
     assert len(batches) == 2 * batches.batches_per_epoch
     epochs = []
     for epoch in range(2):
@@ -118,8 +122,8 @@ def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width
         assert sorted(seen) == sorted(everything)
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
-    again = msbr.BucketedBatches(table, (3, 10), batch_size=8, seed=1, num_epochs=2)
-    halves = [msbr.BucketedBatches(table, (3, 10), 8, 1, 2, process_index=p, process_count=2) for p in (0, 1)]
+    again = tables.BucketedBatches(table, (3, 10), batch_size=8, seed=1, num_epochs=2)
+    halves = [tables.BucketedBatches(table, (3, 10), 8, 1, 2, process_index=p, process_count=2) for p in (0, 1)]
     for index in (0, 5):
         np.testing.assert_array_equal(again[index]["items"], batches[index]["items"])
         np.testing.assert_array_equal(np.concatenate([h[index]["target"] for h in halves]),
@@ -127,18 +131,18 @@ def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width
 
 
 def test_selection_state_keeps_the_earliest_best_and_counts_patience():
-    assert msbr.selection_state({1: 3.0, 2: 5.0, 3: 5.0}, patience=2) == (
+    assert selection_lib.selection_state({1: 3.0, 2: 5.0, 3: 5.0}, patience=2) == (
         {"best_epoch": 2, "best_metric": 5.0, "stop": False})
-    assert msbr.selection_state({1: 3.0, 2: 5.0, 3: 5.0, 4: 4.0}, patience=2)["stop"]
-    assert not msbr.selection_state({1: 3.0}, patience=1)["stop"]
+    assert selection_lib.selection_state({1: 3.0, 2: 5.0, 3: 5.0, 4: 4.0}, patience=2)["stop"]
+    assert not selection_lib.selection_state({1: 3.0}, patience=1)["stop"]
 
 
 def test_training_reduces_loss_and_beats_pop(tiny):
     config, workdir, data, _, _ = tiny
-    losses = [r["loss"] for r in logging.read_metrics(msbr.model_dir(workdir, "transformer")) if "loss" in r]
+    losses = [r["loss"] for r in logging.read_metrics(layout.row_dir(workdir, "transformer")) if "loss" in r]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
 
-    ranks = msbr.evaluate_neural("transformer", config, workdir, data)
+    ranks = training.evaluate_neural("transformer", config, workdir, data)
     prefixes, targets = data.examples("test")
     assert ranks.dtype == np.int32 and ranks.shape == targets.shape
     pop = baselines.make_baseline("pop", config).fit(data.train, data.num_items)
@@ -152,15 +156,15 @@ def test_model_selection_reads_validation_never_test(tiny):
     config, workdir, data, recording, model = tiny
     assert set(recording.example_splits) == {"valid"}
     assert "test" not in recording.attributes
-    selection = msbr.read_selection(msbr.model_dir(workdir, "transformer"))
+    selection = selection_lib.read_selection(layout.row_dir(workdir, "transformer"))
     assert selection["split"] == "valid" and selection["metric"] == "MRR@20" and selection["finished"]
     history = {int(e): v for e, v in selection["history"].items()}
     assert sorted(history) == list(range(1, config.msbr.max_epochs + 1))
     assert selection["best_metric"] == max(history.values())
     # The returned parameters are the selected epoch's: they reproduce its validation metric.
     prefixes, targets = data.examples("valid")
-    width, batch_size = msbr.prefix_width(config), config.msbr.eval_batch_size
-    ranks = msbr.rank_examples(model, prefixes, targets, width, batch_size)
+    width, batch_size = tables.prefix_width(config), config.msbr.eval_batch_size
+    ranks = scoring.rank_examples(model, prefixes, targets, width, batch_size)
     assert metrics.metrics_from_ranks(ranks, (20,))[("MRR", 20)] == pytest.approx(selection["best_metric"],
                                                                                  abs=1e-6)
 
@@ -168,21 +172,21 @@ def test_model_selection_reads_validation_never_test(tiny):
 def test_rank_examples_equals_ranking_the_full_score_matrix(tiny):
     config, _, data, _, model = tiny
     prefixes, targets = data.examples("valid")
-    width = msbr.prefix_width(config)
-    dense = metrics.rank_targets(msbr.prefix_scorer(model, width, 32), prefixes, targets, 32)
-    np.testing.assert_array_equal(msbr.rank_examples(model, prefixes, targets, width, 32), dense)
+    width = tables.prefix_width(config)
+    dense = metrics.rank_targets(scoring.prefix_scorer(model, width, 32), prefixes, targets, 32)
+    np.testing.assert_array_equal(scoring.rank_examples(model, prefixes, targets, width, 32), dense)
 
 
 def test_rerun_on_a_finished_workdir_does_not_train(tiny, monkeypatch):
     config, workdir, data, _, model = tiny
-    metrics_file = os.path.join(msbr.model_dir(workdir, "transformer"), logging.METRICS_FILE)
+    metrics_file = os.path.join(layout.row_dir(workdir, "transformer"), logging.METRICS_FILE)
     before = open(metrics_file).read()
 
     def no_training(**kwargs):
         raise AssertionError("run_loop called on a finished workdir")
 
     monkeypatch.setattr(loop, "run_loop", no_training)
-    again = msbr.train_msbr("transformer", config, workdir, data)
+    again = training.train_msbr("transformer", config, workdir, data)
     assert open(metrics_file).read() == before
     np.testing.assert_array_equal(again.id_embedding.embedding[...], model.id_embedding.embedding[...])
 
@@ -192,8 +196,8 @@ def test_early_stop_after_patience_epochs_without_improvement(tiny):
     config = tpad_base.get_config("tiny")
     config.msbr.learning_rate = 0.0  # nothing improves after the first epoch
     config.msbr.max_epochs = 5
-    msbr.train_msbr("gru4rec", config, workdir, data)
-    selection = msbr.read_selection(msbr.model_dir(workdir, "gru4rec"))
+    training.train_msbr("gru4rec", config, workdir, data)
+    selection = selection_lib.read_selection(layout.row_dir(workdir, "gru4rec"))
     assert sorted(int(e) for e in selection["history"]) == [1, 2]
     assert selection["best_epoch"] == 1 and selection["finished"]
 
@@ -205,21 +209,21 @@ def test_content_features_are_normalised_and_frozen(tiny):
     features = np.random.default_rng(0).normal(size=(data.num_items, 12)).astype(np.float32) * 3.0
     export.write_export(os.path.join(workdir, "export"), features, data.item_ids,
                         _export_meta(config, data, "tpad"))
-    model = msbr.train_msbr("tpad", config, workdir, data)
+    model = training.train_msbr("tpad", config, workdir, data)
     assert config.msbr.content_norm == "whiten"
-    np.testing.assert_allclose(np.asarray(model.content[...]), msbr.normalise_content(features, "whiten"),
+    np.testing.assert_allclose(np.asarray(model.content[...]), features_lib.normalise_content(features, "whiten"),
                                rtol=1e-5, atol=1e-6)
-    saved = np.load(os.path.join(msbr.model_dir(workdir, "tpad"), msbr.BEST_PARAMS))
+    saved = np.load(os.path.join(layout.row_dir(workdir, "tpad"), layout.BEST_PARAMS))
     assert "content_projection/kernel" in saved.files and "content" not in saved.files
-    ranks = msbr.evaluate_neural("tpad", config, workdir, data)
+    ranks = training.evaluate_neural("tpad", config, workdir, data)
     assert ranks.shape == data.examples("test")[1].shape and ranks.max() < data.num_items
 
     export.write_export(os.path.join(workdir, "export_raw"), features, data.item_ids[::-1],
                         _export_meta(config, data, "raw"))
     with pytest.raises(cli.UserError, match="export_raw/item_ids.json"):
-        msbr.train_msbr("transformer+raw", config, workdir, data)
+        training.train_msbr("transformer+raw", config, workdir, data)
     with pytest.raises(cli.UserError, match="export_stage1/item_embeddings.npy: missing"):
-        msbr.train_msbr("transformer+stage1", config, workdir, data)
+        training.train_msbr("transformer+stage1", config, workdir, data)
 
 
 def _export_meta(config, data, variant):
@@ -229,7 +233,7 @@ def _export_meta(config, data, variant):
 
 def test_l2_normalisation_gives_unit_rows():
     features = np.random.default_rng(0).normal(size=(50, 6)) * np.array([5.0, 1, 1, 1, 1, 0.1])
-    unit = msbr.normalise_content(features, "l2")
+    unit = features_lib.normalise_content(features, "l2")
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(unit, features / np.linalg.norm(features, axis=1, keepdims=True), rtol=1e-6)
 
@@ -239,7 +243,7 @@ def test_whitening_decorrelates_equalises_and_damps_null_directions():
     mixing = rng.normal(size=(4, 4))
     # 4 real directions of very different scales, then 2 columns that are exactly zero (a rank-4 export).
     features = np.c_[rng.normal(size=(4000, 4)) * [30.0, 3.0, 1.0, 0.5] @ mixing, np.zeros((4000, 2))] + 7.0
-    white = msbr.normalise_content(features, "whiten", eps=1e-6)
+    white = features_lib.normalise_content(features, "whiten", eps=1e-6)
     np.testing.assert_allclose(white.mean(axis=0), 0.0, atol=1e-5)
     np.testing.assert_allclose(np.mean(np.sum(white**2, axis=1)), 1.0, rtol=1e-5)
     covariance = white.T @ white / len(white)
@@ -248,28 +252,28 @@ def test_whitening_decorrelates_equalises_and_damps_null_directions():
     np.testing.assert_allclose(eigenvalues[:2], 0.0, atol=1e-6)
     np.testing.assert_allclose(eigenvalues[2:], 0.25, rtol=1e-3)
     with pytest.raises(ValueError, match="msbr.content_norm must be one of"):
-        msbr.normalise_content(features, "zscore")
+        features_lib.normalise_content(features, "zscore")
 
 
 def test_unknown_model_name_is_rejected(tiny):
     config, workdir, data, _, _ = tiny
     with pytest.raises(ValueError, match="unknown neural model 'bert4rec'"):
-        msbr.evaluate_neural("bert4rec", config, workdir, data)
+        training.evaluate_neural("bert4rec", config, workdir, data)
 
 
 
 def test_seed_spread_reuses_the_run_and_retrains_only_other_seeds(tiny):
     config, workdir, data, _, _ = tiny
     own = seeds.seed_values("transformer", config, workdir, data)  # restored: the fixture trained it
-    selection = msbr.read_selection(msbr.model_dir(workdir, "transformer"))
+    selection = selection_lib.read_selection(layout.row_dir(workdir, "transformer"))
     assert own[("valid", "all", "MRR")] == selection["best_metric"]
-    ranks = msbr.evaluate_neural("transformer", config, workdir, data)
+    ranks = training.evaluate_neural("transformer", config, workdir, data)
     assert own[("test", "all", "HR")] == pytest.approx(float(np.mean(ranks < 20) * 100))
 
     spread = seeds.seed_spread(["transformer"], config, workdir, data, [config.seed + 1])
     other_dir = os.path.join(workdir, "seeds", f"seed{config.seed + 1}")
     assert os.path.islink(os.path.join(other_dir, "data"))
-    assert msbr.read_selection(msbr.model_dir(other_dir, "transformer"))["finished"]
+    assert selection_lib.read_selection(layout.row_dir(other_dir, "transformer"))["finished"]
     values = spread["transformer"]
     assert [v[0] for v in values.values()] == [own[c] for c in seeds.COLUMNS]
     assert values[("valid", "all", "MRR")][0] != values[("valid", "all", "MRR")][1]  # another init, another model
@@ -285,25 +289,25 @@ def test_row_config_overrides_only_its_row():
     config.msbr.per_model.gru4rec.learning_rate = 0.01
     config.msbr.per_model.gru4rec.hidden_dim = 48
     config.msbr.per_model.gru4rec.max_epochs = 5
-    gru4rec = msbr.row_config("gru4rec", config).msbr
+    gru4rec = settings_lib.row_config("gru4rec", config).msbr
     settings = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience")
     # dropout and patience: the tiny preset's msbr.*
     assert [gru4rec[key] for key in settings] == [0.01, 48, 0.1, 5, 1]
-    transformer = msbr.row_config("transformer", config).msbr
+    transformer = settings_lib.row_config("transformer", config).msbr
     assert [transformer[key] for key in settings] == [3e-3, 32, 0.1, 2, 1]
     assert "per_model" not in gru4rec and "per_model" not in transformer
-    assert msbr.row_config("gru4rec", msbr.row_config("gru4rec", config)).msbr == gru4rec
-    assert msbr.encoder_config("gru4rec", config).hidden_dim == 48
-    assert msbr.encoder_config("transformer", config).hidden_dim == 32
+    assert settings_lib.row_config("gru4rec", settings_lib.row_config("gru4rec", config)).msbr == gru4rec
+    assert settings_lib.encoder_config("gru4rec", config).hidden_dim == 48
+    assert settings_lib.encoder_config("transformer", config).hidden_dim == 32
     assert config.msbr.learning_rate == 3e-3 and config.msbr.per_model.gru4rec.learning_rate == 0.01
 
 
 def test_a_row_setting_changes_that_rows_record_only():
     data = types.SimpleNamespace(fingerprint="f" * 64)  # ID-only rows read no export
     config = tpad_base.get_config("tiny")
-    before = {name: msbr.inputs_record(name, config, "unused", data) for name in ("gru4rec", "srgnn")}
+    before = {name: selection_lib.inputs_record(name, config, "unused", data) for name in ("gru4rec", "srgnn")}
     config.msbr.per_model.gru4rec.dropout = 0.3
-    after = {name: msbr.inputs_record(name, config, "unused", data) for name in ("gru4rec", "srgnn")}
+    after = {name: selection_lib.inputs_record(name, config, "unused", data) for name in ("gru4rec", "srgnn")}
     assert after["srgnn"] == before["srgnn"]
     assert provenance.differences(before["gru4rec"], after["gru4rec"]) == "msbr.dropout 0.1 -> 0.3"
     assert not any(key.startswith("msbr.per_model") for key in after["gru4rec"]["config"])
@@ -314,12 +318,12 @@ def test_per_model_rejects_unknown_rows_and_settings():
     config.msbr.per_model["bert4rec"] = {"learning_rate": 0.1}
     config.msbr.per_model.gru4rec["num_layers"] = 3
     with pytest.raises(cli.UserError, match=r"unknown row 'bert4rec'; gru4rec.num_layers: not a per-row"):
-        msbr.row_config("transformer", config)
+        settings_lib.row_config("transformer", config)
 
 
 def test_per_model_section_covers_every_row_and_takes_command_line_overrides():
-    assert tpad_base.NEURAL_ROWS == tuple(msbr.NEURAL_MODELS)
-    assert tuple(tpad_base.ROW_SETTING_TYPES) == msbr.ROW_SETTINGS
+    assert sorted(tpad_base.get_config().msbr.per_model.keys()) == sorted(rows.names(rows.neural()))
+    assert tuple(tpad_base.ROW_SETTING_TYPES) == settings_lib.ROW_SETTINGS
     tiny = tpad_base.get_config("tiny").msbr.per_model
     assert all(value is None for row in tiny.values() for value in row.values())
     base = tpad_base.get_config().msbr.per_model
@@ -327,9 +331,9 @@ def test_per_model_section_covers_every_row_and_takes_command_line_overrides():
             if any(v is not None for v in settings.values())} == tpad_base.TUNED_ROWS
     parsed = _parse_config("--config.msbr.per_model.gru4rec.learning_rate=0.02",
                            '--config.msbr.per_model["srgnn+tpad"].hidden_dim=16')
-    assert msbr.row_config("gru4rec", parsed).msbr.learning_rate == 0.02
-    assert msbr.encoder_config("srgnn+tpad", parsed).hidden_dim == 16
-    assert msbr.encoder_config("srgnn", parsed).hidden_dim == 32
+    assert settings_lib.row_config("gru4rec", parsed).msbr.learning_rate == 0.02
+    assert settings_lib.encoder_config("srgnn+tpad", parsed).hidden_dim == 16
+    assert settings_lib.encoder_config("srgnn", parsed).hidden_dim == 32
     with pytest.raises(AttributeError):  # the config is locked: a misspelled setting fails
         _parse_config("--config.msbr.per_model.gru4rec.lr=0.02")
 
@@ -350,9 +354,9 @@ def test_a_row_trains_and_serves_with_its_own_hidden_size(tiny, monkeypatch):
     config = tpad_base.get_config("tiny")
     config.msbr.per_model.srgnn.hidden_dim = 16
     config.msbr.per_model.srgnn.max_epochs = 1
-    model = msbr.train_msbr("srgnn", config, workdir, data)
+    model = training.train_msbr("srgnn", config, workdir, data)
     assert model.id_embedding.embedding[...].shape == (data.num_items, 16)
-    selection = msbr.read_selection(msbr.model_dir(workdir, "srgnn"))
+    selection = selection_lib.read_selection(layout.row_dir(workdir, "srgnn"))
     assert selection["inputs"]["config"]["msbr.hidden_dim"] == 16 and list(selection["history"]) == ["1"]
 
     def no_training(**kwargs):
@@ -360,11 +364,11 @@ def test_a_row_trains_and_serves_with_its_own_hidden_size(tiny, monkeypatch):
 
     monkeypatch.setattr(loop, "run_loop", no_training)
     config.msbr.per_model.transformer.learning_rate = 0.5  # another row's setting: srgnn is served as is
-    served = msbr.load_selected("srgnn", config, workdir, data)
+    served = serving.load_selected("srgnn", config, workdir, data)
     np.testing.assert_array_equal(served.id_embedding.embedding[...], model.id_embedding.embedding[...])
     config.msbr.per_model.srgnn.hidden_dim = 24
     with pytest.raises(cli.UserError, match=r"msbr.hidden_dim 16 -> 24"):
-        msbr.load_selected("srgnn", config, workdir, data)
+        serving.load_selected("srgnn", config, workdir, data)
 
 
 def _tune_script():

@@ -90,7 +90,7 @@ def test_image_modes_and_long_non_latin_titles_go_through_the_pipeline(tmp_path)
         expected = np.broadcast_to(np.array(rgb, np.float32) / 127.5 - 1.0, pixels[row].shape)
         np.testing.assert_allclose(pixels[row], expected, atol=3 / 127.5, err_msg=name)
 
-    tokenizer = tokenizer_lib.tokenizer_for(config, data, str(tmp_path / "work"))
+    tokenizer = tokenizer_lib.tokenizer_for(config, data, str(tmp_path / "work"), None)
     table = pipeline.item_prompt_table(config, data, tokenizer, n_img=config.data.visual_tokens_per_item)
     assert table["tokens"].shape[0] == data.num_items
     assert "红色连衣裙" in tokenizer.decode(table["tokens"][0].tolist())

@@ -60,7 +60,7 @@ def make_tx(total_steps: int = 20):
     return optim.make_optimizer(groups, grad_clip=1.0)
 
 
-TRAINABLE = optim.trainable_filter(full_finetune=False, extra_trainable=("head",))
+TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, optim.path_matches("head")))
 
 
 def examples(num: int = 64, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ TFDS image decoder, `pipeline.to_pixels`) and read by the ViT (which no loss tra
 that made the catalogue's image features), and K runs over the prompt as the export does (`export.item_embeddings` over tables holding the new items). An item of the catalogue sent
 through this path gets its exported row back, to float tolerance (tests/test_embed_items.py).
 
-The K that runs is the one that wrote the export a model reads (`msbr.NEURAL_MODELS`): for `tpad`,
+The K that runs is the one that wrote the export a model reads (`rows.ROWS`): for `tpad`,
 DIR/export, written by the stage-2 model of DIR/stage2/. Its checkpoint is restored at the step the
 export records, and the config must be the one that trained it (`provenance.check_export`).
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tpad_jax import export, pretrained, provenance
+from tpad_jax import export, layout, pretrained, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import pipeline, prompts, raw, readonly, tfds_builder
 from tpad_jax.data import tokenizer as tokenizer_lib
@@ -33,7 +33,7 @@ from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
 from tpad_jax.train import inputs as inputs_lib
-from tpad_jax.train import loop, msbr, stages
+from tpad_jax.train import loop, stages
 
 # Decodes the stored image bytes as the item table's reader does (OpenCV when installed, else PIL).
 _IMAGE_FEATURE = tfds.features.Image(shape=(None, None, 3))
@@ -66,19 +66,19 @@ def read_items(path: str) -> tuple[list, list]:
 class KnowledgeEmbedder:
     """The trained K of one export of a workdir, ready to embed item records."""
 
-    def __init__(self, config, workdir: str, data, export_subdir: str):
-        """Restores the model that wrote DIR/<export_subdir> (raises UserError when it cannot be had)."""
-        directory = os.path.join(workdir, export_subdir)
+    def __init__(self, config, workdir: str, data, variant: str):
+        """Restores the model that wrote the export of `variant` (raises UserError when it cannot be had)."""
+        directory = layout.export_dir(workdir, variant)
         if not export.is_complete(directory):
             raise UserError(f"{directory}/{export.META_FILE}: missing; run the stage that exports these "
                             "features first")
         self.export_dir, self.meta = directory, export.load_meta(directory)
         variant = self.meta.get("variant")
-        if variant == provenance.MINILM:
+        if rows.export_variant(variant).source == rows.MINILM:
             raise UserError(f"{directory}: exported by all-MiniLM-L6-v2, not by a TPAD tower; new items "
                             "are embedded by the Knowledge-MLLM only")
         provenance.check_export(directory, config, data.fingerprint)
-        tokenizer_path = os.path.join(workdir, "data", "tokenizer.json")
+        tokenizer_path = layout.tokenizer_file(workdir)
         if not os.path.exists(tokenizer_path):
             raise UserError(f"{tokenizer_path}: missing; the run's tokenizer is written by launch/train.py")
         self.config = config
@@ -99,13 +99,14 @@ class KnowledgeEmbedder:
         self.model = self._restore(inputs, variant)
 
     def _restore(self, inputs, variant: str) -> tpad_lib.TPAD:
-        if variant == provenance.RAW:  # the untrained towers: made and initialized as runner.train_towers does
+        source = rows.export_variant(variant).source
+        if source == rows.RAW:  # the untrained towers: made and initialized as runner.train_towers does
             model = inputs.make_model()
             pretrained.load_base(model, self.config.model, tokenizer_lib.special_ids(self.tokenizer))
             return model
-        spec = stages.stage1_spec(inputs) if variant == provenance.STAGE1 else stages.stage2_spec(
+        spec = stages.stage1_spec(inputs) if source == rows.STAGE1 else stages.stage2_spec(
             inputs, None, variant)
-        stage_dir = os.path.join(inputs.workdir, spec.dir_name)
+        stage_dir = layout.stage_dir(inputs.workdir, variant)
         step = self.meta.get("checkpoint_step")
         try:
             state = loop.load_train_state(workdir=stage_dir, mesh=inputs.mesh, rules=inputs.rules,
@@ -161,7 +162,7 @@ def check_out_dir(workdir: str, out_dir: str) -> None:
     """Raises UserError when `out_dir` is the run directory or inside one of its exports (DIR/export*)."""
     run, out = os.path.realpath(workdir), os.path.realpath(out_dir)
     relative = os.path.relpath(out, run)
-    if out == run or (not relative.startswith(os.pardir) and relative.split(os.sep)[0].startswith("export")):
+    if out == run or (not relative.startswith(os.pardir) and layout.is_export_name(relative.split(os.sep)[0])):
         raise UserError(f"{out_dir}: the run's own directory or exports are never written; name a directory "
                         "outside DIR/export*")
 
@@ -189,18 +190,16 @@ def load_new_items(directory: str) -> tuple[NewItems, dict]:
 
 
 def content_export(model: str) -> str:
-    """The export directory (DIR/<name>) whose features the neural model `model` reads.
+    """The export variant whose features the neural model `model` reads.
 
     Raises:
       UserError for an unknown model or an ID-only one (it has nothing to score a new item by).
     """
-    if model not in msbr.NEURAL_MODELS:
-        raise UserError(f"unknown neural model {model!r}; known: {', '.join(msbr.NEURAL_MODELS)}")
-    _, export_subdir = msbr.NEURAL_MODELS[model]
-    if export_subdir is None:
+    variant = rows.neural_row(model).export
+    if variant is None:
         raise UserError(f"model {model!r} reads no content features (ID only): it cannot score an item "
                         "outside its catalogue; choose a content model such as 'tpad'")
-    return export_subdir
+    return variant
 
 
 def embed_new_items(config, workdir: str, items_path: str, out_dir: str, model: str = "tpad") -> NewItems:

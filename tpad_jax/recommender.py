@@ -5,14 +5,14 @@
     recommender.recommend([["B01", "B07"], {"session_id": "s2", "items": ["B03"]}], k=10)
     recommender.add_items("new/items.jsonl")                      # items outside the catalogue
 
-What a score is. The downstream model (models/msbr.py) scores item v after a session as the dot product
+What a score is. The downstream model (models/session_encoders.py) scores item v after a session as the dot product
 of the session vector with v's item vector x_v = E_id[v] + W c_v (plus g * cos(e[last click], e[v])
 under `msbr.last_item_similarity`): the logit of v in the full softmax over all items that the model was
 trained to predict the next click with. `score` is that logit; only its order within one session means
 something. `probability` is the softmax itself, over every item the recommender holds (new ones
 included, the session's own items not removed), so it compares across sessions.
 
-Shapes. Sessions are scored `batch_size` at a time as right-padded prefixes of `msbr.prefix_width`
+Shapes. Sessions are scored `batch_size` at a time as right-padded prefixes of `tables.prefix_width`
 clicks (the last ones of a longer session), so one compiled function answers any number of sessions
 of any length. `add_items` changes the number of items, so it compiles once more.
 
@@ -34,14 +34,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tpad_jax import export, new_items, provenance
+from tpad_jax import export, layout, new_items, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import raw, readonly
-from tpad_jax.train import msbr
+from tpad_jax.downstream import features as features_lib
+from tpad_jax.downstream import serving, tables
 
 DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
 DEFAULT_BATCH_SIZE = 64
-CONFIG_FILE = "config.json"
 NO_KNOWN_ITEM = "no item of this session is in the catalogue"
 
 
@@ -52,7 +52,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     provenance records catch a config.json of other settings than a model was trained on: `load_selected`
     and `provenance.check_export` refuse it in one line.
     """
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = layout.config_file(workdir)
     if not os.path.exists(path):
         raise UserError(f"{path}: missing (not a run directory?); pass the run's config")
     with open(path, encoding="utf-8") as f:
@@ -103,7 +103,7 @@ class Recommender:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.name, self.config, self.batch_size = name, config, batch_size
-        self.width = msbr.prefix_width(config)
+        self.width = tables.prefix_width(config)
         self.item_ids, self.titles = list(data.item_ids), list(data.titles)
         self._row = {item_id: row for row, item_id in enumerate(self.item_ids)}
         self._workdir, self._data, self._model, self._features = workdir, data, model, features
@@ -121,18 +121,17 @@ class Recommender:
         Raises:
           UserError when the row is not trained, was interrupted, or was trained on other inputs.
         """
-        msbr.check_trained(workdir, model)  # before anything else: an untrained row costs nothing
+        serving.check_trained(workdir, model)  # before anything else: an untrained row costs nothing
         from_file = config is None
         config = run_config(workdir) if from_file else config
         try:
             data = readonly.load(config, workdir)
-            _, export_subdir = msbr.NEURAL_MODELS[model]
-            features = msbr.load_features(workdir, export_subdir, data)
-            loaded = msbr.load_selected(model, config, workdir, data, features)
+            features = features_lib.load_features(workdir, rows.neural_row(model).export, data)
+            loaded = serving.load_selected(model, config, workdir, data, features)
         except AttributeError as error:  # a key the code reads that an older config.json lacks
             if not from_file:
                 raise
-            raise UserError(f"{os.path.join(workdir, CONFIG_FILE)}: {str(error).splitlines()[0]} (written by "
+            raise UserError(f"{layout.config_file(workdir)}: {str(error).splitlines()[0]} (written by "
                             "another version of the code); pass the run's config") from error
         return cls(model, config, workdir, data, loaded, features, batch_size)
 
@@ -193,13 +192,13 @@ class Recommender:
           UserError for an ID-only model, a bad record (`file:line: field`), an id the recommender
           already has, or new items embedded by another K.
         """
-        export_subdir = new_items.content_export(self.name)
+        variant = new_items.content_export(self.name)
         if os.path.isdir(source):
             added, meta = new_items.load_new_items(source)
-            expected = self._content_meta(export_subdir).get("inputs")
+            expected = export.load_meta(layout.export_dir(self._workdir, variant)).get("inputs")
             if provenance.identity(meta.get("inputs")) != provenance.identity(expected):
                 raise UserError(f"{source}: embedded by another model than the one that exported "
-                                f"{os.path.join(self._workdir, export_subdir)} "
+                                f"{layout.export_dir(self._workdir, variant)} "
                                 f"({provenance.differences(meta.get('inputs'), expected)})")
             for item_id in added.item_ids:
                 if item_id in self._row:
@@ -211,8 +210,7 @@ class Recommender:
                     raise raw.RawFormatError(source, line, "item_id", f"{item.item_id!r} is already one of "
                                              "the items")
             if self._embedder is None:
-                self._embedder = new_items.KnowledgeEmbedder(self.config, self._workdir, self._data,
-                                                             export_subdir)
+                self._embedder = new_items.KnowledgeEmbedder(self.config, self._workdir, self._data, variant)
             added = self._embedder.embed(items, lines, source)
         self._grow(added.embeddings)
         self.item_ids += added.item_ids
@@ -223,20 +221,17 @@ class Recommender:
 
     # ------------------------------------------------------------------------------- internals
 
-    def _content_meta(self, export_subdir: str) -> dict:
-        return export.load_meta(os.path.join(self._workdir, export_subdir))
-
     def _grow(self, embeddings: np.ndarray) -> None:
         """Appends items with a zero ID embedding and the catalogue-fitted normalisation of `embeddings`."""
         model = self._model
         if self._content_norm is None:  # fitted on the catalogue export once, whatever is added later
             norm = self.config.msbr.content_norm
-            self._content_norm = msbr.content_transform(self._features, norm)
+            self._content_norm = features_lib.content_transform(self._features, norm)
         ids = model.id_embedding.embedding
         _append(ids, np.zeros((len(embeddings), ids.get_value().shape[1]), np.float32))
         _append(model.content, self._content_norm(embeddings))
         if model.similarity is not None:
-            _append(model.similarity, msbr.normalise_content(embeddings, "l2"))
+            _append(model.similarity, features_lib.normalise_content(embeddings, "l2"))
 
     def _compile(self) -> None:
         """Splits the model with dropout off and compiles the scorer for its item count (one call)."""
@@ -245,7 +240,7 @@ class Recommender:
 
     def _scores(self, prefixes):
         """(logits [n, N], log-sum-exp [n]) of up to `batch_size` prefixes, through one padded shape."""
-        items, mask = msbr.pad_prefixes(prefixes, self.width) if prefixes else (
+        items, mask = tables.pad_prefixes(prefixes, self.width) if prefixes else (
             np.zeros((0, self.width), np.int32), np.zeros((0, self.width), bool))
         filler = self.batch_size - len(prefixes)
         items, mask = np.pad(items, ((0, filler), (0, 0))), np.pad(mask, ((0, filler), (0, 0)))

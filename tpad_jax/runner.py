@@ -11,32 +11,15 @@ import json
 import os
 import time
 
-from tpad_jax import export, provenance
+from tpad_jax import evaluate, export, layout, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import prepared
 from tpad_jax import workdir as workdir_lib
-from tpad_jax.eval import compare, evaluate, report, significance
+from tpad_jax.eval import compare, plots, report, significance
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.parallel import distributed
 from tpad_jax.train import inputs as inputs_lib
 from tpad_jax.train import stages
-
-# Which stage-2 variant (and which export directory) each comparison row needs.
-EXPORT_OF_MODEL = {
-    "transformer+raw": "raw", "transformer+stage1": "stage1", "tpad": "tpad", "srgnn+tpad": "tpad",
-    "tpad-no-gen": "no-gen", "tpad-no-disentangle": "no-disentangle", "tpad-no-align": "no-align",
-}
-
-
-def export_dir_name(variant: str) -> str:
-    return "export" if variant == "tpad" else f"export_{variant}"
-
-
-def needed_exports(models) -> list[str]:
-    """Export variants the requested comparison rows read, in a stable order."""
-    wanted = {EXPORT_OF_MODEL[name] for name in models if name in EXPORT_OF_MODEL}
-    return [variant for variant in ("raw", "stage1", *stages.STAGE2_VARIANTS) if variant in wanted]
-
 
 def run(config, workdir: str, stage: str = "all") -> None:
     """Runs `stage` (prepare, 1, 2, export, msbr or all) of TPAD in `workdir`."""
@@ -50,7 +33,7 @@ def run(config, workdir: str, stage: str = "all") -> None:
 def _run(config, workdir: str, stage: str) -> None:
     clock = time.perf_counter()
     if distributed.is_main_process():
-        with workdir_lib.atomic_open(os.path.join(workdir, "config.json")) as f:
+        with workdir_lib.atomic_open(layout.config_file(workdir)) as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     data = prepared.load_or_prepare(config, workdir)
     if not data.has_content:
@@ -62,7 +45,7 @@ def _run(config, workdir: str, stage: str) -> None:
         print(f"towers, stages 1-2 and exports skipped: {prepared.NO_CONTENT}; the ID rows and baselines run",
               flush=True)
         if stage in ("all", "msbr"):
-            evaluate_all(config, workdir, None)
+            evaluate_all(config, workdir)
         return
     inputs = inputs_lib.build_inputs(config, workdir, data)
     print(f"data: {inputs.data.num_items} items, {len(inputs.data.train)} train / {len(inputs.data.valid)} "
@@ -70,15 +53,15 @@ def _run(config, workdir: str, stage: str) -> None:
           f"({time.perf_counter() - clock:.1f} s)", flush=True)
     if stage == "prepare":
         return
-    model_names = evaluate.configured_models(config)
-    variants = needed_exports(model_names)
-    models = train_towers(inputs, stage, variants)
+    needed = rows.needed_exports(evaluate.configured_models(config))
+    models = train_towers(inputs, stage, [variant.name for variant in needed if variant.source != rows.MINILM])
     if stage in ("all", "export"):
         write_exports(inputs, models)
-        if "transformer+minilm" in model_names:
-            write_minilm_export(inputs)
+        for variant in needed:
+            if variant.source == rows.MINILM:
+                write_minilm_export(inputs, variant.name)
     if stage in ("all", "msbr"):
-        evaluate_all(config, workdir, inputs)
+        evaluate_all(config, workdir)
     print(f"done in {time.perf_counter() - clock:.0f} s; workdir {os.path.abspath(workdir)}", flush=True)
 
 
@@ -87,17 +70,17 @@ def train_towers(inputs, stage: str, variants) -> dict:
     if stage == "msbr":
         return {}
     models = {}
-    if provenance.RAW in variants:
+    if rows.RAW in variants:
         raw = inputs.make_model()
         inputs.initialize(raw)
-        models[provenance.RAW] = raw
-    claim_stage(inputs, provenance.STAGE1)
+        models[rows.RAW] = raw
+    claim_stage(inputs, rows.STAGE1)
     stage1_model = stages.run_stage1(inputs)
-    models[provenance.STAGE1] = stage1_model
+    models[rows.STAGE1] = stage1_model
     if stage == "1":
         return models
     for variant in variants:
-        if variant in stages.STAGE2_VARIANTS:
+        if rows.export_variant(variant).source == rows.STAGE2:
             claim_stage(inputs, variant)
             models[variant] = stages.run_stage2(inputs, stage1_model, variant)
     return models
@@ -105,15 +88,14 @@ def train_towers(inputs, stage: str, variants) -> dict:
 
 def claim_stage(inputs, variant: str) -> None:
     """Readies the directory of stage 1 or of a stage-2 variant for this run's inputs (`provenance.claim`)."""
-    name, label = ("stage1", "stage 1") if variant == provenance.STAGE1 else (
-        stages.stage2_dir_name(variant), f"stage 2 ({variant})")
-    provenance.claim(inputs.workdir, name, provenance.stage_record(inputs.config, inputs.data.fingerprint,
-                                                                   variant), label)
+    label = "stage 1" if variant == rows.STAGE1 else f"stage 2 ({variant})"
+    record = provenance.stage_record(inputs.config, inputs.data.fingerprint, variant)
+    provenance.claim(inputs.workdir, layout.stage_name(variant), record, label)
 
 
 def write_exports(inputs, models: dict) -> None:
     """Writes one export per trained variant and prints the retrieval probe of each."""
-    rows = []
+    probe_rows = []
     for variant, model in models.items():
         embeddings = export.item_embeddings(model, inputs.config.eval.batch_size)
         if distributed.is_main_process():
@@ -121,17 +103,17 @@ def write_exports(inputs, models: dict) -> None:
                     "checkpoint_step": _checkpoint_step(inputs.workdir, variant),
                     "dataset_fingerprint": inputs.data.fingerprint,
                     "inputs": provenance.export_record(inputs.config, inputs.data.fingerprint, variant)}
-            export.write_export(os.path.join(inputs.workdir, export_dir_name(variant)), embeddings,
+            export.write_export(layout.export_dir(inputs.workdir, variant), embeddings,
                                 inputs.data.item_ids, meta)
         ranks = export.retrieval_ranks(embeddings, inputs.data, "test", inputs.config.eval.batch_size)
         _, targets = inputs.data.examples("test")
-        rows += metrics_lib.slice_rows(f"probe:{variant}", ranks, inputs.data.cold_mask(targets), (20,))
-    if rows:
+        probe_rows += metrics_lib.slice_rows(f"probe:{variant}", ranks, inputs.data.cold_mask(targets), (20,))
+    if probe_rows:
         provenance.claim_results(inputs.workdir, inputs.data.fingerprint)  # every process: it synchronizes
-    if rows and distributed.is_main_process():
-        with workdir_lib.atomic_open(os.path.join(inputs.workdir, "results", "probe.json")) as f:
-            json.dump(rows, f, indent=1)
-        print(_probe_table(rows), flush=True)
+    if probe_rows and distributed.is_main_process():
+        with workdir_lib.atomic_open(os.path.join(layout.results_dir(inputs.workdir), "probe.json")) as f:
+            json.dump(probe_rows, f, indent=1)
+        print(_probe_table(probe_rows), flush=True)
 
 
 def item_texts(data) -> list[str]:
@@ -140,35 +122,34 @@ def item_texts(data) -> list[str]:
             for title, category in zip(data.titles, data.categories)]
 
 
-def write_minilm_export(inputs) -> None:
-    """DIR/export_minilm: frozen all-MiniLM-L6-v2 embeddings of the item texts (the classic MSBR recipe)."""
+def write_minilm_export(inputs, variant: str) -> None:
+    """The export of `variant`: frozen all-MiniLM-L6-v2 embeddings of the item texts (the classic MSBR recipe)."""
     from tpad_jax.models import bert  # noqa: PLC0415  (loads the wheel only when this row is requested)
 
-    out_dir = os.path.join(inputs.workdir, "export_minilm")
-    record = provenance.export_record(inputs.config, inputs.data.fingerprint, provenance.MINILM)
+    out_dir = layout.export_dir(inputs.workdir, variant)
+    record = provenance.export_record(inputs.config, inputs.data.fingerprint, variant)
     if export.is_complete(out_dir) and provenance.identity(export.load_meta(out_dir).get("inputs")) == \
             provenance.identity(record):
         return
     embeddings = bert.MiniLMEncoder.from_installed_wheel().encode(item_texts(inputs.data))
     if distributed.is_main_process():
         export.write_export(out_dir, embeddings, inputs.data.item_ids,
-                            {"variant": provenance.MINILM, "encoder": provenance.MINILM_ENCODER,
+                            {"variant": variant, "encoder": rows.MINILM_ENCODER,
                              "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
 
 
 def _checkpoint_step(workdir: str, variant: str):
-    name = {"raw": None, "stage1": "stage1"}.get(variant, stages.stage2_dir_name(variant))
-    if name is None:
+    if layout.stage_name(variant) is None:
         return 0
-    entries = os.listdir(os.path.join(workdir, name, "checkpoints"))
+    entries = os.listdir(os.path.join(layout.stage_dir(workdir, variant), "checkpoints"))
     steps = [int(entry) for entry in entries if entry.isdigit()]
     return max(steps) if steps else None
 
 
-def _probe_table(rows) -> str:
+def _probe_table(probe_rows) -> str:
     """Markdown: next-item retrieval by e_K similarity (HR@20 / MRR@20) per export and slice."""
     table = {}
-    for row in rows:
+    for row in probe_rows:
         table.setdefault(row["model"], {})[(row["slice"], row["metric"])] = row["value"]
     lines = ["| export (probe) | HR@20 all | MRR@20 all | HR@20 cold | MRR@20 cold |",
              "|---|---|---|---|---|"]
@@ -179,17 +160,20 @@ def _probe_table(rows) -> str:
     return "\n".join(lines)
 
 
-def evaluate_all(config, workdir: str, inputs) -> None:
+def evaluate_all(config, workdir: str) -> list[dict]:
     """Baselines and downstream models of `config.eval.models` on the test split; writes the report."""
-    del inputs
-    rows = evaluate.run(config, workdir, ",".join(evaluate.configured_models(config)))
+    results = evaluate.run(config, workdir, ",".join(evaluate.configured_models(config)))
     if distributed.is_main_process():
-        curves = {name: os.path.join(workdir, name, "metrics.jsonl")
-                  for name in sorted(os.listdir(workdir)) if name.startswith("stage")}
-        curves = {name: path for name, path in curves.items() if os.path.exists(path)}
-        if curves:
-            report.plot_training_curves(curves, os.path.join(workdir, "results", "training_curves.png"))
-    return rows
+        records_of = {name: report.read_metric_records(os.path.join(workdir, name, "metrics.jsonl"))
+                      for name in sorted(os.listdir(workdir)) if layout.is_stage_name(name)
+                      and os.path.exists(os.path.join(workdir, name, "metrics.jsonl"))}
+        results_dir = layout.results_dir(workdir)
+        if records_of:
+            plots.loss_curves(records_of, os.path.join(results_dir, "training_curves.png"))
+        selections = report.read_epochs(workdir, evaluate.configured_models(config))
+        if records_of or selections:
+            plots.validation_curves(records_of, selections, os.path.join(results_dir, "validation_curves.png"))
+    return results
 
 
 def run_seeds(config, workdir: str, seeds) -> str:
@@ -203,7 +187,7 @@ def run_seeds(config, workdir: str, seeds) -> str:
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
         seeded.seed = seed
-        directory = os.path.join(workdir, f"seed{seed}")
+        directory = layout.pipeline_seed_dir(workdir, seed)
         clock = time.perf_counter()
         run(seeded, directory)
         times[seed] = time.perf_counter() - clock
@@ -212,11 +196,11 @@ def run_seeds(config, workdir: str, seeds) -> str:
         elif compare.split_signature(directory) != signature:
             raise ValueError(f"{directory}/data/prepared/splits.npz: seed {seed} was prepared on other data "
                              f"than seed {seeds[0]}; whole-pipeline seeds must share one split")
-        ranks, cold_mask = report.read_ranks(os.path.join(directory, "results", report.RANKS_FILE))
+        ranks, cold_mask = report.read_ranks(os.path.join(layout.results_dir(directory), report.RANKS_FILE))
         runs.append(ranks)
     table = significance.seed_table(runs, cold_mask)
     text = significance.markdown(table, seeds) + "\nWall time of this command per seed (a resumed seed " \
         "only re-evaluates): " + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n"
     if distributed.is_main_process():
-        significance.write_table(table, seeds, text, os.path.join(workdir, "results"))
+        significance.write_table(table, seeds, text, layout.results_dir(workdir))
     return text

@@ -12,10 +12,10 @@ import fcntl
 import json
 import os
 
+from tpad_jax import layout
 from tpad_jax.cli import UserError
 
 LOCK_FILE = ".lock"
-STALE_DIR = "stale"
 
 _held = {}  # real path of a locked workdir -> [file object, depth]: one process may nest its own locks
 
@@ -76,7 +76,7 @@ def read_json(path: str):
 def move_aside(workdir: str, name: str) -> str:
     """Moves DIR/<name> to DIR/stale/<name>.<k> (the first k not taken); returns the new path."""
     k = 1
-    while os.path.exists(target := os.path.join(workdir, STALE_DIR, f"{name}.{k}")):
+    while os.path.exists(target := os.path.join(layout.stale_dir(workdir), f"{name}.{k}")):
         k += 1
     os.makedirs(os.path.dirname(target), exist_ok=True)
     os.replace(os.path.join(workdir, name), target)

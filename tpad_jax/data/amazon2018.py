@@ -35,19 +35,6 @@ def resolve_category(raw_dir, category):
     return os.path.basename(found[0])[len("meta_"):-len(".json.gz")]
 
 
-def _json_lines(path, on_error, report):
-    """Yields (line_number, dict) for each strict-JSON object line of a .json.gz file."""
-    for line_number, record in raw.json_lines(path, gzip.open):
-        if isinstance(record, raw.RawFormatError):  # Python literals too: reported, never evaluated
-            raw.handle_error(record, record.reason, on_error, report)
-            continue
-        if not isinstance(record, dict):
-            error = raw.RawFormatError(path, line_number, None, "expected a JSON object")
-            raw.handle_error(error, "wrong_type", on_error, report)
-            continue
-        yield line_number, record
-
-
 def _field(record, name, types, path, line, on_error, report):
     """Returns record[name] if present with the right type; else raises or counts and returns None."""
     value = record.get(name)
@@ -79,7 +66,7 @@ def _image_for(raw_dir, asin, path, line, on_error, report):
 def read_meta(path, raw_dir, on_error, report):
     """Reads meta_<Cat>.json.gz -> list[raw.Item] in file order."""
     items, seen = [], set()
-    for line, record in _json_lines(path, on_error, report):
+    for line, record in raw.json_lines(path, on_error, report, opener=gzip.open):
         asin = _field(record, "asin", str, path, line, on_error, report)
         if asin is None:
             continue
@@ -106,7 +93,7 @@ def read_meta(path, raw_dir, on_error, report):
 def read_reviews(path, known_items, on_error, report):
     """Reads <Cat>_5.json.gz -> sessions (one reviewer, one UTC day), ordered by first review time."""
     clicks = {}  # (reviewer, day) -> [(time, input order, asin)]
-    for order, (line, record) in enumerate(_json_lines(path, on_error, report)):
+    for order, (line, record) in enumerate(raw.json_lines(path, on_error, report, opener=gzip.open)):
         reviewer = _field(record, "reviewerID", str, path, line, on_error, report)
         if reviewer is None:
             continue

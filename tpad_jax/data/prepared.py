@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from tpad_jax import layout
 from tpad_jax.cli import UserError
 from tpad_jax.data import amazon2018, protocol, raw, srgnn_pickle, synthetic
 
@@ -44,7 +45,7 @@ def resolve_source(data_config):
 def raw_dir_for(config, workdir):
     """Directory holding the raw catalogue (and its images) for this config, as an absolute path."""
     if resolve_source(config.data) == "synthetic":
-        return os.path.abspath(os.path.join(workdir, "data", "raw"))
+        return os.path.abspath(layout.synthetic_raw_dir(workdir))
     return os.path.abspath(config.data.raw_dir)
 
 
@@ -236,7 +237,7 @@ def prepare(config, workdir):
         "images": [item.image for item in items],
     }
     stats = _statistics(source, config, items, sessions, examples, report, filtering, split)
-    prepared_dir = os.path.join(workdir, "data", "prepared")
+    prepared_dir = layout.prepared_dir(workdir)
     os.makedirs(prepared_dir, exist_ok=True)
     _write_atomic(os.path.join(prepared_dir, "catalogue.json"), _json_bytes(catalogue))
     _write_atomic(os.path.join(prepared_dir, "stats.json"), _json_bytes(stats))
@@ -333,7 +334,7 @@ def _is_current(prepared_dir, config):
 
 def load_or_prepare(config, workdir):
     """PreparedData for `config` in `workdir`; prepares DIR/data/prepared/ on the first call."""
-    prepared_dir = os.path.join(workdir, "data", "prepared")
+    prepared_dir = layout.prepared_dir(workdir)
     if not _is_current(prepared_dir, config):
         prepare(config, workdir)
     return PreparedData(prepared_dir, raw_dir_for(config, workdir), workdir)

@@ -115,51 +115,81 @@ def verify_image(path):
     return None
 
 
-def json_lines(path, opener=open):
-    """Yields (line number, parsed JSON value or a RawFormatError) for each non-blank line of `path`.
+JSON_LINES_POLICIES = ON_ERROR_CHOICES + ("tolerate_torn_end",)
+
+
+def json_lines(path, on_error="raise", report=None, *, opener=open):
+    """Yields (line number, dict) for each JSON object line of `path`; bad lines go as `on_error` says.
 
     The file is read as bytes with `opener` (`gzip.open` for .json.gz) and decoded line by line, so a
     byte that is not UTF-8 is reported with its line (reason "not_utf8") and the lines around it still
-    read. A UTF-8 byte-order mark (spreadsheet exports write one) is dropped; CRLF is JSON whitespace.
-    A compressed file that ends early yields one error (reason "truncated_file") after its last whole
-    line, then stops.
+    read. A UTF-8 byte-order mark (spreadsheet exports write one) is dropped; CRLF is JSON whitespace;
+    blank lines are skipped. Other bad lines: malformed JSON ("malformed_json"), a value that is not an
+    object ("wrong_type"), and a compressed file that ends early ("truncated_file", after its last whole
+    line; reading stops there).
+
+    Args:
+      path: the file.
+      on_error: "raise" (RawFormatError `file:line: ...` on the first bad line), "skip" (count its reason
+        in `report`) or "tolerate_torn_end": a last line without its newline that is not JSON, which a
+        process killed while appending leaves (metrics logs), is dropped; any other bad line raises.
+      report: SkipReport for on_error="skip" (a fresh one when None).
     """
+    if on_error not in JSON_LINES_POLICIES:
+        raise ValueError(f"on_error must be one of {JSON_LINES_POLICIES}, got {on_error!r}")
+    report = SkipReport() if report is None else report
+    strict = "raise" if on_error == "tolerate_torn_end" else on_error
     check_file(path)
     line_number = 0
     try:
         with opener(path, "rb") as f:
             for line_number, line in enumerate(f, start=1):
-                yield from _parse_line(line.removeprefix(codecs.BOM_UTF8) if line_number == 1 else line,
-                                       path, line_number)
+                record = parse_json_line(line, path, line_number)
+                if isinstance(record, RawFormatError):
+                    torn = not line.endswith(b"\n") and record.reason in ("not_utf8", "malformed_json")
+                    if not (torn and on_error == "tolerate_torn_end"):
+                        handle_error(record, record.reason, strict, report)
+                elif record is not None:
+                    yield line_number, record
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         error = RawFormatError(path, line_number + 1, None, f"truncated or corrupt compressed data ({e})")
-        yield line_number + 1, _with_reason(error, "truncated_file")
+        handle_error(error, "truncated_file", strict, report)
 
 
-def _parse_line(line, path, line_number):
-    """(line number, JSON value or RawFormatError) of one line of bytes; nothing for a blank line."""
+def parse_json_line(line: bytes, path, line_number: int):
+    """The JSON object of one line of bytes, a RawFormatError (with its skip reason), or None if blank.
+
+    Line 1 may start with a UTF-8 byte-order mark; it is dropped. Readers of streams (standard input)
+    call this line by line; `json_lines` does for files.
+    """
+    if line_number == 1:
+        line = line.removeprefix(codecs.BOM_UTF8)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         message = f"not UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}"
-        yield line_number, _with_reason(RawFormatError(path, line_number, None, message), "not_utf8")
-        return
+        return _with_reason(RawFormatError(path, line_number, None, message), "not_utf8")
     if not text.strip():
-        return
+        return None
     try:
-        yield line_number, json.loads(text)
+        record = json.loads(text)
     except json.JSONDecodeError as e:
         error = RawFormatError(path, line_number, None, f"malformed JSON: {e.msg}")
-        yield line_number, _with_reason(error, "malformed_json")
+        return _with_reason(error, "malformed_json")
+    if not isinstance(record, dict):
+        return _with_reason(RawFormatError(path, line_number, None, "expected a JSON object"), "wrong_type")
+    return record
 
 
-def _records(path):
-    """`json_lines(path)` of a canonical file, which must hold at least one line."""
+def _records(path, on_error, report):
+    """`json_lines` of a canonical file, which must hold at least one line (a skipped one counts)."""
+    # Nothing else adds to `report` before the first record is yielded: a count that grew is a skip here.
+    skipped_before = sum(report.counts.values())
     seen_any = False
-    for line_number, record in json_lines(path):
+    for line_number, record in json_lines(path, on_error, report):
         seen_any = True
         yield line_number, record
-    if not seen_any:
+    if not seen_any and sum(report.counts.values()) == skipped_before:
         raise RawFormatError(path, 0, None, "empty file: no records")
 
 
@@ -181,8 +211,6 @@ def _check_type(record, field, types, path, line, *, required, type_name, nullab
 
 def _parse_item(record, path, line, catalogue_dir):
     """One items.jsonl record -> Item (raises RawFormatError with a skip reason attached)."""
-    if not isinstance(record, dict):
-        raise _with_reason(RawFormatError(path, line, None, "expected a JSON object"), "wrong_type")
     try:
         item_id = _check_type(record, "item_id", str, path, line, required=True, type_name="string")
         title = _check_type(record, "title", str, path, line, required=True, nullable=True,
@@ -231,10 +259,7 @@ def _read_records(path, parse, id_field, on_error, report):
     check_on_error(on_error)
     report = SkipReport() if report is None else report
     parsed, seen = [], set()
-    for line, record in _records(path):
-        if isinstance(record, RawFormatError):
-            handle_error(record, record.reason, on_error, report)
-            continue
+    for line, record in _records(path, on_error, report):
         try:
             value = parse(record, line)
         except RawFormatError as e:
@@ -253,8 +278,6 @@ def _read_records(path, parse, id_field, on_error, report):
 
 def _parse_session(record, path, line, known_items, on_error, report):
     """One sessions.jsonl record -> Session; unknown items raise or are dropped click by click."""
-    if not isinstance(record, dict):
-        raise _with_reason(RawFormatError(path, line, None, "expected a JSON object"), "wrong_type")
     try:
         session_id = _check_type(record, "session_id", str, path, line, required=True, type_name="string")
         clicks = _check_type(record, "items", list, path, line, required=True, type_name="list")

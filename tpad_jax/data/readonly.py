@@ -9,17 +9,14 @@ data settings, or changed since they were prepared.
 import json
 import os
 
+from tpad_jax import layout
 from tpad_jax.cli import UserError
 from tpad_jax.data import prepared
 
 
-def prepared_dir(workdir: str) -> str:
-    return os.path.join(workdir, "data", "prepared")
-
-
 def has_prepared(workdir: str) -> bool:
     """Whether DIR/data/prepared/ holds a complete preparation (its fingerprint.txt is written last)."""
-    return os.path.exists(os.path.join(prepared_dir(workdir), "fingerprint.txt"))
+    return os.path.exists(os.path.join(layout.prepared_dir(workdir), "fingerprint.txt"))
 
 
 def load(config, workdir: str) -> prepared.PreparedData:
@@ -29,7 +26,7 @@ def load(config, workdir: str) -> prepared.PreparedData:
       UserError when there is no prepared data, or it was made with other data settings (the message
       names the settings that differ), or its files changed since.
     """
-    directory = prepared_dir(workdir)
+    directory = layout.prepared_dir(workdir)
     if not has_prepared(workdir):
         raise UserError(f"{directory}: no prepared data; launch/train.py (or launch/prepare_data.py) "
                         "prepares it")

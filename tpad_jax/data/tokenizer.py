@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tpad_jax import layout
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<item>", "<sep>")
 # The fixed words of the prompt layouts (prompts.py), so BPE learns them as whole tokens.
 PROMPT_WORDS = ("Item:", "Category:", "Next:")
@@ -80,19 +82,22 @@ def encode(tokenizer, texts):
     return [encoding.ids for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
-def tokenizer_for(config, data, workdir):
+def tokenizer_for(config, data, workdir, source):
     """The run's tokenizer: DIR/data/tokenizer.json, made on first use.
 
-    A checkpoint's tokenizer is adopted (every call, it is cheap): `data.tokenizer_path` when set, else
-    that of the checkpoint the base loads (`model.gguf_path`: rebuilt from the GGUF; `model.checkpoint_dir`:
-    its tokenizer.json). Otherwise DIR/data/tokenizer.json is loaded when DIR/data/tokenizer_inputs.json
-    says it was trained on this prepared data (its fingerprint) with this vocab size; else a BPE is trained
-    on the catalogue's titles and categories and both files are written.
-    """
-    from tpad_jax import pretrained  # noqa: PLC0415  (pretrained imports the model code, which is heavy)
+    A checkpoint's tokenizer.json `source` is adopted (every call, it is cheap). Without one,
+    DIR/data/tokenizer.json is loaded when DIR/data/tokenizer_inputs.json says it was trained on this
+    prepared data (its fingerprint) with this vocab size; else a BPE is trained on the catalogue's titles
+    and categories and both files are written.
 
-    path = Path(workdir) / "data" / "tokenizer.json"
-    source = config.data.tokenizer_path or pretrained.tokenizer_source(config.model, path.parent)
+    Args:
+      config: the run config (`data.tokenizer_vocab_size`).
+      data: the prepared data (unused when `source` is given).
+      workdir: DIR.
+      source: the tokenizer.json to adopt, `pretrained.tokenizer_source(config, workdir)`: the caller
+        resolves it, as the checkpoints belong to the model code, which the input pipeline never imports.
+    """
+    path = Path(layout.tokenizer_file(workdir))
     if source:
         return adopt_tokenizer(source, path)
     trained_on = {"data_fingerprint": data.fingerprint, "vocab_size": config.data.tokenizer_vocab_size}

@@ -9,8 +9,6 @@ is never changed and every ranking is total up to items of equal popularity.
 import numpy as np
 import scipy.sparse as sp
 
-BASELINE_NAMES = ("pop", "s-pop", "markov", "sknn")
-
 
 def item_counts(sessions, num_items: int) -> np.ndarray:
     """Occurrences of each item row in `sessions` (int64 [num_items])."""
@@ -160,13 +158,10 @@ class Oracle:
 
 
 def make_baseline(name: str, config):
-    """An unfitted baseline by name (one of BASELINE_NAMES), with its knobs from `config.eval`."""
-    if name == "pop":
-        return Pop()
-    if name == "s-pop":
-        return SessionPop()
-    if name == "markov":
-        return Markov()
-    if name == "sknn":
-        return SessionKNN(k=config.eval.sknn_k, sample_size=config.eval.sknn_sample_size)
-    raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINE_NAMES)}")
+    """An unfitted baseline by name (a baseline row of `rows.py` other than the oracle), with its knobs
+    from `config.eval`."""
+    makers = {"pop": Pop, "s-pop": SessionPop, "markov": Markov,
+              "sknn": lambda: SessionKNN(k=config.eval.sknn_k, sample_size=config.eval.sknn_sample_size)}
+    if name not in makers:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(makers)}")
+    return makers[name]()

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+from tpad_jax import layout
 from tpad_jax.cli import UserError
 from tpad_jax.eval import report
 from tpad_jax.workdir import atomic_open
@@ -18,7 +19,7 @@ from tpad_jax.workdir import atomic_open
 
 def split_signature(workdir: str) -> str:
     """sha256 of the prepared splits and item ids of `workdir` (what makes two runs' test sets equal)."""
-    prepared_dir = os.path.join(workdir, "data", "prepared")
+    prepared_dir = layout.prepared_dir(workdir)
     digest = hashlib.sha256()
     try:
         with open(os.path.join(prepared_dir, "splits.npz"), "rb") as f:
@@ -59,7 +60,7 @@ def merge_runs(runs: list[tuple[str, str]]) -> list[dict]:
                             f"than run {first_label!r} ({first_dir}); only runs on the same split compare")
     merged: dict[str, list[dict]] = {}
     for label, workdir in runs:
-        path = os.path.join(workdir, "results", "results.csv")
+        path = os.path.join(layout.results_dir(workdir), "results.csv")
         if not os.path.exists(path):
             raise UserError(f"{path}: missing; run {label!r} has no results yet (launch/evaluate.py there)")
         rows = report.read_results(path)

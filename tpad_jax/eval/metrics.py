@@ -104,34 +104,6 @@ def rank_by_dot(session_vecs, item_table, targets, item_chunk: int = 4096):
     return lax.fori_loop(0, num_chunks, count_chunk, jnp.zeros(targets.shape, jnp.int32))
 
 
-def rank_targets_by_dot(session_vecs, item_table, targets, batch_size: int = 256,
-                        item_chunk: int = 4096) -> np.ndarray:
-    """`rank_by_dot` over any number of sessions, `batch_size` at a time, with one compiled shape.
-
-    Args:
-      session_vecs: float [num_examples, d] (numpy or device array).
-      item_table: float [N, d] (numpy or device array); moved to the device once.
-      targets: int [num_examples] target item rows.
-      batch_size: sessions per call; the last batch is padded to it.
-      item_chunk: items scored per step inside each call.
-    Returns:
-      int32 [num_examples] ranks on host.
-    """
-    session_vecs = np.asarray(session_vecs)
-    targets = np.asarray(targets, dtype=np.int32)
-    if len(session_vecs) != len(targets):
-        raise ValueError(f"{len(session_vecs)} session vectors but {len(targets)} targets")
-    table = jax.device_put(item_table)  # jnp.asarray would stage a second host copy of a numpy table
-    ranks = []
-    for start in range(0, len(targets), batch_size):
-        size = min(batch_size, len(targets) - start)
-        filler = batch_size - size
-        vecs = np.pad(session_vecs[start:start + size], ((0, filler), (0, 0)))
-        chunk_targets = np.pad(targets[start:start + size], (0, filler))
-        ranks.append(rank_by_dot(vecs, table, chunk_targets, item_chunk)[:size])
-    return np.concatenate([np.asarray(r) for r in ranks]) if ranks else np.zeros((0,), np.int32)
-
-
 def metrics_from_ranks(ranks, ks=(1, 5, 10, 20)) -> dict[tuple[str, int], float]:
     """HR@K, MRR@K and NDCG@K averaged over examples, in percent.
 

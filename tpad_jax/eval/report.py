@@ -3,17 +3,15 @@ and the rows skipped, with why), skipped.json, bar charts and training curves.""
 
 import csv
 import json
-import math
 import os
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tpad_jax.cli import UserError  # noqa: E402
-from tpad_jax.workdir import atomic_open  # noqa: E402
+from tpad_jax import layout
+from tpad_jax.cli import UserError
+from tpad_jax.data import raw
+from tpad_jax.eval import plots
+from tpad_jax.workdir import atomic_open
 
 CSV_FIELDS = ("model", "slice", "metric", "k", "value")
 TABLE_SLICES = ("all", "cold", "warm")
@@ -22,8 +20,6 @@ TABLE_COLUMNS = tuple((metric, k) for metric in METRICS for k in (5, 10, 20))
 PLOTTED = (("HR", 20), ("MRR", 20))
 NOT_RANKED = ("oracle",)  # an upper bound, not a competitor: never marked best
 SKIPPED_FILE = "skipped.json"
-# A neural row's validation selection, as tpad_jax/train/msbr.py writes it (DIR/msbr/<model>/selection.json).
-SELECTION_FILE = "selection.json"
 
 
 def read_results(path: str) -> list[dict]:
@@ -100,7 +96,7 @@ def write_results(rows: list[dict], results_dir: str, skipped: dict | None = Non
     with atomic_open(os.path.join(results_dir, "results.md")) as f:
         f.write(markdown_tables(merged, skipped, epochs))
     for metric, k in PLOTTED:
-        plot_bars(merged, metric, k, os.path.join(results_dir, f"{metric.lower()}{k}.png"))
+        plots.bar_chart(merged, metric, k, os.path.join(results_dir, f"{metric.lower()}{k}.png"))
     return merged
 
 
@@ -147,7 +143,7 @@ def read_epochs(workdir: str, models) -> dict:
     """{model: its selection.json} for the `models` with a DIR/msbr/<model>/selection.json, in order."""
     selections = {}
     for model in models:
-        path = os.path.join(workdir, "msbr", model, SELECTION_FILE)
+        path = os.path.join(layout.row_dir(workdir, model), layout.SELECTION_FILE)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 selections[model] = json.load(f)
@@ -221,64 +217,13 @@ def skipped_lines(skipped: dict) -> list[str]:
     return [f"{', '.join(models)}: {reason}" for reason, models in by_reason.items()]
 
 
-def plot_bars(rows: list[dict], metric: str, k: int, out_png: str) -> None:
-    """Grouped bar chart of metric@k per model, one bar per slice (missing values are left out)."""
-    models = _models_in_order(rows)
-    values = {(r["model"], r["slice"]): r["value"] for r in rows if r["metric"] == metric and r["k"] == k}
-    width = 0.8 / len(TABLE_SLICES)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(models) + 2.0), 4.0))
-    for offset, slice_name in enumerate(TABLE_SLICES):
-        heights = [values.get((m, slice_name), math.nan) for m in models]
-        positions = [i + (offset - (len(TABLE_SLICES) - 1) / 2) * width for i in range(len(models))]
-        ax.bar(positions, heights, width, label=slice_name)
-    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
-    ax.set_ylabel(f"{metric}@{k} (%)")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_open(out_png, "wb") as f:
-        fig.savefig(f, dpi=100, format="png")
-    plt.close(fig)
-
-
-def read_loss_curve(path: str) -> tuple[list[int], list[float]]:
-    """(steps, losses) of the records in a metrics.jsonl that carry both `step` and `loss`.
-
-    Records without a loss (evaluation records) are not part of the curve.
+def read_metric_records(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a run killed while logging) is left out.
 
     Raises:
-      ValueError naming the file and line of a record that is not a JSON object.
+      RawFormatError naming the file and line of any other line that is not a JSON object.
     """
-    steps, losses = [], []
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{os.path.basename(path)}:{line_number}: not JSON: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{os.path.basename(path)}:{line_number}: not a JSON object")
-            if "step" in record and "loss" in record:
-                steps.append(int(record["step"]))
-                losses.append(float(record["loss"]))
-    return steps, losses
-
-
-def plot_training_curves(metrics_jsonl_paths: dict[str, str], out_png: str) -> None:
-    """Loss against step, one panel per stage (name -> its metrics.jsonl)."""
-    fig, axes = plt.subplots(1, len(metrics_jsonl_paths), figsize=(4.0 * len(metrics_jsonl_paths), 3.2),
-                             squeeze=False)
-    for ax, (name, path) in zip(axes[0], metrics_jsonl_paths.items()):
-        steps, losses = read_loss_curve(path)
-        ax.plot(steps, losses)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-    fig.tight_layout()
-    with atomic_open(out_png, "wb") as f:
-        fig.savefig(f, dpi=100, format="png")
-    plt.close(fig)
+    return [record for _, record in raw.json_lines(path, "tolerate_torn_end")]
 
 
 def _models_in_order(rows: list[dict]) -> list[str]:

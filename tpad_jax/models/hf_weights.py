@@ -1,19 +1,21 @@
 """Hugging Face safetensors checkpoints -> NNX modules, tensor by tensor onto their target shardings.
 
-A checkpoint is any `Mapping[str, np.ndarray]` keyed by HF names: `SafetensorsTensors` reads a
-file or a sharded directory lazily; a GGUF reader can hand over a plain dict. A table of `Rule`s maps
-each HF name (a full-match regex) to an NNX state path plus a named `Transform` (torch stores linear
-weights as (out, in) and convolutions as (out, in, kh, kw)). `load_module` builds the target with
-`nnx.eval_shape`, fills every loadable variable from the mapping, and raises one
+The loaders read any `Mapping[str, np.ndarray]` keyed by HF names: a `checkpoint.Checkpoint`
+(`HFCheckpoint` here, a directory read lazily, or `gguf.GGUFCheckpoint`) or a plain dict. A table of
+`Rule`s maps each HF name (a full-match regex) to an NNX state path plus a named `Transform` (torch
+stores linear weights as (out, in) and convolutions as (out, in, kh, kw)). `load_module` builds the
+target with `nnx.eval_shape`, fills every loadable variable from the mapping, and raises one
 `CheckpointMismatchError` listing every missing, unexpected, misshapen or duplicated name.
 """
 
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
+import pathlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 
@@ -22,7 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from tpad_jax.models import llm, mllm, vision
+from tpad_jax.models import checkpoint, llm, mllm, vision
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -84,32 +86,33 @@ def _keys_of_files(files: list[str]) -> dict[str, str]:
     return file_of
 
 
-@dataclasses.dataclass(frozen=True)
-class HFCheckpoint:
-    """A checkpoint directory: config.json, lazy tensors, tokenizer.json path and
-    preprocessor_config.json (both None if absent)."""
+class HFCheckpoint(checkpoint.Checkpoint):
+    """An HF checkpoint directory: `config.json`, its safetensors (indexed on first access, read lazily),
+    the path of `tokenizer.json` and the contents of `preprocessor_config.json` (None when absent)."""
 
-    config: dict
-    tensors: SafetensorsTensors
-    tokenizer_path: str | None
-    preprocessor: dict | None = None
+    def __init__(self, directory):
+        self.path = pathlib.Path(directory)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: missing (every HF checkpoint directory has one)")
+        self.config = json.loads(config_path.read_text())
+        tokenizer_path = self.path / "tokenizer.json"
+        self.tokenizer_path = tokenizer_path if tokenizer_path.is_file() else None
+        preprocessor_path = self.path / "preprocessor_config.json"
+        self.preprocessor = json.loads(preprocessor_path.read_text()) if preprocessor_path.is_file() else None
 
+    @functools.cached_property
+    def _tensors(self) -> SafetensorsTensors:
+        return SafetensorsTensors(str(self.path))
 
-def read_checkpoint(directory: str) -> HFCheckpoint:
-    """Reads `config.json`, indexes the safetensors and finds `tokenizer.json` of an HF directory."""
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: missing (every HF checkpoint directory has one)")
-    with open(config_path) as f:
-        config = json.load(f)
-    tokenizer_path = os.path.join(directory, "tokenizer.json")
-    preprocessor_path = os.path.join(directory, "preprocessor_config.json")
-    preprocessor = None
-    if os.path.isfile(preprocessor_path):
-        with open(preprocessor_path) as f:
-            preprocessor = json.load(f)
-    return HFCheckpoint(config, SafetensorsTensors(directory),
-                        tokenizer_path if os.path.isfile(tokenizer_path) else None, preprocessor)
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 # ---------------------------------------------------------------------------------- key table
@@ -361,29 +364,27 @@ def lm_rules(tie_embeddings: bool) -> list[Rule]:
     ]
 
 
-def _tensors_and_config(source, hf_config: dict | None) -> tuple[Mapping, dict, str]:
-    """(tensors, config dict, name for errors) of a checkpoint directory or an in-memory mapping."""
-    if isinstance(source, Mapping):
-        if hf_config is None:
-            raise ValueError("hf_config is required when the tensors are given as a mapping")
-        return source, hf_config, "tensors"
-    checkpoint = read_checkpoint(source)
-    return checkpoint.tensors, checkpoint.config if hf_config is None else hf_config, source
-
-
-def load_lm(source: str | Mapping[str, np.ndarray], hf_config: dict | None = None, **overrides):
+def load_lm(source: str | os.PathLike | Mapping[str, np.ndarray], hf_config: dict | None = None, **overrides):
     """An `llm.LM` with the weights of an HF Llama / Mistral / Qwen2 checkpoint (or LLaVA's LM).
 
     Args:
-      source: a checkpoint directory, or a mapping `HF name -> np.ndarray` (e.g. from a GGUF reader).
-      hf_config: the HF config dict; read from `config.json` when `source` is a directory.
+      source: a checkpoint directory, a `checkpoint.Checkpoint` (e.g. a GGUF file's), or a plain mapping
+        `HF name -> np.ndarray`.
+      hf_config: the HF config dict; required for a plain mapping, else it replaces the checkpoint's.
       **overrides: `LMConfig` fields that the checkpoint does not fix (dtype, scan_layers, remat).
     Returns:
       The loaded `LM`; its config is `lm.cfg`.
     """
-    tensors, config, name = _tensors_and_config(source, hf_config)
-    cfg = llm.LMConfig.from_hf(config, **overrides)
-    return load_module(lambda: llm.LM(cfg, rngs=nnx.Rngs(0)), tensors, lm_rules(cfg.tie_embeddings),
+    if isinstance(source, (str, os.PathLike)):
+        source = HFCheckpoint(source)
+    if isinstance(source, checkpoint.Checkpoint):
+        hf_config, name = source.config if hf_config is None else hf_config, str(source.path)
+    elif hf_config is None:
+        raise ValueError("hf_config is required when the tensors are given as a mapping")
+    else:
+        name = "tensors"
+    cfg = llm.LMConfig.from_hf(hf_config, **overrides)
+    return load_module(lambda: llm.LM(cfg, rngs=nnx.Rngs(0)), source, lm_rules(cfg.tie_embeddings),
                        source=name)
 
 
@@ -486,11 +487,10 @@ def load_vision(source: str, **overrides) -> vision.VisionEncoder:
       source: the checkpoint directory.
       **overrides: VisionConfig fields the checkpoint does not fix (feature_layer, dtype, scan_layers).
     """
-    checkpoint = read_checkpoint(source)
-    cfg = vision_config_from_hf(checkpoint.config, checkpoint.preprocessor, **overrides)
+    hf = HFCheckpoint(source)
+    cfg = vision_config_from_hf(hf.config, hf.preprocessor, **overrides)
     rules = prefixed(vision_rules(), STANDALONE_VISION_PREFIX, "")
-    return load_module(lambda: vision.VisionEncoder(cfg, rngs=nnx.Rngs(0)), checkpoint.tensors, rules,
-                       source=source)
+    return load_module(lambda: vision.VisionEncoder(cfg, rngs=nnx.Rngs(0)), hf, rules, source=source)
 
 
 def mllm_config_from_hf(hf: dict, preprocessor: dict | None = None, **overrides) -> mllm.MLLMConfig:
@@ -556,6 +556,6 @@ def load_llava(source: str, **overrides) -> mllm.TPADTowers:
     Returns:
       The towers; `towers.cfg` and `towers.image_token_id` come from the checkpoint.
     """
-    checkpoint = read_checkpoint(source)
-    cfg = mllm_config_from_hf(checkpoint.config, checkpoint.preprocessor, **overrides)
-    return load_towers(cfg, image_token_id_from_hf(checkpoint.config), checkpoint.tensors, source=source)
+    hf = HFCheckpoint(source)
+    cfg = mllm_config_from_hf(hf.config, hf.preprocessor, **overrides)
+    return load_towers(cfg, image_token_id_from_hf(hf.config), hf, source=source)

@@ -13,8 +13,8 @@ Parameter tree (see `vision.py` / `llm.py` for the insides of `vision`, `lm` and
     towers.{knowledge,transfer}.projector.linear_2.{kernel [D, D], bias}
     towers.{knowledge,transfer}.lora.{q,k,v,o,gate,up,down}.{lora_a, lora_b}   nnx.LoRAParam
 
-Base and projector weights are `nnx.Param`, LoRA weights `nnx.LoRAParam` (a Param subclass): train with
-`trainable_filter(...)` as the optimizer's `wrt`.
+Base and projector weights are `nnx.Param`, LoRA weights `nnx.LoRAParam` (a Param subclass); what trains
+is `train.optim.trainable_filter`'s choice.
 """
 
 import dataclasses
@@ -84,6 +84,7 @@ PRESETS = {
     "qwen2_0_5b_siglip": MLLMConfig.qwen2_0_5b_siglip,
     "smollm2_text": MLLMConfig.smollm2_text,
 }
+CPU_PRESETS = ("tiny", "base")  # sized by the data; the other presets are real models
 
 
 def resolve_dtype(name):
@@ -93,37 +94,39 @@ def resolve_dtype(name):
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def config_from(model_config, *, vocab_size, image_size):
-    """MLLMConfig from the `config.model` section; vocab and image size come from the prepared data.
+def preset_config(preset, *, vocab_size, image_size):
+    """The MLLMConfig of `config.model.preset`.
 
-    Presets of real models keep their own vocabulary (the checkpoint's tokenizer must fit in it).
+    The CPU presets ("tiny", "base") are sized by the data's vocabulary and image size; presets of real
+    models keep their own (the checkpoint's tokenizer must fit in that vocabulary).
     """
-    preset = model_config.preset
     if preset not in PRESETS:
         raise ValueError(f"config.model.preset: unknown {preset!r}; choose from {sorted(PRESETS)}")
-    if preset in ("tiny", "base"):
-        cfg = PRESETS[preset](vocab_size, image_size)
-    else:
-        cfg = PRESETS[preset]()
-        if vocab_size > cfg.lm.vocab_size:
-            raise ValueError(f"config.model.preset {preset!r}: tokenizer vocab {vocab_size} exceeds the "
-                             f"model's {cfg.lm.vocab_size}")
+    if preset in CPU_PRESETS:
+        return PRESETS[preset](vocab_size, image_size)
+    return PRESETS[preset]()
+
+
+def assemble(model_config, lm, vision):
+    """The towers' MLLMConfig: `lm` and `vision` (or None) with the `config.model` section's layer layout,
+    LoRA, base sharing and dtype."""
     layout = dict(scan_layers=model_config.scan_layers, remat=model_config.remat)
-    cfg = dataclasses.replace(
-        cfg, lm=dataclasses.replace(cfg.lm, **layout),
-        vision=None if cfg.vision is None else dataclasses.replace(cfg.vision, **layout),
-        lora_rank=model_config.lora_rank, lora_alpha=model_config.lora_alpha,
-        lora_targets=tuple(model_config.lora_targets), share_base=model_config.share_base)
+    cfg = MLLMConfig(
+        vision=None if vision is None else dataclasses.replace(vision, **layout),
+        lm=dataclasses.replace(lm, **layout), lora_rank=model_config.lora_rank,
+        lora_alpha=model_config.lora_alpha, lora_targets=tuple(model_config.lora_targets),
+        share_base=model_config.share_base)
     return cfg.with_dtype(resolve_dtype(model_config.dtype))
 
 
-def trainable_filter(*, train_projector=True, full_finetune=False):
-    """nnx filter of the weights an optimizer should update (LoRA, projectors, or everything)."""
-    if full_finetune:
-        return nnx.Param
-    if train_projector:
-        return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.PathContains("projector")))
-    return nnx.LoRAParam
+def config_from(model_config, *, vocab_size, image_size):
+    """MLLMConfig from the `config.model` section alone (random base weights); vocab and image size come
+    from the prepared data."""
+    cfg = preset_config(model_config.preset, vocab_size=vocab_size, image_size=image_size)
+    if vocab_size > cfg.lm.vocab_size:
+        raise ValueError(f"config.model.preset {model_config.preset!r}: tokenizer vocab {vocab_size} exceeds "
+                         f"the model's {cfg.lm.vocab_size}")
+    return assemble(model_config, cfg.lm, cfg.vision)
 
 
 # ------------------------------------------------------------------------------------------ pure math

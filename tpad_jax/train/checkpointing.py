@@ -13,11 +13,10 @@ STATE = "state"
 DATA = "data"
 
 
-def make_manager(directory: str | pathlib.Path, max_to_keep: int, *, enable_async: bool = True
-                 ) -> ocp.CheckpointManager:
+def make_manager(directory: str | pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
     """One manager per stage directory; keeps the newest `max_to_keep` checkpoints."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=enable_async)
+                                           enable_async_checkpointing=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                  item_names=(STATE, DATA))
 

@@ -1,7 +1,6 @@
 """What every TPAD stage shares: prepared data, tokenizer, model config, per-item tables, mesh."""
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -70,7 +69,8 @@ def build_inputs(config, workdir: str, data=None) -> StageInputs:
     `data`: the prepared data when the caller has already loaded it (else loaded or prepared here).
     """
     data = prepared.load_or_prepare(config, workdir) if data is None else data
-    tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir)
+    tokenizer = tokenizer_lib.tokenizer_for(config, data, workdir,
+                                            pretrained.tokenizer_source(config, workdir))
     tpad_cfg = tpad_config(config, data, tokenizer)
     n_img = tpad_cfg.item_visual_tokens
     item_prompts = pipeline.item_prompt_table(config, data, tokenizer, n_img)
@@ -78,9 +78,3 @@ def build_inputs(config, workdir: str, data=None) -> StageInputs:
     return StageInputs(config=config, workdir=workdir, data=data, tokenizer=tokenizer, tpad_cfg=tpad_cfg,
                        item_prompts=item_prompts, pixels=pixels, has_image=np.asarray(data.has_image, bool),
                        mesh=mesh_lib.make_mesh(config.mesh), rules=rules_lib.get_rules(config.mesh.rules))
-
-
-def stage_dir(workdir: str, name: str) -> str:
-    path = os.path.join(workdir, name)
-    os.makedirs(path, exist_ok=True)
-    return path

@@ -16,7 +16,7 @@ from flax import nnx
 from tpad_jax.parallel import distributed
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import checkpointing
-from tpad_jax.train.logging import MetricsWriter
+from tpad_jax.train.metrics_log import MetricsWriter
 
 # loss_fn(model, batch, rng) -> (scalar loss, {name: scalar}); may update non-trainable model state.
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]

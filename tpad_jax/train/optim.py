@@ -8,6 +8,8 @@ import jax
 import optax
 from flax import nnx
 
+from tpad_jax.models import tpad as tpad_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class GroupSchedule:
@@ -30,17 +32,24 @@ def path_matches(pattern: str):
     return lambda path, value: compiled.search(path_string(path)) is not None
 
 
-def trainable_filter(full_finetune: bool, extra_trainable: Sequence[str] = ()):
-    """The parameters the optimizer updates.
+def trainable_filter(group_names: Sequence[str], *, full_finetune: bool, train_projector: bool):
+    """nnx filter of the TPAD parameters an optimizer updates (its `wrt`).
 
     Args:
-      full_finetune: train every `nnx.Param` (LoRA factors included) instead of LoRA only.
-      extra_trainable: path regexes of whole modules trained besides LoRA (projector, heads).
+      group_names: the `tpad.GROUP_PATTERNS` groups being trained (e.g. ["knowledge"] in stage 1).
+      full_finetune: also train the bases (`towers/bases/`), which are frozen otherwise, even where a
+        group's pattern covers them (a tower's own base under share_base=False).
+      train_projector: train the towers' projectors; without it a tower trains its LoRA and heads only.
     """
+    patterns = [tpad_lib.GROUP_PATTERNS[name] for name in group_names]
     if full_finetune:
-        return nnx.Param
-    extras = [nnx.All(nnx.Param, path_matches(pattern)) for pattern in extra_trainable]
-    return nnx.Any(nnx.LoRAParam, *extras)
+        patterns.append(tpad_lib.GROUP_PATTERNS["base"])
+    selected = nnx.All(nnx.Param, path_matches("|".join(patterns)))
+    if not full_finetune:
+        selected = nnx.All(selected, nnx.Not(path_matches("towers/bases/")))
+    if not train_projector:
+        selected = nnx.All(selected, nnx.Not(nnx.PathContains("projector")))
+    return selected
 
 
 def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:

@@ -6,6 +6,7 @@ Both periodically probe the validation split with next-item retrieval by e_K sim
 """
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -14,34 +15,16 @@ import ml_collections
 import optax
 from flax import nnx
 
-from tpad_jax import export
+from tpad_jax import export, layout, rows
 from tpad_jax.data import pipeline
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.train import loop, optim
-from tpad_jax.train.inputs import StageInputs, stage_dir
-
-# Stage-2 variants: the main run and the paper's ablations, each one flag away from it.
-STAGE2_VARIANTS = {
-    "tpad": {},
-    "no-gen": {"gen_weight": 0.0},
-    "no-disentangle": {"disentangle": "none"},
-    # The MMD term matches e_K's batch distribution to z_trans's: it is part of the alignment too.
-    "no-align": {"align_weight": 0.0, "mmd_weight": 0.0},
-}
+from tpad_jax.train.inputs import StageInputs
 
 
-def _trainable(config, group_names):
-    """The parameters of `group_names`; base weights only under full fine-tuning."""
-    patterns = [tpad_lib.GROUP_PATTERNS[name] for name in group_names]
-    if config.model.full_finetune:
-        patterns.append(tpad_lib.GROUP_PATTERNS["base"])
-    selected = nnx.All(nnx.Param, optim.path_matches("|".join(patterns)))
-    if not config.model.full_finetune:
-        selected = nnx.All(selected, nnx.Not(optim.path_matches("towers/bases/")))
-    if not config.model.train_projector:
-        selected = nnx.All(selected, nnx.Not(nnx.PathContains("projector")))
-    return selected
+# The parameter groups stage 2 trains (the base trains too only under model.full_finetune).
+STAGE2_GROUPS = (tpad_lib.KNOWLEDGE, tpad_lib.TRANSFER, "critic")
 
 
 def _optimizer(config, rates: dict, warmup: int, steps: int):
@@ -105,16 +88,20 @@ def stage1_spec(inputs: StageInputs) -> StageSpec:
                                        max_targets=config.data.max_item_tokens)
 
     return StageSpec(
-        dir_name="stage1", desc="stage 1", loss_fn=loss_fn,
+        dir_name=layout.stage_name(rows.STAGE1), desc="stage 1", loss_fn=loss_fn,
         tx=_optimizer(config, {tpad_lib.KNOWLEDGE: s1.learning_rate}, s1.warmup_steps, s1.steps),
-        wrt=_trainable(config, [tpad_lib.KNOWLEDGE]), batches=batches, num_steps=s1.steps, seed=config.seed,
+        wrt=optim.trainable_filter(
+            [tpad_lib.KNOWLEDGE], full_finetune=config.model.full_finetune,
+            train_projector=config.model.train_projector), batches=batches, num_steps=s1.steps, seed=config.seed,
         init_fn=inputs.initialize)
 
 
 def run_spec(inputs: StageInputs, spec: StageSpec) -> tpad_lib.TPAD:
     """Runs (or restores) the stage `spec` with the validation probe; returns its model."""
+    directory = os.path.join(inputs.workdir, spec.dir_name)
+    os.makedirs(directory, exist_ok=True)
     result = loop.run_loop(
-        workdir=stage_dir(inputs.workdir, spec.dir_name), train_config=inputs.config.train,
+        workdir=directory, train_config=inputs.config.train,
         mesh=inputs.mesh, rules=inputs.rules, make_model=inputs.make_model, init_fn=spec.init_fn,
         tx=spec.tx, wrt=spec.wrt, loss_fn=spec.loss_fn, data_iterator=spec.batches,
         num_steps=spec.num_steps, seed=spec.seed, eval_fn=probe_eval(inputs), desc=spec.desc)
@@ -127,20 +114,18 @@ def run_stage1(inputs: StageInputs) -> tpad_lib.TPAD:
 
 
 def stage2_config(config, variant: str):
-    """`config` with the stage-2 overrides of `variant` (a key of STAGE2_VARIANTS)."""
-    if variant not in STAGE2_VARIANTS:
-        raise ValueError(f"unknown stage-2 variant {variant!r}; choose from {list(STAGE2_VARIANTS)}")
+    """`config` with the stage-2 overrides of `variant` (a stage-2 variant of `rows.EXPORT_VARIANTS`)."""
+    known = rows.names(rows.stage2_variants())
+    if variant not in known:
+        raise ValueError(f"unknown stage-2 variant {variant!r}; choose from {list(known)}")
     changed = ml_collections.ConfigDict(config.to_dict())
-    for key, value in STAGE2_VARIANTS[variant].items():
+    for key, value in rows.export_variant(variant).stage2_overrides.items():
         changed.stage2[key] = value
     return changed
 
 
-def stage2_dir_name(variant: str) -> str:
-    return "stage2" if variant == "tpad" else f"stage2_{variant}"
-
-
-def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None, variant: str = "tpad") -> StageSpec:
+def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None,
+                variant: str = rows.MAIN_VARIANT) -> StageSpec:
     """Transition distillation of `variant`, starting from `stage1_model`.
 
     `stage1_model=None` starts from a fresh initialized model instead (same shapes and step: what
@@ -178,14 +163,16 @@ def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None, variant
         # A copy: the stage-2 step donates its state, and the stage-1 model is still exported afterwards.
         start_state = jax.tree.map(jnp.copy, nnx.state(stage1_model))
         init_fn = lambda model: nnx.update(model, start_state)  # noqa: E731
-    rates = {tpad_lib.KNOWLEDGE: s2.knowledge_learning_rate, tpad_lib.TRANSFER: s2.learning_rate,
-             "critic": s2.learning_rate}
+    rates = dict(zip(STAGE2_GROUPS, (s2.knowledge_learning_rate, s2.learning_rate, s2.learning_rate)))
     return StageSpec(
-        dir_name=stage2_dir_name(variant), desc=f"stage 2 ({variant})", loss_fn=loss_fn,
-        tx=_optimizer(config, rates, s2.warmup_steps, s2.steps), wrt=_trainable(config, list(rates)),
+        dir_name=layout.stage_name(variant), desc=f"stage 2 ({variant})", loss_fn=loss_fn,
+        tx=_optimizer(config, rates, s2.warmup_steps, s2.steps),
+        wrt=optim.trainable_filter(STAGE2_GROUPS, full_finetune=config.model.full_finetune,
+                                   train_projector=config.model.train_projector),
         batches=batches, num_steps=s2.steps, seed=config.seed + 1, init_fn=init_fn)
 
 
-def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD, variant: str = "tpad") -> tpad_lib.TPAD:
+def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD,
+               variant: str = rows.MAIN_VARIANT) -> tpad_lib.TPAD:
     """Transition distillation from the stage-1 model; returns the model (restored if already done)."""
     return run_spec(inputs, stage2_spec(inputs, stage1_model, variant))

@@ -1,15 +1,17 @@
-"""Evaluation on the test split: baselines and trained models ranked in chunks, then the report."""
+"""Evaluation on the test split: baselines and trained downstream rows ranked in chunks, then the report.
+
+A driver above train and eval: it trains a downstream row that is not finished yet (`downstream`).
+"""
 
 import os
 import time
 
 import numpy as np
 
-from tpad_jax import cli, export, provenance
+from tpad_jax import cli, export, layout, provenance, rows
 from tpad_jax.data import prepared, readonly
 from tpad_jax.eval import baselines, metrics, report
 
-BASELINE_MODELS = ("oracle",) + baselines.BASELINE_NAMES
 TEST_SPLIT = "test"
 NO_ORACLE = "only synthetic data knows the true next-item distribution"
 
@@ -25,22 +27,13 @@ def expand_models(spec: str, config) -> list[str]:
     configured = configured_models(config)
     names = []
     for name in (n.strip() for n in spec.split(",") if n.strip()):
-        names.extend({"baselines": BASELINE_MODELS, "all": configured}.get(name, (name,)))
-    known = set(BASELINE_MODELS) | set(configured)
+        names.extend({"baselines": rows.names(rows.baselines()), "all": configured}.get(name, (name,)))
+    known = set(rows.names(rows.baselines())) | set(configured)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise cli.UserError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}, "
                          "or the groups 'baselines' and 'all'")
     return list(dict.fromkeys(names))
-
-
-def needs_content(name: str) -> bool:
-    """Whether model `name` reads features exported by the towers (a content row)."""
-    if name in BASELINE_MODELS:
-        return False
-    from tpad_jax.train import msbr  # noqa: PLC0415 (only neural models need the training stack)
-
-    return msbr.NEURAL_MODELS.get(name, (None, None))[1] is not None
 
 
 def runnable_models(names, data) -> tuple[list[str], dict[str, str]]:
@@ -51,9 +44,9 @@ def runnable_models(names, data) -> tuple[list[str], dict[str, str]]:
     """
     runnable, skipped = [], {}
     for name in names:
-        if name == "oracle" and data.source != "synthetic":
+        if name == rows.ORACLE and data.source != "synthetic":
             skipped[name] = NO_ORACLE
-        elif not data.has_content and needs_content(name):
+        elif not data.has_content and rows.export_of(name) is not None:
             skipped[name] = f"{prepared.NO_CONTENT}: the towers are not built"
         else:
             runnable.append(name)
@@ -63,27 +56,25 @@ def runnable_models(names, data) -> tuple[list[str], dict[str, str]]:
 def check_exports(names, config, workdir: str, data) -> None:
     """Raises UserError, before any model is ranked, when a content row among `names` would read an
     export made from other inputs than `config` and the prepared data (`provenance.check_export`)."""
-    from tpad_jax.train import msbr  # noqa: PLC0415 (only neural models need the training stack)
-
     for name in names:
-        subdir = msbr.NEURAL_MODELS.get(name, (None, None))[1]
-        if subdir and export.is_complete(os.path.join(workdir, subdir)):
-            provenance.check_export(os.path.join(workdir, subdir), config, data.fingerprint)
+        variant = rows.export_of(name)
+        if variant and export.is_complete(layout.export_dir(workdir, variant)):
+            provenance.check_export(layout.export_dir(workdir, variant), config, data.fingerprint)
 
 
 def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.ndarray:
     """Test ranks of one model that `runnable_models` lets run on `data`."""
     batch_size = config.eval.batch_size
-    if name == "oracle":
+    if name == rows.ORACLE:
         # The oracle's rows follow the examples, so its chunks are indexed by example position.
         oracle = baselines.Oracle(data.oracle_scores(TEST_SPLIT))
         return metrics.rank_targets(oracle.score, np.arange(len(targets)), targets, batch_size)
-    if name in baselines.BASELINE_NAMES:
+    if name in rows.names(rows.baselines()):
         model = baselines.make_baseline(name, config).fit(data.train, data.num_items)
         return metrics.rank_targets(model.score, prefixes, targets, batch_size)
-    from tpad_jax.train import msbr  # noqa: PLC0415 (only neural models need the training stack)
+    from tpad_jax.downstream import training  # noqa: PLC0415 (only neural models need the training stack)
 
-    return np.asarray(msbr.evaluate_neural(name, config, workdir, data))
+    return np.asarray(training.evaluate_neural(name, config, workdir, data))
 
 
 def run(config, workdir: str, models: str) -> list[dict]:
@@ -113,7 +104,7 @@ def run(config, workdir: str, models: str) -> list[dict]:
         rows.extend(metrics.slice_rows(name, ranks, cold_mask, tuple(config.eval.ks)))
         ranks_of[name] = ranks
         print(f"{name}: ranked in {time.perf_counter() - start:.1f} s")
-    results_dir = os.path.join(workdir, "results")
+    results_dir = layout.results_dir(workdir)
     provenance.claim_results(workdir, data.fingerprint)
     merged = report.write_results(rows, results_dir, skipped)
     report.write_ranks(ranks_of, cold_mask, results_dir)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import tensorboardX
 
+from tpad_jax.data import raw
 from tpad_jax.workdir import atomic_open
 
 METRICS_FILE = "metrics.jsonl"
@@ -53,34 +54,28 @@ class MetricsWriter:
 def drop_records_after(workdir: str | pathlib.Path, step: int) -> None:
     """Rewrites the workdir's metrics.jsonl (atomically) without the records of steps after `step`.
 
-    A line cut short by a kill (not JSON) goes too: only whole records of kept steps stay.
+    A line cut short by a kill (not JSON) goes too: only whole records of kept steps stay. Kept records
+    are written back with `json.dumps`, which gives `MetricsWriter`'s lines back byte for byte.
     """
     path = pathlib.Path(workdir) / METRICS_FILE
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = [line for line in lines if (logged := _step_of(line)) is not None and logged <= step]
-    if len(kept) != len(lines):
+    skipped = raw.SkipReport()
+    records = [record for _, record in raw.json_lines(path, "skip", skipped)]
+    kept = [record for record in records if (logged := _step_of(record)) is not None and logged <= step]
+    if len(kept) != len(records) or skipped.counts:
         with atomic_open(str(path), encoding="utf-8") as f:
-            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+            f.writelines(json.dumps(record) + "\n" for record in kept)
 
 
-def _step_of(line: str) -> int | None:
+def _step_of(record: dict) -> int | None:
     try:
-        return int(json.loads(line)["step"])
+        return int(record["step"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-    """The records of the workdir's metrics.jsonl, in file order."""
+    """The records of the workdir's metrics.jsonl, in file order (a torn last line is left out)."""
     path = pathlib.Path(workdir) / METRICS_FILE
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not a JSON object: {error}") from error
-    return records
+    return [record for _, record in raw.json_lines(path, "tolerate_torn_end")]

@@ -13,8 +13,10 @@ import os
 
 import numpy as np
 
+from tpad_jax import layout
+from tpad_jax.downstream import selection as selection_lib
+from tpad_jax.downstream import training
 from tpad_jax.eval import metrics
-from tpad_jax.train import msbr
 from tpad_jax.workdir import atomic_open
 
 COLUMNS = (("valid", "all", "MRR"), ("test", "all", "HR"), ("test", "all", "MRR"), ("test", "cold", "HR"))
@@ -24,7 +26,7 @@ def linked_workdir(source: str, directory: str) -> str:
     """`directory` with `source`'s prepared data and exports linked in (read, never written)."""
     os.makedirs(directory, exist_ok=True)
     for entry in os.listdir(source):
-        if entry == "data" or entry.startswith("export"):
+        if entry == layout.DATA or layout.is_export_name(entry):
             link = os.path.join(directory, entry)
             if not os.path.lexists(link):
                 os.symlink(os.path.abspath(os.path.join(source, entry)), link)
@@ -33,14 +35,14 @@ def linked_workdir(source: str, directory: str) -> str:
 
 def seed_workdir(workdir: str, seed: int) -> str:
     """DIR/seeds/seed<s>/ with DIR's prepared data and exports linked in."""
-    return linked_workdir(workdir, os.path.join(workdir, "seeds", f"seed{seed}"))
+    return linked_workdir(workdir, layout.downstream_seed_dir(workdir, seed))
 
 
 def seed_values(name: str, config, workdir: str, data) -> dict:
     """{(split, slice, metric): value} of row `name` trained (or restored) in `workdir` under `config`."""
-    ranks = msbr.evaluate_neural(name, config, workdir, data)  # trains when not yet finished
-    selection = msbr.read_selection(msbr.model_dir(workdir, name))
-    _, targets = data.examples(msbr.TEST_SPLIT)
+    ranks = training.evaluate_neural(name, config, workdir, data)  # trains when not yet finished
+    selection = selection_lib.read_selection(layout.row_dir(workdir, name))
+    _, targets = data.examples(training.TEST_SPLIT)
     cold = np.asarray(data.cold_mask(targets), bool)
     values = {("valid", "all", "MRR"): float(selection["best_metric"])}
     for slice_name, mask in (("all", np.ones_like(cold)), ("cold", cold)):

@@ -1,0 +1,55 @@
+"""The validation selection of a downstream row (DIR/msbr/<row>/selection.json) and the inputs it records.
+
+`selection.json` records the validation metric of every epoch, the best epoch, whether training
+finished, and the `provenance` record of the row's inputs (data, its settings, the export it read).
+"""
+
+import json
+import os
+
+from tpad_jax import layout, provenance, rows
+from tpad_jax import workdir as workdir_lib
+from tpad_jax.downstream.features import complete_export_dir
+from tpad_jax.downstream.settings import row_config
+
+SELECTION_METRIC = ("MRR", 20)  # validation metric that picks the epoch (and the default model)
+VALID_SPLIT = "valid"
+
+
+def selection_state(history: dict, patience: int) -> dict:
+    """Best epoch (earliest on ties), its metric and whether patience ran out, from {epoch: metric}."""
+    best_epoch = max(sorted(history), key=lambda epoch: history[epoch])
+    last_epoch = max(history)
+    return {"best_epoch": best_epoch, "best_metric": history[best_epoch],
+            "stop": last_epoch - best_epoch >= patience}
+
+
+def read_selection(directory: str) -> dict | None:
+    """The selection.json of a model directory, or None before the first validation."""
+    return workdir_lib.read_json(os.path.join(directory, layout.SELECTION_FILE))
+
+
+def inputs_record(name: str, config, workdir: str, data) -> dict:
+    """The `provenance` record of row `name` trained now: this data, `config` and the export it reads.
+
+    Raises:
+      UserError when the row's export is missing or was not made from this data.
+    """
+    variant = rows.neural_row(name).export
+    export_id = None if variant is None else provenance.export_id(complete_export_dir(workdir, variant),
+                                                                  data.fingerprint)
+    return provenance.downstream_record(row_config(name, config), data.fingerprint, export_id)
+
+
+def write_selection(directory: str, history: dict, state: dict, record: dict, finished: bool) -> None:
+    """Writes the selection.json of `directory` (atomically): `history` {epoch: metric} and its `state`."""
+    metric = f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}"
+    _write_json(os.path.join(directory, layout.SELECTION_FILE), {
+        "metric": metric, "split": VALID_SPLIT, "best_epoch": state["best_epoch"],
+        "best_metric": state["best_metric"], "history": {str(e): v for e, v in sorted(history.items())},
+        "finished": finished, "inputs": record})
+
+
+def _write_json(path: str, value) -> None:
+    with workdir_lib.atomic_open(path, encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)

@@ -1,0 +1,46 @@
+"""Serving a finished downstream row: checked to be trained, loaded only for the inputs it was trained on."""
+
+from tpad_jax import layout, provenance, rows
+from tpad_jax.cli import UserError
+from tpad_jax.downstream.features import load_features
+from tpad_jax.downstream.params import load_params
+from tpad_jax.downstream.selection import inputs_record, read_selection
+from tpad_jax.downstream.settings import model_factory
+
+_UNREAD = object()  # load_selected's default: read the content features
+
+
+def check_trained(workdir: str, name: str) -> None:
+    """Raises UserError unless DIR/msbr/<name>/ holds a finished selection (interrupted: not servable)."""
+    rows.neural_row(name)
+    directory = layout.row_dir(workdir, name)
+    selection = read_selection(directory)
+    if selection is None:
+        raise UserError(f"{directory}: model {name!r} is not trained in this workdir; launch/train.py trains "
+                        f"it (or launch/evaluate.py --models={name} once its features are exported)")
+    if not selection["finished"]:
+        raise UserError(f"{directory}/{layout.SELECTION_FILE}: the training of {name!r} was interrupted "
+                        f"(finished: false); rerun launch/evaluate.py --models={name} to finish it")
+
+
+def load_selected(name: str, config, workdir: str, data, features=_UNREAD):
+    """The model `name` with its selected (best validation) parameters, on the default device.
+
+    `features`: the model's exported features when the caller has them (else read here).
+
+    Raises:
+      UserError when the row was trained on other inputs than `config`, `data` and its export now
+      give (it would score with other settings than it learned, or not load at all).
+    """
+    directory = layout.row_dir(workdir, name)
+    record = inputs_record(name, config, workdir, data)
+    stored = (read_selection(directory) or {}).get("inputs")
+    if provenance.identity(stored) != provenance.identity(record):
+        raise UserError(f"{directory}: model {name!r} was trained on other inputs than these settings "
+                        f"({provenance.differences(stored, record)}); launch/evaluate.py --models={name} "
+                        "trains it again")
+    if features is _UNREAD:
+        features = load_features(workdir, rows.neural_row(name).export, data)
+    model = model_factory(name, config, data.num_items, features)()
+    load_params(layout.best_params_file(workdir, name), model)
+    return model

@@ -1,0 +1,65 @@
+"""A downstream row's settings: its effective config, its session encoder and its model factory."""
+
+import dataclasses
+
+from flax import nnx
+
+from tpad_jax import rows
+from tpad_jax.cli import UserError
+from tpad_jax.downstream.features import normalise_content
+from tpad_jax.models import session_encoders
+
+# Settings a row may set for itself in `msbr.per_model.<row>.<key>` (None: the row takes `msbr.<key>`).
+ROW_SETTINGS = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience")
+
+
+def row_config(name: str, config):
+    """`config` as the neural row `name` sees it: `msbr.per_model[name]`'s settings in place of `msbr.*`.
+
+    The copy has no `per_model` section, so the row's provenance record holds its own effective
+    settings: a per-row setting retrains that row and no other. A config without the section (or a
+    copy this returned) is returned as it is.
+
+    Raises:
+      UserError for a per_model entry of an unknown row or a key outside `ROW_SETTINGS`.
+    """
+    rows.neural_row(name)
+    neural = rows.names(rows.neural())
+    per_model = config.msbr.get("per_model")
+    if per_model is None:
+        return config
+    problems = [f"unknown row {row!r}" for row in per_model if row not in neural]
+    problems += [f"{row}.{key}: not a per-row setting" for row, settings in per_model.items()
+                 for key in settings if key not in ROW_SETTINGS]
+    if problems:
+        raise UserError(f"msbr.per_model: {'; '.join(problems)}; rows: {', '.join(neural)}; "
+                        f"settings: {', '.join(ROW_SETTINGS)}")
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        del resolved.msbr["per_model"]
+        for key, value in per_model.get(name, {}).items():
+            if value is not None:
+                resolved.msbr[key] = value
+    return resolved
+
+
+def encoder_config(name: str, config) -> session_encoders.EncoderConfig:
+    """The session encoder of the neural model `name` under its settings (`row_config`)."""
+    settings = session_encoders.EncoderConfig.from_config(row_config(name, config))
+    return dataclasses.replace(settings, encoder=rows.neural_row(name).encoder)
+
+
+def model_factory(name: str, config, num_items: int, features):
+    """A deterministic `make_model()` for the neural model `name` over exported `features` (or None).
+
+    The item vectors read the features normalised per `msbr.content_norm`; the last-item similarity
+    term reads their unit rows, so that it is the cosine the retrieval probe ranks by.
+    """
+    config = row_config(name, config)
+    cfg = encoder_config(name, config)
+    content = similarity = None
+    if features is not None:
+        content = normalise_content(features, config.msbr.content_norm)
+        if cfg.last_item_similarity:
+            similarity = normalise_content(features, "l2")
+    return lambda: session_encoders.SessionEncoder(cfg, num_items, content, similarity, rngs=nnx.Rngs(config.seed))

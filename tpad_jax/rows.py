@@ -1,0 +1,142 @@
+"""The rows of the comparison and the export variants they read: the one registry of both.
+
+A row is a baseline (fitted on the train sessions, `eval/baselines.py`) or a neural row: one session
+encoder (`models/session_encoders.py`) over item IDs, with the content features of one export variant
+when it names one. An export variant says where its item embeddings come from: the initialized towers
+(`raw`), stage 1, a stage-2 variant (the main run or an ablation, each a few `stage2.*` overrides away
+from the config) or the frozen MiniLM text encoder. Everything that lists rows or variants reads them
+here: the config's defaults (`eval.models`, `msbr.per_model`), the runner (which stages and exports a
+run needs), evaluation, downstream training and serving. Adding an ablation is one `ExportVariant` and
+one `Row` below.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+from tpad_jax.cli import UserError
+
+BASELINE = "baseline"
+NEURAL = "neural"
+ORACLE = "oracle"  # the baseline that reads the synthetic generator's true next-item distribution
+
+# Where an export variant's embeddings come from.
+RAW = "raw"  # the initialized, untrained towers
+STAGE1 = "stage1"
+STAGE2 = "stage2"
+MINILM = "minilm"  # the frozen text encoder below, not a TPAD tower
+MINILM_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+MAIN_VARIANT = "tpad"  # the stage-2 variant of the method itself (the others are its ablations)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportVariant:
+    """Item embeddings of one kind: `source` made them; a stage-2 variant trains with `stage2_overrides`."""
+
+    name: str
+    source: str  # RAW, STAGE1, STAGE2 or MINILM
+    stage2_overrides: Mapping = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the comparison.
+
+    `encoder`: the session encoder of a neural row. `export`: the export variant whose features it reads
+    (None: item IDs only). `default`: run when `eval.models` is not given.
+    """
+
+    name: str
+    kind: str  # BASELINE or NEURAL
+    encoder: str | None = None
+    export: str | None = None
+    default: bool = True
+
+
+EXPORT_VARIANTS = (
+    ExportVariant(RAW, RAW),
+    ExportVariant(STAGE1, STAGE1),
+    # The main run and the paper's ablations, each one flag away from it.
+    ExportVariant(MAIN_VARIANT, STAGE2),
+    ExportVariant("no-gen", STAGE2, {"gen_weight": 0.0}),
+    ExportVariant("no-disentangle", STAGE2, {"disentangle": "none"}),
+    # The MMD term matches e_K's batch distribution to z_trans's: it is part of the alignment too.
+    ExportVariant("no-align", STAGE2, {"align_weight": 0.0, "mmd_weight": 0.0}),
+    ExportVariant(MINILM, MINILM),
+)
+
+# In report order.
+ROWS = (
+    Row(ORACLE, BASELINE),
+    Row("pop", BASELINE),
+    Row("s-pop", BASELINE),
+    Row("markov", BASELINE),
+    Row("sknn", BASELINE),
+    Row("gru4rec", NEURAL, "gru4rec"),
+    Row("transformer", NEURAL, "transformer"),
+    Row("srgnn", NEURAL, "srgnn"),
+    Row("transformer+raw", NEURAL, "transformer", RAW),
+    Row("transformer+stage1", NEURAL, "transformer", STAGE1),
+    Row("tpad", NEURAL, "transformer", MAIN_VARIANT),
+    Row("srgnn+tpad", NEURAL, "srgnn", MAIN_VARIANT),
+    Row("tpad-no-gen", NEURAL, "transformer", "no-gen"),
+    Row("tpad-no-disentangle", NEURAL, "transformer", "no-disentangle"),
+    Row("tpad-no-align", NEURAL, "transformer", "no-align"),
+    # The classic MSBR recipe (frozen sentence embeddings): run on request, it loads a wheel.
+    Row("transformer+minilm", NEURAL, "transformer", MINILM, default=False),
+)
+
+
+def get(name: str) -> Row:
+    """The row `name`; UserError naming the known rows otherwise."""
+    for row in ROWS:
+        if row.name == name:
+            return row
+    raise UserError(f"unknown model {name!r}; known: {', '.join(row.name for row in ROWS)}")
+
+
+def neural_row(name: str) -> Row:
+    """The neural row `name`; UserError naming the neural rows otherwise."""
+    row = next((row for row in neural() if row.name == name), None)
+    if row is None:
+        raise UserError(f"unknown neural model {name!r}; known: {', '.join(names(neural()))}")
+    return row
+
+
+def baselines() -> tuple[Row, ...]:
+    return tuple(row for row in ROWS if row.kind == BASELINE)
+
+
+def neural() -> tuple[Row, ...]:
+    return tuple(row for row in ROWS if row.kind == NEURAL)
+
+
+def defaults() -> tuple[Row, ...]:
+    """The rows a run evaluates unless `eval.models` says otherwise."""
+    return tuple(row for row in ROWS if row.default)
+
+
+def names(rows) -> tuple[str, ...]:
+    return tuple(row.name for row in rows)
+
+
+def export_of(name: str) -> str | None:
+    """The export variant row `name` reads (None: an ID-only row, a baseline or an unknown name)."""
+    return next((row.export for row in ROWS if row.name == name), None)
+
+
+def export_variant(name: str) -> ExportVariant:
+    """The export variant `name`; ValueError naming the known ones otherwise."""
+    for variant in EXPORT_VARIANTS:
+        if variant.name == name:
+            return variant
+    raise ValueError(f"unknown export variant {name!r}; choose from {list(names(EXPORT_VARIANTS))}")
+
+
+def stage2_variants() -> tuple[ExportVariant, ...]:
+    return tuple(variant for variant in EXPORT_VARIANTS if variant.source == STAGE2)
+
+
+def needed_exports(row_names) -> tuple[ExportVariant, ...]:
+    """The export variants the rows `row_names` read, in registry order (unknown names read none)."""
+    wanted = {row.export for row in ROWS if row.name in set(row_names)}
+    return tuple(variant for variant in EXPORT_VARIANTS if variant.name in wanted)
