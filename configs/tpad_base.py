@@ -128,6 +128,9 @@ def get_config(arg=None):
     c.stage2.disentangle = "club"  # club | orthogonal | none
     c.stage2.disentangle_weight = 0.1
     c.stage2.align_weight = 1.0
+    # The MI lower bound that alignment maximises: infonce | nwj | jsd (tpad.mi_terms; one critic and one
+    # set of in-batch negatives for all three). benchmarks/mi_table.py compares them on Gaussians.
+    c.stage2.align_estimator = "infonce"
     c.stage2.mmd_weight = 0.0
     c.stage2.keep_weight = 0.5
     c.stage2.keep_batch_size = 8  # items per step for the keep-knowledge term

@@ -46,7 +46,7 @@ def test_pipeline_writes_exports_results_and_curves(finished_run):
             assert abs(100 * np.mean(selected < 20) - float(row["value"])) < 0.006
     stage2_metrics = [json.loads(line) for line in open(os.path.join(workdir, "stage2", "metrics.jsonl"))]
     logged = set().union(*stage2_metrics)
-    assert {"gen_ce", "align_infonce", "align_acc", "know_infonce", "separation", "keep"} <= logged
+    assert {"gen_ce", "align_mi", "align_acc", "know_infonce", "separation", "keep"} <= logged
 
 
 def test_export_rerun_gives_identical_arrays(finished_run):

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tpad_jax.workdir import atomic_open  # noqa: E402
 
 SLICES = ("all", "cold", "warm")
-LOSS_SUFFIXES = ("_ce", "_infonce", "_nll")  # a stage's loss terms, as the models log them (models/tpad.py)
-LOSS_NAMES = ("loss", "mmd")
+LOSS_SUFFIXES = ("_ce", "_infonce", "_mi", "_nll")  # a stage's loss terms, as the models log them (models/tpad.py)
+LOSS_NAMES = ("loss", "mmd", "keep", "separation")
 PROBE_KEY = "eval/probe_mrr20"
 WARMUP_FRACTION = 0.05  # steps left out of the y-range of a loss panel
 SMOOTH_FRACTION = 0.02  # moving-average window, as a fraction of the logged points

@@ -1,8 +1,8 @@
 """Mutual-information estimators (pure functions) and the small critics that feed them.
 
-Lower bounds: `infonce`, `mine` (Donsker-Varadhan with the moving-average gradient correction), `nwj`,
-`jsd` (its implied MI bound). Upper bounds: `club`, `club_sample` (vCLUB with a variational Gaussian
-q(y|x), fitted by `club_q_loss`). Distribution distance: `mmd`. All values are in nats.
+Lower bounds: `infonce`, `nwj`, `jsd` (its implied MI bound); each is a selectable alignment estimator
+(`stage2.align_estimator`). Upper bound: `club` (vCLUB with a variational Gaussian q(y|x), fitted by
+`club_q_loss`), the disentangling term. Distribution distance: `mmd`. All values are in nats.
 
 Everything is plain jnp over whole batches, so under `jax.jit` with the batch sharded over a mesh axis
 the negatives are the global batch: XLA inserts the collectives, no shard_map is needed.
@@ -14,7 +14,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 
@@ -98,29 +97,6 @@ def club(mu, logvar, y, *, mask=None):
     return _masked_mean(positive - negative, row_valid)
 
 
-def club_sample(mu, logvar, y, key, *, mask=None):
-    """Sampled vCLUB: the marginal term uses one random partner y_{pi(i)} per row instead of all rows.
-
-    Args:
-      mu, logvar, y: as in `club`.
-      key: PRNG key for the permutation.
-      mask: optional bool [B] of valid rows; partners are drawn among valid rows only.
-
-    Returns:
-      Scalar estimate whose expectation over the permutation is close to `club`.
-    """
-    num_rows = mu.shape[0]
-    row_valid = _row_mask(mask, num_rows)
-    # Invalid rows get +inf sort keys, so the permutation of the first `num_valid` slots stays valid.
-    sort_keys = jnp.where(row_valid, jax.random.uniform(key, (num_rows,)), jnp.inf)
-    shuffled_valid = jnp.argsort(sort_keys)
-    valid_order = jnp.argsort(jnp.where(row_valid, jnp.arange(num_rows), num_rows))
-    partner = jnp.zeros((num_rows,), jnp.int32).at[valid_order].set(shuffled_valid.astype(jnp.int32))
-    positive = _gaussian_log_density_core(mu, logvar, y)
-    negative = _gaussian_log_density_core(mu, logvar, y[partner])
-    return _masked_mean(positive - negative, row_valid)
-
-
 def club_q_loss(mu, logvar, y, *, mask=None):
     """Negative mean log-likelihood -E log q(y|x) (with constants): the loss that fits CLUB's q."""
     row_valid = _row_mask(mask, mu.shape[0])
@@ -130,61 +106,50 @@ def club_q_loss(mu, logvar, y, *, mask=None):
     return -_masked_mean(log_density, row_valid)
 
 
-def joint_and_marginal(scores):
-    """Split a square critic matrix into joint scores (diagonal, [B]) and marginal ones (off-diagonal)."""
-    rows, cols = np.nonzero(~np.eye(scores.shape[0], dtype=bool))
-    return jnp.diagonal(scores), scores[rows, cols]
-
-
-def mine_initial_state():
-    """The EMA state of `mine` before the first batch (log of the running mean of e^T)."""
-    return jnp.array(-jnp.inf, jnp.float32)
-
-
-def mine(t_joint, t_marginal, ema_state, *, decay=0.99):
-    """MINE (Belghazi et al. 2018): Donsker-Varadhan bound with the moving-average gradient correction.
-
-    The naive DV gradient divides by the minibatch mean of e^T, which is biased; MINE divides by a
-    moving average instead. `surrogate` has the corrected gradient (maximise it); `estimate` is the
-    DV bound E_P[T] - log E_Q[e^T] on this batch (report it, do not differentiate it).
+def joint_and_marginal(scores, *, mask=None):
+    """The pairs of a critic matrix for the bounds that average over joint and marginal samples.
 
     Args:
-      t_joint: critic values on joint samples (any shape).
-      t_marginal: critic values on product-of-marginals samples (any shape).
-      ema_state: scalar log of the running mean of e^T; start from `mine_initial_state()`.
-      decay: EMA decay.
+      scores: [B, B + K] from `critic_scores`; -inf marks a pair that is neither (a false negative).
+      mask: optional bool [B] of valid rows (padded batches); invalid rows pair with nothing.
 
     Returns:
-      (estimate, surrogate, new_ema_state).
+      (joint [B], joint_valid [B], marginal [B, B + K], marginal_valid [B, B + K]): the positives (the
+      diagonal) and the negatives (every other finite pair of valid rows and columns).
     """
-    joint_mean = jnp.mean(t_joint)
-    log_mean_exp = _log_mean_exp(t_marginal)
-    batch_log = jax.lax.stop_gradient(log_mean_exp)
-    smoothed = jnp.logaddexp(jnp.log(decay) + ema_state, jnp.log1p(-decay) + batch_log)
-    new_state = jnp.where(jnp.isneginf(ema_state), batch_log, smoothed)
-    # d/dT of exp(lme - c) is grad(mean e^T) / e^c: the EMA becomes the denominator of the gradient.
-    surrogate = joint_mean - jnp.exp(log_mean_exp - new_state)
-    estimate = joint_mean - log_mean_exp
-    return estimate, surrogate, new_state
+    num_rows, num_cols = scores.shape
+    row_valid = _row_mask(mask, num_rows)
+    col_valid = jnp.concatenate([row_valid, jnp.ones((num_cols - num_rows,), bool)])
+    off_diagonal = ~jnp.eye(num_rows, num_cols, dtype=bool)
+    marginal_valid = row_valid[:, None] & col_valid[None, :] & off_diagonal & jnp.isfinite(scores)
+    return jnp.diagonal(scores), row_valid, scores, marginal_valid
 
 
-def nwj(t_joint, t_marginal):
-    """NWJ / f-divergence lower bound E_P[T] - e^{-1} E_Q[e^T]; it is also the training objective."""
-    return jnp.mean(t_joint) - jnp.exp(_log_mean_exp(t_marginal) - 1.0)
+def nwj(t_joint, t_marginal, *, joint_valid=None, marginal_valid=None):
+    """NWJ / f-divergence lower bound E_P[T] - e^{-1} E_Q[e^T]; it is also the training objective.
+
+    `joint_valid` / `marginal_valid` (bool, shaped like the values) leave entries out of the means.
+    """
+    return (_masked_mean(t_joint, _valid(joint_valid, t_joint))
+            - jnp.exp(_log_mean_exp(t_marginal, marginal_valid) - 1.0))
 
 
-def jsd(t_joint, t_marginal):
+def jsd(t_joint, t_marginal, *, joint_valid=None, marginal_valid=None):
     """Jensen-Shannon critic objective (Hjelm et al. 2019) and the MI lower bound it implies.
 
     The objective E_P[-softplus(-T)] - E_Q[softplus(T)] equals 2 JSD - log 4 at its optimum, where
     T = log p(x,y) / p(x)p(y). Its MI value is read, as in Poole et al. 2019, from the NWJ bound of the
-    shifted critic T + 1: E_P[T] + 1 - E_Q[e^T], a valid lower bound for any T.
+    shifted critic T + 1: E_P[T] + 1 - E_Q[e^T], a valid lower bound for any T. Masks as in `nwj`.
 
     Returns:
       (objective to maximise, MI lower bound in nats).
     """
-    objective = jnp.mean(-jax.nn.softplus(-t_joint)) - jnp.mean(jax.nn.softplus(t_marginal))
-    return objective, nwj(t_joint + 1.0, t_marginal + 1.0)
+    joint_valid, marginal_valid = _valid(joint_valid, t_joint), _valid(marginal_valid, t_marginal)
+    safe_marginal = jnp.where(marginal_valid, t_marginal, 0.0)  # -inf pairs: no NaN through softplus
+    objective = (_masked_mean(-jax.nn.softplus(-t_joint), joint_valid)
+                 - _masked_mean(jax.nn.softplus(safe_marginal), marginal_valid))
+    bound = nwj(t_joint + 1.0, t_marginal + 1.0, joint_valid=joint_valid, marginal_valid=marginal_valid)
+    return objective, bound
 
 
 def mmd(x, y, bandwidths=(0.5, 1.0, 2.0, 4.0), *, unbiased=True, x_mask=None, y_mask=None):
@@ -234,50 +199,6 @@ class GaussianCritic(nnx.Module):
         return mu, logvar
 
 
-class MLPCritic(nnx.Module):
-    """Critic f(x, y) for every pair of a batch: separable g(x) . h(y) or concat MLP([x; y])."""
-
-    def __init__(self, x_dim, y_dim, hidden_dim, *, kind="separable", embed_dim=16, rngs):
-        if kind not in ("separable", "concat"):
-            raise ValueError(f"kind must be 'separable' or 'concat', got {kind!r}")
-        self.kind = kind
-        if kind == "separable":
-            self.x_net = _MLP(x_dim, hidden_dim, embed_dim, rngs=rngs)
-            self.y_net = _MLP(y_dim, hidden_dim, embed_dim, rngs=rngs)
-        else:
-            self.pair_net = _MLP(x_dim + y_dim, hidden_dim, 1, rngs=rngs)
-
-    def __call__(self, x, y):
-        """Returns scores [B, B] with scores[i, j] = f(x_i, y_j)."""
-        if self.kind == "separable":
-            return self.x_net(x) @ self.y_net(y).T
-        num_x, num_y = x.shape[0], y.shape[0]
-        pairs = jnp.concatenate(
-            [
-                jnp.broadcast_to(x[:, None, :], (num_x, num_y, x.shape[1])),
-                jnp.broadcast_to(y[None, :, :], (num_x, num_y, y.shape[1])),
-            ],
-            axis=-1,
-        )
-        return self.pair_net(pairs)[..., 0]
-
-
-class _MLP(nnx.Module):
-    """Two ReLU hidden layers and a linear output."""
-
-    def __init__(self, in_dim, hidden_dim, out_dim, *, rngs):
-        self.layers = nnx.List([
-            nnx.Linear(in_dim, hidden_dim, rngs=rngs),
-            nnx.Linear(hidden_dim, hidden_dim, rngs=rngs),
-            nnx.Linear(hidden_dim, out_dim, rngs=rngs),
-        ])
-
-    def __call__(self, x):
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
-
-
 def _gaussian_log_density_core(mu, logvar, y):
     """log N(y; mu, e^logvar) without the -0.5 (logvar + log 2 pi) terms, which cancel in CLUB."""
     return -0.5 * jnp.sum(jnp.square(y - mu) * jnp.exp(-logvar), axis=-1)
@@ -293,9 +214,14 @@ def _rbf_kernel(a, b, bandwidths):
     return sum(jnp.exp(-sq_dist / (2.0 * s * s)) for s in bandwidths)
 
 
-def _log_mean_exp(values):
-    values = jnp.ravel(values)
-    return jax.nn.logsumexp(values) - jnp.log(values.shape[0])
+def _log_mean_exp(values, valid=None):
+    valid = _valid(valid, values)
+    masked = jnp.where(valid, values, -jnp.inf)
+    return jax.nn.logsumexp(masked) - jnp.log(jnp.maximum(jnp.sum(valid), 1))
+
+
+def _valid(valid, values):
+    return jnp.ones(jnp.shape(values), bool) if valid is None else valid.astype(bool)
 
 
 def _l2_normalise(z):

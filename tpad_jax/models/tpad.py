@@ -191,6 +191,18 @@ def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, vali
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+ALIGN_ESTIMATORS = ("infonce", "nwj", "jsd")
+
+
+def _scores(za, zb, temperature, ids):
+    """Cosine critic scores / temperature; a column holding the row positive's item is not a negative."""
+    scores = mi.critic_scores(za, zb, temperature=temperature)
+    if ids is not None:
+        same = (ids[:, None] == ids[None, :]) & ~jnp.eye(len(ids), dtype=bool)
+        scores = jnp.where(same, -jnp.inf, scores)
+    return scores
+
+
 def nce(za, zb, temperature, mask, ids=None):
     """InfoNCE(za_i ; zb_i) over the batch and its top-1 accuracy.
 
@@ -198,11 +210,29 @@ def nce(za, zb, temperature, mask, ids=None):
       ids: optional [B] item ids of the positives; a column holding the same item as the row's positive
         is not a negative (it would be a false one).
     """
-    scores = mi.critic_scores(za, zb, temperature=temperature)
-    if ids is not None:
-        same = (ids[:, None] == ids[None, :]) & ~jnp.eye(len(ids), dtype=bool)
-        scores = jnp.where(same, -jnp.inf, scores)
+    scores = _scores(za, zb, temperature, ids)
     return mi.infonce(scores, mask=mask), mi.infonce_accuracy(scores, mask=mask)
+
+
+def mi_terms(za, zb, temperature, mask, ids=None, estimator="infonce"):
+    """(objective to maximise, MI lower bound in nats, top-1 accuracy) of za_i and zb_i under `estimator`.
+
+    One critic (the cosine of the heads / temperature) and one set of negatives (the rest of the batch,
+    false negatives left out) for every estimator, so they differ only in the bound: InfoNCE's softmax,
+    NWJ's E_P[T] - E_Q[e^(T-1)], or JSD's softplus objective with the NWJ value it implies.
+    """
+    scores = _scores(za, zb, temperature, ids)
+    accuracy = mi.infonce_accuracy(scores, mask=mask)
+    if estimator == "infonce":
+        bound = mi.infonce(scores, mask=mask)
+        return bound, bound, accuracy
+    joint, joint_valid, marginal, marginal_valid = mi.joint_and_marginal(scores, mask=mask)
+    if estimator == "nwj":
+        bound = mi.nwj(joint, marginal, joint_valid=joint_valid, marginal_valid=marginal_valid)
+        return bound, bound, accuracy
+    if estimator == "jsd":
+        return (*mi.jsd(joint, marginal, joint_valid=joint_valid, marginal_valid=marginal_valid), accuracy)
+    raise ValueError(f"stage2.align_estimator must be one of {ALIGN_ESTIMATORS}, got {estimator!r}")
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -294,9 +324,10 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None
     e_cur = e_all[:, :-1].reshape(-1, e_all.shape[-1])
     e_next = _next_embeddings(e_all, session["row_mask"]).reshape(-1, e_all.shape[-1])
 
-    align, align_acc = nce(z_trans, e_next, cfg.temperature, mask, ids=next_rows.reshape(-1))
-    metrics.update(align_infonce=align, align_acc=align_acc)
-    loss = loss - cfg.align_weight * align
+    objective, align, align_acc = mi_terms(z_trans, e_next, cfg.temperature, mask, ids=next_rows.reshape(-1),
+                                           estimator=cfg.align_estimator)
+    metrics.update(align_mi=align, align_acc=align_acc)
+    loss = loss - cfg.align_weight * objective
 
     if cfg.disentangle != "none":
         z_know = model.know_head(states.reshape(-1, width))
