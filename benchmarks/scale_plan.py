@@ -10,8 +10,9 @@ nothing is compiled, since `compiled.memory_analysis()` needs the devices themse
 
 params     every parameter's logical axes are resolved with the config's rule set
            (`rules.logical_to_spec`) and each dimension divided (rounded up) by the mesh axes it is
-           split over. Frozen weights (the base) are stored in `--base_dtype` (bf16), trainable ones
-           (LoRA, projectors, heads, critic) in float32.
+           split over. Each weight counts in the dtype the model stores it in: the frozen base in
+           `model.base_param_dtype` (bf16 in the 7B preset), trainable ones (LoRA, projectors, heads,
+           critic) in float32.
 optimizer  AdamW mu + nu in float32 over the trainable parameters, sharded like them (8 B / param).
 grads      float32 gradients of the trainable parameters, sharded like them (4 B / param).
 tables     the per-item tables (`ItemTable`: prompts, frozen ViT features) for `--num_items` items;
@@ -54,7 +55,7 @@ from tpad_jax.train import optim, stages
 GIB = 2**30
 DEVICE_MEMORY_GIB = (16, 32, 80)
 NEXT_WORD_TOKENS = 2  # " Next:" in the Llama and Qwen2 tokenizers
-OPTIMIZER_BYTES, GRAD_BYTES, TRAINABLE_BYTES = 8, 4, 4
+OPTIMIZER_BYTES, GRAD_BYTES = 8, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Leaf:
     path: str
     shape: tuple
     names: tuple
-    itemsize: int  # storage bytes per element under the plan's dtype policy
+    itemsize: int  # storage bytes per element, as the model stores it
     trainable: bool
     table: bool
 
@@ -80,8 +81,8 @@ def tpad_config(config, num_items=1):
                            item_visual_tokens=n_img)
 
 
-def leaves(module, model_config, base_itemsize):
-    """Every variable of `module` (abstract or concrete) as a `Leaf` under the plan's dtype policy."""
+def leaves(module, model_config):
+    """Every variable of `module` (abstract or concrete) as a `Leaf`."""
     # The production filter decides what stage 2 trains; the plan only counts it.
     wrt = optim.trainable_filter(stages.STAGE2_GROUPS, full_finetune=model_config.full_finetune,
                                  train_projector=model_config.train_projector)
@@ -93,9 +94,8 @@ def leaves(module, model_config, base_itemsize):
         table = isinstance(variable, tpad.ItemTable)
         trainable = key in trainable_paths
         names = variable.get_metadata().get("out_sharding") or (None,) * len(value.shape)
-        itemsize = jnp.dtype(value.dtype).itemsize if table else (
-            TRAINABLE_BYTES if trainable else base_itemsize)
-        out.append(Leaf(path, tuple(value.shape), tuple(names), itemsize, trainable, table))
+        out.append(Leaf(path, tuple(value.shape), tuple(names), jnp.dtype(value.dtype).itemsize, trainable,
+                        table))
     return out
 
 
@@ -299,7 +299,6 @@ def _define_flags():
     flags.DEFINE_list("devices", ["8", "64", "256"], "Device counts, one table row each.")
     flags.DEFINE_multi_string("mesh", [], "data,fsdp,tensor; once per device count (default: config.mesh).")
     flags.DEFINE_integer("num_items", 20000, "Catalogue size for the item tables.")
-    flags.DEFINE_string("base_dtype", "bfloat16", "Storage dtype of the frozen base.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -308,7 +307,7 @@ def main(argv):
     config, args = flags.FLAGS.config, flags.FLAGS
     tpad_cfg = tpad_config(config, num_items=args.num_items)
     abstract = nnx.eval_shape(lambda: tpad.TPAD(tpad_cfg, rngs=nnx.Rngs(0)))
-    all_leaves = leaves(abstract, config.model, jnp.dtype(args.base_dtype).itemsize)
+    all_leaves = leaves(abstract, config.model)
     device_counts = [int(n) for n in args.devices]
     rows = [plan_row(config, tpad_cfg, all_leaves, shape)
             for shape in mesh_shapes(config, device_counts, args.mesh)]
@@ -316,7 +315,7 @@ def main(argv):
                        for name, seqs, length, _ in stage2_passes(config, tpad_cfg))
     print(counts_markdown(parameter_counts(all_leaves)))
     print(f"\nstage-2 step: LM passes (sequences x length) {passes}; rules {config.mesh.rules!r}; "
-          f"{args.num_items} items in the tables; base in {args.base_dtype}, trainable in float32\n")
+          f"{args.num_items} items in the tables; base stored in {config.model.base_param_dtype}\n")
     print(markdown(rows, config.mesh.axes))
 
 

@@ -101,6 +101,9 @@ def get_config(arg=None):
     c.model.remat = False
     c.model.scan_layers = False
     c.model.dtype = "auto"  # auto = bfloat16 on accelerators, float32 on CPU
+    # Storage of the frozen base's weights: bfloat16 halves their memory (needs full_finetune=False);
+    # LoRA, projectors and heads stay float32. benchmarks/scale_plan.py reads it.
+    c.model.base_param_dtype = "float32"
 
     # ------------------------------------------------------------- stage 1: knowledge acquisition
     c.stage1 = ml_collections.ConfigDict()

@@ -10,7 +10,6 @@ table. Attributes are known only for the synthetic catalogue; on other data it s
 Without exports it says so on stderr and exits 2 (a user error, `tpad_jax/cli.py`).
 """
 
-import glob
 import os
 
 from absl import flags
@@ -29,8 +28,10 @@ def read_exports(workdir: str) -> dict:
         with open(fingerprint_path, encoding="utf-8") as f:
             current = f.read().strip()
     exports = {}
-    for path in sorted(glob.glob(os.path.join(workdir, "export*", "item_embeddings.npy"))):
-        directory = os.path.dirname(path)
+    for entry in sorted(os.listdir(workdir)):
+        directory = os.path.join(workdir, entry)
+        if not (layout.is_export_name(entry) and os.path.exists(os.path.join(directory, export.EMBEDDINGS_FILE))):
+            continue
         embeddings, item_ids, meta = export.load_export(directory)
         name = meta.get("variant") or os.path.basename(directory)
         if current is not None and meta.get("dataset_fingerprint") not in (None, current):

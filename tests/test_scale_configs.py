@@ -61,7 +61,7 @@ def test_llava7b_parameter_counts_match_closed_form():
     config = _config_module("tpad_llava7b.py")["get_config"]()
     tpad_cfg = scale_plan["tpad_config"](config)
     abstract = nnx.eval_shape(lambda: tpad.TPAD(tpad_cfg, rngs=nnx.Rngs(0)))
-    counts = scale_plan["parameter_counts"](scale_plan["leaves"](abstract, config.model, 2))
+    counts = scale_plan["parameter_counts"](scale_plan["leaves"](abstract, config.model))
 
     d, f, layers, rank, e = 4096, 11008, 32, 16, config.model.embed_dim
     projector = 1024 * d + d + d * d + d
@@ -86,7 +86,7 @@ class _MadeUp(nnx.Module):
     """A made-up model laid out like TPAD: a frozen base weight, a LoRA factor, an unnamed head, a table."""
 
     def __init__(self):
-        base_kernel = nnx.Param(jnp.zeros((6, 10), jnp.float32), **rules_lib.param_metadata(("embed", "mlp")))
+        base_kernel = nnx.Param(jnp.zeros((6, 10), jnp.bfloat16), **rules_lib.param_metadata(("embed", "mlp")))
         lora_a = nnx.LoRAParam(jnp.zeros((8, 4)), **rules_lib.param_metadata(("embed", "lora_rank")))
         self.towers = nnx.Dict({
             "bases": nnx.Dict({"shared": nnx.Dict({"kernel": base_kernel})}),
@@ -98,7 +98,7 @@ class _MadeUp(nnx.Module):
 
 def test_state_bytes_per_device_by_hand():
     model_config = types.SimpleNamespace(full_finetune=False, train_projector=True)
-    leaves = scale_plan["leaves"](_MadeUp(), model_config, 2)
+    leaves = scale_plan["leaves"](_MadeUp(), model_config)
     mesh_sizes = {"data": 2, "fsdp": 4, "tensor": 3}
     got = scale_plan["state_bytes"](leaves, rules_lib.get_rules("default"), mesh_sizes)
     # base [6, 10] (embed -> fsdp 4, mlp -> tensor 3), bf16: ceil(6/4) * ceil(10/3) = 2 * 4 elements.
@@ -117,7 +117,7 @@ def test_activations_split_over_batch_shards_and_flops_do_not():
     config.stage2.keep_batch_size = 4
     tpad_cfg = scale_plan["tpad_config"](config)
     abstract = nnx.eval_shape(lambda: tpad.TPAD(tpad_cfg, rngs=nnx.Rngs(0)))
-    leaves = scale_plan["leaves"](abstract, config.model, 4)
+    leaves = scale_plan["leaves"](abstract, config.model)
     rules = rules_lib.get_rules("default")
     rows = [scale_plan["plan_row"](config, tpad_cfg, leaves, shape) for shape in ((1, 1, 1), (2, 2, 1))]
     # Every pass has a multiple of 4 sequences: 4 batch shards hold a quarter each, nothing replicated.
@@ -139,8 +139,25 @@ def test_forward_flops_match_xla_cost_analysis():
     measured = forward.lower(state, embeds, mask).compile().cost_analysis()["flops"]
 
     model_config = types.SimpleNamespace(full_finetune=False, train_projector=True)
-    leaves = scale_plan["leaves"](nnx.Dict({"lm": model}), model_config, 4)
+    leaves = scale_plan["leaves"](nnx.Dict({"lm": model}), model_config)
     per_token = 2 * scale_plan["layer_matmul_params"](leaves) + scale_plan["attention_flops_per_token"](
         lm_cfg, length)
     # Norms, RoPE, softmax and SiLU are the rest: a few percent at this width.
     assert measured == pytest.approx(batch * length * per_token, rel=0.1)
+
+
+def test_7b_preset_stores_its_frozen_base_in_bf16_and_what_trains_in_fp32():
+    config = _config_module("tpad_llava7b.py")["get_config"]()
+    tpad_cfg = scale_plan["tpad_config"](config)
+    abstract = nnx.eval_shape(lambda: tpad.TPAD(tpad_cfg, rngs=nnx.Rngs(0)))
+    leaves = [leaf for leaf in scale_plan["leaves"](abstract, config.model) if not leaf.table]
+    base = [leaf for leaf in leaves if "towers/bases/" in leaf.path]
+    assert base and all(leaf.itemsize == 2 and not leaf.trainable for leaf in base)
+    assert all(leaf.itemsize == 4 for leaf in leaves if leaf.trainable)
+
+
+def test_a_bf16_base_needs_a_frozen_base():
+    config = _config_module("tpad_base.py")["get_config"]("tiny")
+    config.model.base_param_dtype = "bfloat16"
+    with pytest.raises(ValueError, match="base_param_dtype='bfloat16'.*full_finetune=False"):
+        scale_plan["tpad_config"](config)

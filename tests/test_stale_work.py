@@ -106,6 +106,10 @@ def test_which_work_a_config_change_reaches():
     assert [changed(v, msbr__dropout=0.3) for v in ("raw", "stage1", "tpad", "row")] == [False] * 3 + [True]
     assert all(changed(v, data__train_fraction=0.5) for v in ("raw", "stage1", "tpad", "row"))
     assert not any(changed(v, data__worker_count=2, model__remat=True) for v in ("stage1", "tpad", "row"))
+    # A key added later is part of the record only once it leaves the value that behaves as before it.
+    assert not changed("tpad", stage2__align_estimator="infonce", model__base_param_dtype="float32")
+    assert changed("tpad", stage2__align_estimator="nwj") and not changed("stage1", stage2__align_estimator="nwj")
+    assert "stage2.align_estimator" not in provenance.stage_record(base, "f", "tpad")["config"]
     why = provenance.differences(provenance.stage_record(base, "f", "tpad"),
                                  provenance.stage_record(tiny_config(stage2__align_weight=0.0), "g", "tpad"))
     assert why == "data fingerprint f -> g; stage2.align_weight 1.0 -> 0.0"

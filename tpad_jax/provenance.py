@@ -10,7 +10,9 @@ artifact, and what else it read (the export a downstream row trained on):
     export_minilm               data.* and the encoder
     msbr/<row>                  data.*, msbr.*, seed, train.{grad_clip,weight_decay} and the export it read
 
-Keys that only change speed (`NOT_SHAPING`) are left out. A stage or downstream directory keeps its
+Keys that only change speed (`NOT_SHAPING`) are left out, and so is a key added later while it holds the
+value that reproduces what the code did before it existed (`ADDED_AT`): work recorded before the key
+existed stays valid until the key is set to something else. A stage or downstream directory keeps its
 record in DIR/<name>/inputs.json (a downstream row also in its selection.json), an export in its
 export_meta.json ("inputs"). The policy: `claim` a directory before training into it. When its record
 is another (or missing: work made before records existed) and the directory holds anything, it is moved
@@ -35,19 +37,22 @@ from tpad_jax.train import stages
 RECORD_FILE = "inputs.json"
 NOT_SHAPING = ("data.worker_count", "data.read_threads", "model.remat", "model.scan_layers")
 TRAINING_KEYS = ("seed", "train.grad_clip", "train.weight_decay")
+# Keys added after records existed, with the value that behaves as the code did before them.
+ADDED_AT = {"model.base_param_dtype": "float32", "stage2.align_estimator": "infonce"}
 _SHOWN_CHANGES = 4  # a message names this many changed keys, then counts the rest
 
 
 def config_values(config, keys) -> dict:
     """{"section.key": value} of every leaf under `keys` (sections like "data" or single keys like
-    "seed"), with `NOT_SHAPING` left out; tuples become lists, as JSON stores them."""
+    "seed"), with `NOT_SHAPING` and keys at their `ADDED_AT` value left out; tuples become lists, as JSON
+    stores them."""
     values = {}
 
     def collect(prefix, node):
         if hasattr(node, "items"):
             for name, child in node.items():
                 collect(f"{prefix}.{name}", child)
-        elif prefix not in NOT_SHAPING:
+        elif prefix not in NOT_SHAPING and not (prefix in ADDED_AT and node == ADDED_AT[prefix]):
             values[prefix] = list(node) if isinstance(node, tuple) else node
 
     for key in keys:

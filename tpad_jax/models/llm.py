@@ -107,6 +107,12 @@ class LMConfig:
                        num_kv_heads=32, mlp_size=11008, rms_norm_eps=1e-5)
 
     @classmethod
+    def tinyllama_1_1b(cls, vocab_size=32064, **overrides):
+        """TinyLlama-1.1B's shape (Llama-2 architecture, 4 kv heads), vocab padded like LLaVA's."""
+        return _preset(cls, overrides, vocab_size=vocab_size, hidden_size=2048, num_layers=22, num_heads=32,
+                       num_kv_heads=4, mlp_size=5632, rms_norm_eps=1e-5)
+
+    @classmethod
     def qwen2_0_5b(cls, vocab_size=151936, **overrides):
         """Qwen2-0.5B: q/k/v biases, tied embeddings, theta 1e6."""
         return _preset(cls, overrides, vocab_size=vocab_size, hidden_size=896, num_layers=24, num_heads=14,

@@ -39,6 +39,9 @@ class MLLMConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple = LORA_TARGETS
     share_base: bool = True
+    # Storage dtype of the frozen base's weights (None: lm.param_dtype, as the towers' own parameters).
+    # bfloat16 halves the base's memory; LoRA, projectors and heads stay in lm.param_dtype.
+    base_param_dtype: str | None = None
 
     @property
     def dtype(self):
@@ -67,6 +70,15 @@ class MLLMConfig:
         return cls(vision=VisionConfig.clip_vit_l_336(), lm=LMConfig.llama_7b(), **overrides)
 
     @classmethod
+    def llava_tinyllama_1b(cls, **overrides):
+        """LLaVA-1.5's layout at 1.4 B parameters: CLIP ViT-L/14-336 with a TinyLlama-1.1B-shaped LM.
+
+        No public checkpoint has this pairing: it is for random-weight runs at a size between the CPU
+        presets and 7B (benchmarks/accelerator_check.py).
+        """
+        return cls(vision=VisionConfig.clip_vit_l_336(), lm=LMConfig.tinyllama_1_1b(), **overrides)
+
+    @classmethod
     def qwen2_0_5b_siglip(cls, **overrides):
         """SigLIP-base/16-224 (all tokens of layer -2) with Qwen2-0.5B."""
         return cls(vision=VisionConfig.siglip_base_224(), lm=LMConfig.qwen2_0_5b(), **overrides)
@@ -81,6 +93,7 @@ PRESETS = {
     "tiny": MLLMConfig.tiny,
     "base": MLLMConfig.base,
     "llava_1_5_7b": MLLMConfig.llava_1_5_7b,
+    "llava_tinyllama_1b": MLLMConfig.llava_tinyllama_1b,
     "qwen2_0_5b_siglip": MLLMConfig.qwen2_0_5b_siglip,
     "smollm2_text": MLLMConfig.smollm2_text,
 }
@@ -111,11 +124,15 @@ def assemble(model_config, lm, vision):
     """The towers' MLLMConfig: `lm` and `vision` (or None) with the `config.model` section's layer layout,
     LoRA, base sharing and dtype."""
     layout = dict(scan_layers=model_config.scan_layers, remat=model_config.remat)
+    base_dtype = model_config.get("base_param_dtype", "float32")
+    if model_config.full_finetune and base_dtype != "float32":
+        raise ValueError(f"config.model.base_param_dtype={base_dtype!r} stores the base for inference only; "
+                         "it needs a frozen base (config.model.full_finetune=False)")
     cfg = MLLMConfig(
         vision=None if vision is None else dataclasses.replace(vision, **layout),
         lm=dataclasses.replace(lm, **layout), lora_rank=model_config.lora_rank,
         lora_alpha=model_config.lora_alpha, lora_targets=tuple(model_config.lora_targets),
-        share_base=model_config.share_base)
+        share_base=model_config.share_base, base_param_dtype=base_dtype)
     return cfg.with_dtype(resolve_dtype(model_config.dtype))
 
 
@@ -189,8 +206,10 @@ class Base(nnx.Module):
     """The frozen part: vision encoder (or None) and LM."""
 
     def __init__(self, cfg, *, rngs):
-        self.vision = None if cfg.vision is None else VisionEncoder(cfg.vision, rngs=rngs)
-        self.lm = LM(cfg.lm, rngs=rngs)
+        stored = {} if cfg.base_param_dtype is None else {"param_dtype": cfg.base_param_dtype}
+        self.vision = None if cfg.vision is None else VisionEncoder(dataclasses.replace(cfg.vision, **stored),
+                                                                    rngs=rngs)
+        self.lm = LM(dataclasses.replace(cfg.lm, **stored), rngs=rngs)
 
 
 class Tower(nnx.Module):

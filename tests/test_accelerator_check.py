@@ -1,0 +1,39 @@
+"""benchmarks/accelerator_check.py: its CPU dry run (the tiny preset through the accelerator run's code)."""
+
+import importlib
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def accelerator_check():
+    """The script as a module; benchmarks/ on the path for its siblings (train_step, peak, common)."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        yield importlib.import_module("accelerator_check")
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+def test_accelerator_config_is_the_7b_layout_at_1b_with_the_bf16_policy(accelerator_check):
+    config = accelerator_check.check_config(dry_run=False, devices=4)
+    assert config.model.preset == "llava_tinyllama_1b" and config.data.image_size == 336
+    assert config.model.base_param_dtype == "bfloat16" and not config.model.full_finetune
+    assert config.model.remat and config.model.dtype == "bfloat16" and tuple(config.mesh.shape) == (1, 4, 1)
+    assert accelerator_check.spec_peak("NVIDIA H200") == 989e12 and accelerator_check.spec_peak("cpu") is None
+
+
+def test_dry_run_times_a_step_and_exports_every_item(accelerator_check, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["accelerator_check.py", "--dry_run", "--steps", "1",
+                                      "--export_items", "1000", "--export_batch", "64"])
+    accelerator_check.main()
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    table = dict(rows[1:])  # after the header
+    assert table["compiles of the step"] == "1"  # the timed steps reuse one executable
+    assert table["devices"].startswith("8 x")  # the test process's 8 virtual CPU devices, FSDP over all
+    assert float(table["step s"]) > 0 and table["export 1,000 items"].endswith("items/s)")
