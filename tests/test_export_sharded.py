@@ -1,0 +1,78 @@
+"""The export on a device mesh: each device embeds its share of the items; the array equals one device's.
+
+One process with the 8 virtual CPU devices here, and two processes over 127.0.0.1
+(tests/multihost_export_worker.py), each against the same model exported on a single device.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import toy_training as toy
+from test_tpad import tiny_model
+from tpad_jax import export
+from tpad_jax.parallel import mesh as mesh_lib
+
+WORKER = pathlib.Path(__file__).with_name("multihost_export_worker.py")
+
+
+def on_mesh(model, mesh):
+    """`model` with every array replicated over `mesh` (a trained stage's state lives on its mesh)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
+
+
+def test_export_on_eight_devices_splits_the_items_and_equals_one_device():
+    model = tiny_model()
+    expected = export.item_embeddings(model, batch_size=4)  # unsharded: one device embeds all 10 items
+    mesh = mesh_lib.make_mesh(toy.mesh_config((2, 4, 1)))
+    sharded = on_mesh(model, mesh)
+    got = export.item_embeddings(sharded, batch_size=4)  # 8 rows per chunk: one per device
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    # The work divides: XLA's per-device cost of the sharded export is a fraction of the whole.
+    def flops(state, row_sharding):
+        compiled = export._embed_all.lower(graphdef, state, 8, row_sharding).compile()
+        return export_cost(compiled)
+
+    graphdef, state = nnx.split(sharded)
+    one_device = nnx.split(model)[1]
+    assert flops(state, mesh_lib.data_sharding(mesh)) < flops(one_device, None) / 4
+
+
+def export_cost(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return float(sum(c.get("flops", 0.0) for c in (cost if isinstance(cost, (list, tuple)) else [cost])))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_export_the_single_process_array(tmp_path):
+    port, out = _free_port(), tmp_path / "export.npy"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # The worker imports the test module's model, which reads configs/ from the repository root.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent.parent), env.get("PYTHONPATH")]))
+    processes = [subprocess.Popen([sys.executable, str(WORKER), str(process_id), str(port), str(out)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+                 for process_id in range(2)]
+    try:
+        outputs = [process.communicate(timeout=240)[0].decode() for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    expected = export.item_embeddings(tiny_model(), batch_size=4)
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-6)
