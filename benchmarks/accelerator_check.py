@@ -10,7 +10,8 @@ The step is a run's own (`stages.stage2_spec` of the `tpad` variant, keep term i
 config's data layout (`configs/tpad_llava7b.py`: 336 px images, 64 pooled visual tokens per item
 prompt), bfloat16 compute, the frozen base stored in bfloat16, remat and scanned layers, the mesh
 (1, devices, 1): FSDP over every device. The export embeds `--export_items` items (the catalogue's item
-tables tiled to that many rows) with `export.item_embeddings`, the production call.
+tables tiled to that many rows) with `export.item_embeddings`, the production call, data-parallel over
+the mesh.
 
 Printed (Markdown): devices; compile s, step s, tokens/s, model TFLOP/s; MFU against the device's
 dense bf16 peak from its spec sheet (when the kind is known) and against the bf16 matmul peak measured
@@ -27,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import peak as peak_lib
 import train_step
 from tpad_jax import export
 from tpad_jax.models import tpad as tpad_lib
+from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import inputs as inputs_lib
 from tpad_jax.train import stages
 
@@ -113,9 +116,16 @@ def main():
         model = inputs.make_model()
         inputs.initialize(model)
         nnx.update(model, tiled_tables(model, args.export_items))
-        export.item_embeddings(model, args.export_batch)  # compiles
+        # On the run's mesh as a trained stage's state is: weights replicated, item tables split by rows
+        # (when the devices divide them), and the export splits every chunk of items over the devices.
+        graphdef, tables, rest = nnx.split(model, tpad_lib.ItemTable, ...)
+        rows = PartitionSpec(mesh_lib.batch_axes(inputs.mesh)) if args.export_items % len(devices) == 0 \
+            else PartitionSpec()
+        tables = jax.device_put(tables, NamedSharding(inputs.mesh, rows))
+        model = nnx.merge(graphdef, tables, jax.device_put(rest, NamedSharding(inputs.mesh, PartitionSpec())))
+        export.item_embeddings(model, args.export_batch, args.export_items)  # compiles
         clock = time.perf_counter()
-        embeddings = export.item_embeddings(model, args.export_batch)
+        embeddings = export.item_embeddings(model, args.export_batch, args.export_items)
         export_s = time.perf_counter() - clock
     assert embeddings.shape[0] == args.export_items and np.isfinite(embeddings).all()
 
@@ -139,7 +149,8 @@ def main():
     for name, value in cells.items():
         print(f"| {name} | {value} |")
     print(f"\nmeasured matmul peak: {measured_peak / 1e12:.2f} TFLOP/s "
-          f"({'fp32, dry run' if args.dry_run else 'bf16'}); export on one device (not yet item-sharded)")
+          f"({'fp32, dry run' if args.dry_run else 'bf16'}); the export splits every chunk of items over "
+          f"{len(devices)} device(s), each holding 1/{len(devices)} of the item tables' rows")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ params     every parameter's logical axes are resolved with the config's rule se
 optimizer  AdamW mu + nu in float32 over the trainable parameters, sharded like them (8 B / param).
 grads      float32 gradients of the trainable parameters, sharded like them (4 B / param).
 tables     the per-item tables (`ItemTable`: prompts, frozen ViT features) for `--num_items` items;
-           they carry no logical axes, so every device holds all of them.
+           their rows are split like any variable by their logical axis `items` (the batch axes).
 activations of one stage-2 step (see `activation_bytes`): three LM passes held until the backward:
            the Transfer tower over B session prompts (length Ls), K over the B (S + 1) shown and target
            items' prompts (length Li) and the keep term's Bk item prompts. With `model.remat` each layer

@@ -161,3 +161,16 @@ def test_a_bf16_base_needs_a_frozen_base():
     config.model.base_param_dtype = "bfloat16"
     with pytest.raises(ValueError, match="base_param_dtype='bfloat16'.*full_finetune=False"):
         scale_plan["tpad_config"](config)
+
+
+def test_item_table_bytes_per_device_halve_when_the_devices_double():
+    config = _config_module("tpad_llava7b.py")["get_config"]()
+    tpad_cfg = scale_plan["tpad_config"](config, num_items=4096)
+    abstract = nnx.eval_shape(lambda: tpad.TPAD(tpad_cfg, rngs=nnx.Rngs(0)))
+    leaves = scale_plan["leaves"](abstract, config.model)
+    rules = rules_lib.get_rules("default")
+    tables = [scale_plan["state_bytes"](leaves, rules, {"data": data, "fsdp": 8, "tensor": 1})["tables"]
+              for data in (1, 2, 4)]
+    # 64 pooled CLIP tokens x 1024 x bf16 per item (+ prompts), split over data x fsdp = 8, 16, 32 shards.
+    assert tables[0] > 4096 * 64 * 1024 * 2 / 8
+    assert tables[1] == tables[0] / 2 and tables[2] == tables[0] / 4

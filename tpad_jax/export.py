@@ -33,17 +33,16 @@ IDS_FILE = "item_ids.json"
 META_FILE = "export_meta.json"
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _embed_all(graphdef, state, batch_size, row_sharding):
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _embed_all(graphdef, state, num_items, batch_size, row_sharding):
     """e_K of all N items in one call: fixed-size chunks under `lax.map`, the last wrapping around.
 
     One call instead of one per chunk: the host dispatches and waits once (on 2 shared cores each
     round trip left the device idle; this runs the base export about a fifth faster). `row_sharding`
-    (or None) splits each chunk's rows over the devices.
+    (or None) splits each chunk's rows over the devices. Rows past `num_items` (table padding) are not
+    embedded.
     """
     model = nnx.merge(graphdef, state)
-    # The rows of its tables, not cfg.num_items: new_items.py gives a trained model tables of other items.
-    num_items = model.tables["item_pos"][...].shape[0]
     num_chunks = -(-num_items // batch_size)
     rows = (jnp.arange(num_chunks * batch_size, dtype=jnp.int32) % num_items).reshape(num_chunks, batch_size)
 
@@ -65,12 +64,17 @@ def state_mesh(state):
     return None
 
 
-def item_embeddings(model, batch_size: int) -> np.ndarray:
-    """e_K for all N items (rows) of `model`'s tables, in fixed-size padded batches: float32 [N, d].
+def item_embeddings(model, batch_size: int, num_items: int | None = None) -> np.ndarray:
+    """e_K for the first `num_items` rows of `model`'s tables, in fixed-size padded batches: float32 [N, d].
 
-    On a mesh, `batch_size` is rounded up to a multiple of the batch shards, each embedding its part of
-    every chunk; every process gets the whole array.
+    `num_items` None: the model's catalogue (`cfg.num_items`) when the tables have its `cfg.rows` rows
+    (rows past it are padding), else every row (`new_items.py` gives a trained model tables of other
+    items). On a mesh, `batch_size` is rounded up to a multiple of the batch shards, each embedding its
+    part of every chunk; every process gets the whole array.
     """
+    if num_items is None:
+        rows = model.tables["item_pos"][...].shape[0]
+        num_items = model.cfg.num_items if rows == model.cfg.rows else rows
     graphdef, state = nnx.split(model)
     mesh, row_sharding = state_mesh(state), None
     if mesh is not None:
@@ -78,7 +82,7 @@ def item_embeddings(model, batch_size: int) -> np.ndarray:
         if shards > 1:
             batch_size = -(-batch_size // shards) * shards
             row_sharding = mesh_lib.data_sharding(mesh)
-    embeddings = _embed_all(graphdef, state, batch_size, row_sharding)
+    embeddings = _embed_all(graphdef, state, num_items, batch_size, row_sharding)
     if not embeddings.is_fully_addressable:  # other processes hold parts of it
         embeddings = multihost_utils.process_allgather(embeddings, tiled=True)
     return np.asarray(embeddings)

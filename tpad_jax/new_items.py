@@ -144,7 +144,7 @@ class KnowledgeEmbedder:
             if isinstance(where, jax.sharding.NamedSharding):
                 where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
             variable.set_value(jax.device_put(jnp.asarray(value, old.dtype), where))
-        embeddings = export.item_embeddings(self.model, self.config.eval.batch_size)
+        embeddings = export.item_embeddings(self.model, self.config.eval.batch_size, num_items=len(items))
         return NewItems([item.item_id for item in items], [item.title or "" for item in items], embeddings)
 
     def _pixels(self, items) -> np.ndarray:

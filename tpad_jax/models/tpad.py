@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from tpad_jax.models import mi
+from tpad_jax.parallel import rules as rules_lib
 from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
@@ -33,7 +34,18 @@ ITEM_PROMPT_FIELDS = ("tokens", "attention_mask", "loss_mask", "item_pos")
 
 
 class ItemTable(nnx.Variable):
-    """Per-item constants (frozen ViT features, tokenized item prompts): model state, never trained."""
+    """Per-item constants (frozen ViT features, tokenized item prompts): model state, never trained.
+
+    Rows are split over the mesh by the logical axis `items` (`TABLE_AXIS`); a table has
+    `TPADConfig.rows` rows, the catalogue's padded to a multiple of that split.
+    """
+
+
+TABLE_AXIS = "items"
+
+
+def _table(value):
+    return ItemTable(value, **rules_lib.param_metadata((TABLE_AXIS,) + (None,) * (value.ndim - 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +56,13 @@ class TPADConfig:
     num_items: int
     item_prompt_length: int
     item_visual_tokens: int  # visual tokens per item in item prompts (0 for text-only catalogues)
+    # Rows of the item tables: num_items rounded up to a multiple of the mesh shards of `items` (0: as
+    # many as items). Rows past num_items are padding that no batch indexes.
+    table_rows: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.table_rows or self.num_items
 
 
 class TPAD(nnx.Module):
@@ -61,18 +80,18 @@ class TPAD(nnx.Module):
         self.know_head = _Head(width, dim, rngs=rngs)
         self.club_critic = mi.GaussianCritic(dim, dim, 2 * dim, rngs=rngs)
         # Filled by `StageInputs.initialize`; zeros here so that an abstract model has the right shapes.
-        n, length = cfg.num_items, cfg.item_prompt_length
+        n, length = cfg.rows, cfg.item_prompt_length
         self.tables = nnx.Dict({
-            "tokens": ItemTable(jnp.zeros((n, length), jnp.int32)),
-            "attention_mask": ItemTable(jnp.zeros((n, length), bool)),
-            "loss_mask": ItemTable(jnp.zeros((n, length), bool)),
-            "item_pos": ItemTable(jnp.zeros((n,), jnp.int32)),
-            "has_image": ItemTable(jnp.zeros((n,), bool)),
+            "tokens": _table(jnp.zeros((n, length), jnp.int32)),
+            "attention_mask": _table(jnp.zeros((n, length), bool)),
+            "loss_mask": _table(jnp.zeros((n, length), bool)),
+            "item_pos": _table(jnp.zeros((n,), jnp.int32)),
+            "has_image": _table(jnp.zeros((n,), bool)),
         })
         if cfg.item_visual_tokens:
             vision_dim = cfg.mllm.vision.hidden_size
-            self.tables["vision"] = ItemTable(jnp.zeros((n, cfg.item_visual_tokens, vision_dim),
-                                                        jnp.dtype(cfg.mllm.lm.dtype)))
+            self.tables["vision"] = _table(jnp.zeros((n, cfg.item_visual_tokens, vision_dim),
+                                                     jnp.dtype(cfg.mllm.lm.dtype)))
 
 
 class _Head(nnx.Module):
@@ -110,7 +129,8 @@ def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, bat
 
 
 def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None):
-    """The `tables` state of `model` filled with concrete per-item arrays (for `run_loop`'s start)."""
+    """The `tables` state of `model` filled with concrete per-item arrays (for `run_loop`'s start); rows
+    past the catalogue's (`TPADConfig.rows` padding) are zeros."""
     state = nnx.state(model, ItemTable)
     values = {name: item_prompts[name] for name in ITEM_PROMPT_FIELDS}
     values["has_image"] = has_image
@@ -118,6 +138,9 @@ def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: 
         values["vision"] = vision
     for name, value in values.items():
         variable = state["tables"][name]
+        value = np.asarray(value)
+        padding = variable.get_value().shape[0] - value.shape[0]
+        value = np.pad(value, [(0, padding)] + [(0, 0)] * (value.ndim - 1))
         variable.set_value(jnp.asarray(value, variable.get_value().dtype))
     return state
 

@@ -1,20 +1,22 @@
 """Logical axis rules: which mesh axes each logical parameter / activation axis is split over.
 
 Parameters carry logical names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `vis_embed`, `vis_mlp`, `patch`,
-`lora_rank`, `layers`, `norm`) in their `out_sharding` metadata; activations are constrained with the
+`lora_rank`, `layers`, `norm`) in their `out_sharding` metadata, the per-item tables `items` (their
+row axis, which grows with the catalogue); activations are constrained with the
 names `batch`, `length`, `embed`. A rule set maps every logical name to a mesh axis, a tuple of mesh axes
 or None (replicated). Use a set with `nnx.logical_axis_rules(get_rules(name))` around model creation and
 the jitted step, inside `jax.set_mesh(mesh)`.
 """
 
 import jax
+import numpy as np
 from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec
 
 LOGICAL_AXES = (
     "batch", "length", "embed", "mlp", "heads", "kv", "vocab",
-    "vis_embed", "vis_mlp", "patch", "lora_rank", "layers", "norm",
+    "vis_embed", "vis_mlp", "patch", "lora_rank", "layers", "norm", "items",
 )
 
 RULE_SETS = {
@@ -34,11 +36,14 @@ RULE_SETS = {
         ("lora_rank", None),
         ("layers", None),
         ("norm", None),
+        # Item tables split by rows over the batch axes: per-device item data falls as 1 / devices.
+        ("items", ("data", "fsdp")),
     ),
     # Pure data parallelism: weights replicated, batch split over every mesh axis.
     "data_parallel": (
         ("batch", ("data", "fsdp", "tensor")),
-        *((name, None) for name in LOGICAL_AXES if name != "batch"),
+        ("items", ("data", "fsdp", "tensor")),
+        *((name, None) for name in LOGICAL_AXES if name not in ("batch", "items")),
     ),
     # Everything replicated (tiny tests, single device).
     "replicated": tuple((name, None) for name in LOGICAL_AXES),
@@ -85,6 +90,14 @@ def logical_to_spec(names, rules):
         used.update(free)
         spec.append(free[0] if len(free) == 1 else (free or None))
     return PartitionSpec(*spec)
+
+
+def rows_multiple(names, rules, mesh_sizes) -> int:
+    """How many shards the first axis of a variable with logical `names` is split into: its row count
+    must be a multiple of this."""
+    axes = logical_to_spec(names, rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh_sizes[axis] for axis in axes])) if axes else 1
 
 
 def constrain(x, names):

@@ -60,7 +60,14 @@ def tpad_config(config, data, tokenizer) -> tpad_lib.TPADConfig:
         mllm=mllm_cfg, embed_dim=config.model.embed_dim, image_token_id=tokenizer_lib.special_ids(tokenizer)[
             "image"], num_items=data.num_items,
         item_prompt_length=prompts.item_prompt_length(n_img, config.data.max_item_tokens),
-        item_visual_tokens=n_img)
+        item_visual_tokens=n_img, table_rows=table_rows(config, data.num_items))
+
+
+def table_rows(config, num_items: int) -> int:
+    """`num_items` rounded up to a multiple of the shards the item tables' rows are split into."""
+    sizes = dict(zip(config.mesh.axes, mesh_lib.resolve_mesh_shape(config.mesh.shape, jax.device_count())))
+    multiple = rules_lib.rows_multiple((tpad_lib.TABLE_AXIS,), rules_lib.get_rules(config.mesh.rules), sizes)
+    return -(-num_items // multiple) * multiple
 
 
 def build_inputs(config, workdir: str, data=None) -> StageInputs:
