@@ -9,12 +9,9 @@ it (prepared.load_or_prepare, the tokenizer, the TFDS item table); later calls r
 config's per-process batch sizes and for each of `--workers` (config.data.worker_count; 0 = in-process):
 
     session_batches   stage 2's training batches (a session prompt assembled per example)
-    item_row_batches  stage 1's training batches (rows only: prompts and pixels live on device)
-    item_batches      item prompts with images decoded from the TFDS ArrayRecord table (the pipeline
-                      that decodes images; compared with stage 1, whose batch size it takes)
-
-plus `item_pixel_table` once (workers do not apply): the same decoding of every image, which builds the
-device table stage 1 looks its pixels up in.
+    item_row_batches  stage 1's training batches (rows only: prompts and ViT features live on device)
+    item_batches      item prompts with images decoded from the TFDS ArrayRecord table: the stream the
+                      frozen ViT's one pass over the catalogue reads (compared with stage 1's batch size)
 A pipeline's rate is `--window` batches / the median time of `--windows` windows, after `--warmup`
 windows (the first includes starting the iterator and its workers).
 
@@ -28,7 +25,6 @@ consumes them; the goal is >= 5, so the step never waits on input.
 import json
 import os
 import tempfile
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,9 +34,8 @@ from tpad_jax import pretrained
 from tpad_jax.data import pipeline, prepared, tfds_builder, tokenizer as tokenizer_lib
 
 STAGES = ("stage1", "stage2")
-PIPELINES = ("session_batches", "item_row_batches", "item_batches", "item_pixel_table")
-STAGE_OF = {"session_batches": "stage2", "item_row_batches": "stage1", "item_batches": "stage1",
-            "item_pixel_table": "stage1"}
+PIPELINES = ("session_batches", "item_row_batches", "item_batches")
+STAGE_OF = {"session_batches": "stage2", "item_row_batches": "stage1", "item_batches": "stage1"}
 HEADROOM_GOAL = 5.0
 COLUMNS = ["preset", "pipeline", "batch", "workers", "batches/s", "examples/s", "first window s",
            "step s", "headroom", "machine"]
@@ -48,7 +43,7 @@ NOTE = ("`python benchmarks/loader.py --config configs/tpad_base.py` (run alone:
         "machine): Grain batches/s at the config's per-process batch sizes, median of "
         "timed windows after warm-up; workers = `data.worker_count` (mp_prefetch processes, 0 = "
         "in-process). headroom = batches/s x train-step seconds of the stage that reads the pipeline "
-        "(goal >= 5). item_pixel_table is decoded once per run (one row, batch = all items).")
+        "(goal >= 5).")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/tpad_base.py[:preset]).",
                                           lock_config=True)
@@ -138,19 +133,10 @@ def measure_pipeline(config, name, workers, data, tokenizer) -> dict:
             "examples/s": window * batch_size / median_s, "first window s": first_s}
 
 
-def measure_pixel_table(config, data) -> dict:
-    """Items/s of decoding the whole item table once (`pipeline.item_pixel_table`)."""
-    start = time.perf_counter()
-    pixels, _ = pipeline.item_pixel_table(config, data)
-    seconds = time.perf_counter() - start
-    return {"pipeline": "item_pixel_table", "batch": len(pixels), "workers": 0, "batches/s": 1 / seconds,
-            "examples/s": len(pixels) / seconds, "first window s": seconds}
-
-
 def with_headroom(row, steps) -> dict:
     """`row` plus the step time of its stage and headroom = batches/s x step_s (when known)."""
     step_s = steps.get(STAGE_OF[row["pipeline"]])
-    if step_s is None or row["pipeline"] == "item_pixel_table":
+    if step_s is None:
         return {**row, "step s": "", "headroom": ""}
     return {**row, "step s": step_s, "headroom": row["batches/s"] * step_s}
 
@@ -168,10 +154,7 @@ def main(argv):
     data, tokenizer = prepare(config, workdir)
     rows = []
     for name in [n for n in PIPELINES if n in _PIPELINES.value]:
-        if name == "item_pixel_table":
-            measured = [measure_pixel_table(config, data)]
-        else:
-            measured = [measure_pipeline(config, name, int(w), data, tokenizer) for w in _WORKERS.value]
+        measured = [measure_pipeline(config, name, int(w), data, tokenizer) for w in _WORKERS.value]
         for row in measured:
             row = with_headroom({"preset": config.preset, **row, "machine": machine()}, steps)
             rows.append(row)

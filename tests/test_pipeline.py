@@ -121,15 +121,6 @@ def test_export_item_batches_cover_every_item_once(setup):
             np.testing.assert_allclose(batch["pixels"][i], _expected_pixels(row), atol=1e-6)
 
 
-def test_item_pixel_table_matches_the_images(setup):
-    data, _ = setup
-    pixels, has_image = pipeline.item_pixel_table(_config(), data)
-    assert pixels.shape == (7, 4, 4, 3) and pixels.dtype == np.float32
-    assert has_image.tolist() == [c is not None for c in COLOURS]
-    for row in range(7):
-        np.testing.assert_allclose(pixels[row], _expected_pixels(row), atol=1e-6)
-
-
 def test_process_slices_are_disjoint_and_cover_the_items(setup):
     data, tokenizer = setup
     per_process = []

@@ -195,6 +195,19 @@ def test_word_reconstruction_is_the_cross_entropy_of_the_items_word_bag():
     np.testing.assert_allclose(value, np.mean(expected), rtol=1e-5)
 
 
+def test_vision_features_of_streamed_batches_equal_one_array_pass():
+    model = tiny_model()
+    pixels = np.random.default_rng(1).uniform(-1, 1, size=(NUM_ITEMS, 32, 32, 3)).astype(np.float32)
+    expected = tpad_lib.vision_features(model.towers, pixels, 4, batch_size=4)
+    # Batches as pipeline.item_batches gives them: out of order, the last padded with an invalid row 0.
+    order = [7, 2, 9, 0, 5, 1, 8, 3, 6, 4, 0, 0]
+    valid = [True] * NUM_ITEMS + [False, False]
+    batches = [{"rows": np.array(order[i:i + 4]), "pixels": pixels[order[i:i + 4]],
+                "valid": np.array(valid[i:i + 4])} for i in range(0, 12, 4)]
+    got = tpad_lib.vision_features_of_batches(model.towers, batches, NUM_ITEMS, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_export_embeds_every_item_once_in_wrapped_chunks():
     from tpad_jax import export
 

@@ -84,13 +84,16 @@ def test_image_modes_and_long_non_latin_titles_go_through_the_pipeline(tmp_path)
     data = prepared.load_or_prepare(config, str(tmp_path / "work"))
     assert data.titles[:len(TITLES)] == TITLES
 
-    pixels, has_image = pipeline.item_pixel_table(config, data)
+    tokenizer = tokenizer_lib.tokenizer_for(config, data, str(tmp_path / "work"), None)
+    # The pictures as the ViT's pass reads them: streamed from the TFDS item table.
+    batch = next(pipeline.item_batches(config, data, tokenizer, config.data.visual_tokens_per_item,
+                                       data.num_items, shuffle=False, repeat=False, seed=0))
+    pixels, has_image = batch["pixels"], batch["has_image"]
     assert has_image.all()
     for row, (name, (_, rgb)) in enumerate(IMAGE_MODES.items()):
         expected = np.broadcast_to(np.array(rgb, np.float32) / 127.5 - 1.0, pixels[row].shape)
         np.testing.assert_allclose(pixels[row], expected, atol=3 / 127.5, err_msg=name)
 
-    tokenizer = tokenizer_lib.tokenizer_for(config, data, str(tmp_path / "work"), None)
     table = pipeline.item_prompt_table(config, data, tokenizer, n_img=config.data.visual_tokens_per_item)
     assert table["tokens"].shape[0] == data.num_items
     assert "红色连衣裙" in tokenizer.decode(table["tokens"][0].tolist())

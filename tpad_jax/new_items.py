@@ -94,7 +94,7 @@ class KnowledgeEmbedder:
         # The stage specs read only the config, data, tokenizer, mesh and model factory of their inputs.
         inputs = inputs_lib.StageInputs(
             config=config, workdir=workdir, data=data, tokenizer=self.tokenizer, tpad_cfg=tpad_cfg,
-            item_prompts=None, pixels=None, has_image=np.asarray(data.has_image, bool),
+            item_prompts=None, has_image=np.asarray(data.has_image, bool),
             mesh=mesh_lib.make_mesh(config.mesh), rules=rules_lib.get_rules(config.mesh.rules))
         self.model = self._restore(inputs, variant)
 

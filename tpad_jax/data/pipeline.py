@@ -1,4 +1,5 @@
-"""Grain input pipelines: item batches (stage 1, export) and session batches (stage 2).
+"""Grain input pipelines: item batches (the frozen ViT's pass over the catalogue's pictures), item-row
+batches (stage 1) and session batches (stage 2).
 
 Both read top to bottom: example positions -> shuffle -> repeat -> this process's slice -> batch of
 positions -> map to one batch -> iterator -> multiprocess prefetch. Grain moves positions only and each
@@ -77,24 +78,6 @@ def item_prompt_table(config, data, tokenizer, n_img):
     rows = [prompts.item_prompt(vocab, titles[row], categories[row], bool(data.has_image[row]), n_img=n_img,
                                 max_item_tokens=config.data.max_item_tokens) for row in range(data.num_items)]
     return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-
-
-def item_pixel_table(config, data):
-    """Every item's image, decoded once from the TFDS item table, for device-side lookup.
-
-    Returns:
-      pixels float32 [N, H, W, 3] in [-1, 1] (zeros for items without image) and has_image bool [N].
-    """
-    source = tfds_builder.item_table(data, data.workdir)
-    size = config.data.image_size
-    pixels = np.zeros((data.num_items, size, size, 3), np.float32)
-    has_image = np.zeros(data.num_items, bool)
-    for row in range(data.num_items):
-        record = source[row]
-        has_image[row] = record["has_image"]
-        if has_image[row]:
-            pixels[row] = to_pixels(record["image"], size)
-    return pixels, has_image
 
 
 def to_pixels(image, size):

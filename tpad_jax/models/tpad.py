@@ -109,9 +109,24 @@ class _Head(nnx.Module):
 
 
 def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, batch_size: int = 64):
-    """The frozen ViT's patch features of every item, pooled to `num_tokens`: [N, num_tokens, Dv].
+    """The frozen ViT's patch features of every item of `pixels` [N, H, W, 3], pooled to `num_tokens`:
+    [N, num_tokens, Dv]. For a catalogue, `vision_features_of_batches` over its streamed pictures."""
+    def batches():
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start:start + batch_size]
+            padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            rows = np.arange(start, start + batch_size)
+            yield {"rows": rows, "pixels": padded, "valid": rows < len(pixels)}
 
-    The ViT is shared and frozen, so this runs once per run instead of once per step.
+    return vision_features_of_batches(towers, batches(), len(pixels), num_tokens)
+
+
+def vision_features_of_batches(towers: TPADTowers, batches, num_items: int, num_tokens: int):
+    """[num_items, num_tokens, Dv] pooled ViT features from an iterable of fixed-size picture batches
+    (dicts of rows [B], pixels [B, H, W, 3], valid [B], as `pipeline.item_batches` yields them).
+
+    The ViT is shared and frozen, so this runs once per run instead of once per step; only one batch of
+    pictures is in memory at a time, never the catalogue's.
     """
     vision = towers.base(KNOWLEDGE).vision  # frozen: both towers' copies are identical
     graphdef, state = nnx.split(vision)
@@ -120,12 +135,14 @@ def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, bat
     def encode(state, chunk):
         return pool_tokens(nnx.merge(graphdef, state)(chunk), num_tokens)
 
-    chunks = []
-    for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start:start + batch_size]
-        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        chunks.append(np.asarray(encode(state, padded))[: len(chunk)])
-    return np.concatenate(chunks, axis=0)
+    features = None
+    for batch in batches:
+        out = np.asarray(encode(state, jnp.asarray(batch["pixels"])))
+        if features is None:
+            features = np.zeros((num_items, *out.shape[1:]), out.dtype)
+        valid = np.asarray(batch["valid"], bool)
+        features[np.asarray(batch["rows"])[valid]] = out[valid]
+    return features
 
 
 def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None):

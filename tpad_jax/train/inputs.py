@@ -12,6 +12,8 @@ from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
 
+VISION_BATCH = 64  # pictures per batch of the frozen ViT's one pass over the catalogue
+
 
 @dataclasses.dataclass
 class StageInputs:
@@ -23,7 +25,6 @@ class StageInputs:
     tokenizer: object
     tpad_cfg: tpad_lib.TPADConfig
     item_prompts: dict  # rows-indexed numpy arrays of the item prompts
-    pixels: np.ndarray | None  # [N, H, W, 3] in [-1, 1]; None for text-only catalogues
     has_image: np.ndarray  # bool [N]
     mesh: jax.sharding.Mesh
     rules: tuple
@@ -36,12 +37,18 @@ class StageInputs:
         """Readies a fresh `model`: real base weights when configured, then the per-item constants.
 
         The checkpoint (config.model.gguf_path / checkpoint_dir) is loaded first, so the frozen ViT
-        features of the item table come from the real ViT; they are computed here, once.
+        features of the item table come from the real ViT; they are computed here, once, over the
+        pictures streamed from the TFDS item table (`pipeline.item_batches`, one batch in memory).
         """
         pretrained.load_base(model, self.config.model, tokenizer_lib.special_ids(self.tokenizer))
         vision = None
         if self.tpad_cfg.item_visual_tokens:
-            vision = tpad_lib.vision_features(model.towers, self.pixels, self.tpad_cfg.item_visual_tokens)
+            # Every process reads every picture: each needs the whole table before it places its rows.
+            pictures = pipeline.item_batches(
+                self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
+                shuffle=False, repeat=False, seed=0, process_index=0, process_count=1)
+            vision = tpad_lib.vision_features_of_batches(model.towers, pictures, self.data.num_items,
+                                                         self.tpad_cfg.item_visual_tokens)
         nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision))
 
 
@@ -81,7 +88,6 @@ def build_inputs(config, workdir: str, data=None) -> StageInputs:
     tpad_cfg = tpad_config(config, data, tokenizer)
     n_img = tpad_cfg.item_visual_tokens
     item_prompts = pipeline.item_prompt_table(config, data, tokenizer, n_img)
-    pixels = pipeline.item_pixel_table(config, data)[0] if tpad_cfg.mllm.vision is not None else None
     return StageInputs(config=config, workdir=workdir, data=data, tokenizer=tokenizer, tpad_cfg=tpad_cfg,
-                       item_prompts=item_prompts, pixels=pixels, has_image=np.asarray(data.has_image, bool),
+                       item_prompts=item_prompts, has_image=np.asarray(data.has_image, bool),
                        mesh=mesh_lib.make_mesh(config.mesh), rules=rules_lib.get_rules(config.mesh.rules))
