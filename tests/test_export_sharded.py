@@ -5,17 +5,14 @@ One process with the 8 virtual CPU devices here, and two processes over 127.0.0.
 """
 
 import dataclasses
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import local_processes
 import toy_training as toy
 from test_tpad import tiny_model
 from configs import tpad_base
@@ -57,28 +54,9 @@ def export_cost(compiled) -> float:
     return float(sum(c.get("flops", 0.0) for c in (cost if isinstance(cost, (list, tuple)) else [cost])))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_export_the_single_process_array(tmp_path):
-    port, out = _free_port(), tmp_path / "export.npy"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # The worker imports the test module's model, which reads configs/ from the repository root.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent.parent), env.get("PYTHONPATH")]))
-    processes = [subprocess.Popen([sys.executable, str(WORKER), str(process_id), str(port), str(out)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-                 for process_id in range(2)]
-    try:
-        outputs = [process.communicate(timeout=240)[0].decode() for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
+    out = tmp_path / "export.npy"
+    local_processes.run_workers(WORKER, 2, out)
     expected = export.item_embeddings(tiny_model(), batch_size=4)
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-6)
 

@@ -1,10 +1,6 @@
 """Multi-host: cluster detection, and two JAX processes on 127.0.0.1 training and checkpointing together."""
 
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -12,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import local_processes
 import multihost_worker as worker
 import toy_training as toy
 from tpad_jax.parallel import distributed
@@ -40,12 +37,6 @@ def test_maybe_initialize_is_a_noop_on_one_host():
     assert distributed.is_main_process() and jax.process_count() == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reference_run():
     """Losses and parameters of the same 3 steps in one process, on the concatenated global batches."""
     mesh = toy.single_device_mesh()
@@ -68,21 +59,8 @@ def _reference_run():
 
 
 def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    processes = [
-        subprocess.Popen([sys.executable, str(WORKER), str(process_id), str(port), str(tmp_path / "run"),
-                          str(tmp_path / "params.npz")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        for process_id in range(worker.NUM_PROCESSES)]
-    try:
-        outputs = [process.communicate(timeout=180)[0].decode() for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
+    local_processes.run_workers(WORKER, worker.NUM_PROCESSES, tmp_path / "run", tmp_path / "params.npz",
+                                timeout=180)
 
     losses, params = _reference_run()
     logged = [r["loss"] for r in read_metrics(tmp_path / "run")]
