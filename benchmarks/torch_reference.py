@@ -8,8 +8,10 @@ with `tpad_jax`, PyTorch with `LlavaForConditionalGeneration` from an equivalent
 fp32, sdpa attention) on torch's CPU build. Same batch (16 x 128 tokens = 64 image tokens of one 64x64
 image each + 64 text tokens), same loss (next-token cross-entropy on the text positions), LoRA of rank
 `lora_rank` on q, k, v, o, gate, up, down of every LM layer (plain PyTorch modules on the torch side),
-AdamW over the LoRA parameters only. The PyTorch side computes logits at every position, as HF does;
-the JAX side only where the loss reads them.
+AdamW over the LoRA parameters only. Both sides compute logits only where the loss reads them: the JAX
+side by construction, PyTorch through HF's `logits_to_keep` (the text positions and the one before
+them); `--torch_logits all` restores HF's default of logits at every position, the unequal comparison
+earlier rows of RESULTS.md measured.
 
 `--preset anchor` is the model of shared/notes/perf-anchors.md (LM d=256 x 4 layers), `base` the
 project's CPU default. Each side is a subprocess that builds and compiles once, then times `--steps`
@@ -109,10 +111,15 @@ def torch_steps(spec):
     size = spec["vision"]["image_size"]
     pixels = torch.rand((batch, 3, size, size), generator=generator) * 2 - 1
 
+    # Logits at the last text + 1 positions: those that predict the text (the last one predicts nothing).
+    keep = spec["text"] + 1 if spec.get("torch_logits", "text") == "text" else 0  # 0: every position
+
     def loss():
-        logits = model(input_ids=tokens, pixel_values=pixels, attention_mask=torch.ones_like(tokens)).logits
+        logits = model(input_ids=tokens, pixel_values=pixels, attention_mask=torch.ones_like(tokens),
+                       logits_to_keep=keep).logits
         labels = tokens[:, num_image:].reshape(-1)
-        return F.cross_entropy(logits[:, num_image - 1:-1].reshape(-1, vocab), labels)
+        predicting = logits[:, :-1] if keep else logits[:, num_image - 1:-1]
+        return F.cross_entropy(predicting.reshape(-1, vocab), labels)
 
     def forward():
         with torch.no_grad():
@@ -172,11 +179,11 @@ def serve(forward, step, info, warmup=2):
 # ------------------------------------------------------------------------------------------ driver
 
 
-def model_spec(cfg, batch, text):
+def model_spec(cfg, batch, text, torch_logits="text"):
     """What the torch worker needs of an MLLMConfig, as JSON-able dict (the torch venv has no tpad_jax)."""
     return {"lm": dataclasses.asdict(cfg.lm), "vision": dataclasses.asdict(cfg.vision),
             "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_targets": list(cfg.lora_targets),
-            "num_image": cfg.vision.num_features, "batch": batch, "text": text}
+            "num_image": cfg.vision.num_features, "batch": batch, "text": text, "torch_logits": torch_logits}
 
 
 class Worker:
@@ -251,6 +258,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed calls per measurement, side and round")
     parser.add_argument("--torch-python", default=str(ROOT / ".venv-parity" / "bin" / "python"))
+    parser.add_argument("--torch_logits", default="text", choices=("text", "all"),
+                        help="PyTorch's logits: where the loss reads them (like JAX) or at every position")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -265,7 +274,7 @@ def main():
     from peak import measure_peak
 
     cfg = bench_towers.tower_config(args.preset)
-    spec = json.dumps(model_spec(cfg, args.batch, args.text))
+    spec = json.dumps(model_spec(cfg, args.batch, args.text, args.torch_logits))
     shape = ["--preset", args.preset, "--batch", str(args.batch), "--text", str(args.text)]
     workers = {"jax": Worker(sys.executable, shape + ["--worker", "jax"])}
     workers["torch"] = Worker(args.torch_python, shape + ["--worker", "torch", "--spec", spec])
@@ -287,7 +296,7 @@ def report(args, cfg, workers, times, peak_gflops, other_cores):
         jax_s, torch_s = (statistics.median(times[side][name]) for side in SIDES)
         gflop = jax_info["flops"][name] / 1e9
         rows.append(emit(
-            bench="torch_reference", preset=args.preset, measurement=name,
+            bench="torch_reference", preset=args.preset, measurement=name, torch_logits=args.torch_logits,
             jax_s=round(jax_s, 4), torch_s=round(torch_s, 4), ratio=round(torch_s / jax_s, 2),
             jax_tokens_per_s=round(tokens / jax_s), torch_tokens_per_s=round(tokens / torch_s),
             jax_gflop=round(gflop, 2), mfu=round(gflop / jax_s / peak_gflops, 3),
@@ -296,8 +305,11 @@ def report(args, cfg, workers, times, peak_gflops, other_cores):
             torch_params=torch_info["params"], lora_params=jax_info["lora_params"], jax=jax_info["version"],
             torch=torch_info["version"]))
     if not args.no_record:
+        # Rows of HF's every-position logits go on in their old table; like-for-like ones have their own.
+        section = "Tower step vs PyTorch" if args.torch_logits == "all" else \
+            "Tower step vs PyTorch, logits only where the loss reads them"
         record_rows(
-            "Tower step vs PyTorch",
+            section,
             ["preset", "measurement", "jax_s", "torch_s", "ratio", "jax_tokens_per_s", "torch_tokens_per_s",
              "jax_gflop", "mfu", "peak_gflops", "calls", "other_cores", "params", "lora_params", "jax",
              "torch", "machine"],
@@ -308,8 +320,9 @@ NOTE = ("`python benchmarks/torch_reference.py --preset {anchor,base}` (run alon
         "machine): one LLaVA-layout tower, batch 16 x 128 tokens (64 image + 64 text), next-token CE on "
         "the text, LoRA rank 8 on q,k,v,o,gate,up,down of every LM layer, AdamW over LoRA only, fp32, "
         "this machine's CPU. JAX (tpad_jax, `bench_towers.compile_steps`) and PyTorch (HF "
-        "`LlavaForConditionalGeneration`, sdpa, plain-PyTorch LoRA, logits at every position as HF "
-        "computes them) run as two subprocesses timed in alternating rounds; times are medians over all "
+        "`LlavaForConditionalGeneration`, sdpa, plain-PyTorch LoRA; torch_logits `text`: logits only at "
+        "the positions the loss reads, via `logits_to_keep`, as JAX computes them; `all`: at every "
+        "position, HF's default) run as two subprocesses timed in alternating rounds; times are medians over all "
         "timed calls; ratio = torch_s / jax_s. `step` = forward + backward + AdamW, `forward` = the loss "
         "alone. jax_gflop is XLA's cost_analysis of the JAX program (the base is frozen: no weight "
         "gradients), mfu = jax_gflop / jax_s / peak_gflops (`peak.measure_peak()`, best fp32 matmul, "
