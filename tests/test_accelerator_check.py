@@ -1,25 +1,11 @@
 """benchmarks/accelerator_check.py: its CPU dry run (the tiny preset through the accelerator run's code)."""
 
-import importlib
-import os
 import sys
 
-import pytest
-
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+import accelerator_check  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 
 
-@pytest.fixture(scope="module")
-def accelerator_check():
-    """The script as a module; benchmarks/ on the path for its siblings (train_step, peak, common)."""
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        yield importlib.import_module("accelerator_check")
-    finally:
-        sys.path.remove(BENCHMARKS)
-
-
-def test_accelerator_config_is_the_7b_layout_at_1b_with_the_bf16_policy(accelerator_check):
+def test_accelerator_config_is_the_7b_layout_at_1b_with_the_bf16_policy():
     config = accelerator_check.check_config(dry_run=False, devices=4)
     assert config.model.preset == "llava_tinyllama_1b" and config.data.image_size == 336
     assert config.model.base_param_dtype == "bfloat16" and not config.model.full_finetune
@@ -27,7 +13,7 @@ def test_accelerator_config_is_the_7b_layout_at_1b_with_the_bf16_policy(accelera
     assert accelerator_check.spec_peak("NVIDIA H200") == 989e12 and accelerator_check.spec_peak("cpu") is None
 
 
-def test_dry_run_times_a_step_and_exports_every_item(accelerator_check, monkeypatch, capsys):
+def test_dry_run_times_a_step_and_exports_every_item(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["accelerator_check.py", "--dry_run", "--steps", "1",
                                       "--export_items", "1000", "--export_batch", "64"])
     accelerator_check.main()
