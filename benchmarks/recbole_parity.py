@@ -1,7 +1,7 @@
 """Parity of our ID-only rows with RecBole 1.2.1's GRU4Rec, SR-GNN and SASRec on the same examples (issue 16).
 
     nice -n 10 python benchmarks/recbole_parity.py --data ../shared/data/cellphones_mmsbr --out OUT \
-        --recbole_python /work/recbole_venv/bin/python --set data.min_item_count=1
+        --set data.min_item_count=1
     ... --max_sessions 3000 --epochs 1          # smoke: a thinned copy of the catalogue, one epoch a side
 
 RecBole lives in its own virtual environment (`requirements-recbole.txt`; never the project's): this
@@ -429,7 +429,7 @@ def parse_args(argv):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help="the raw catalogue (canonical format)")
     parser.add_argument("--out", help="output directory (ours/, recbole/, parity.md, parity.csv)")
-    parser.add_argument("--recbole_python", default="/work/recbole_venv/bin/python",
+    parser.add_argument("--recbole_python", default=os.path.join(ROOT, ".venv-recbole", "bin", "python"),
                         help="python of a venv with requirements-recbole.txt installed")
     parser.add_argument("--python", default=sys.executable, help="the project's python")
     parser.add_argument("--project", default=ROOT, help="the project tree whose launch/*.py run")

@@ -26,7 +26,7 @@ MIN_SHARED_MEMORY_BYTES = 1 << 20
 
 
 def item_batches(config, data, tokenizer, n_img, batch_size, *, shuffle, repeat, seed,
-                 process_index=None, process_count=None):
+                 process_index=None, process_count=None, prompts=None):
     """Iterator over item batches (docs/architecture.md §2), images read from the TFDS item table.
 
     Args:
@@ -37,9 +37,10 @@ def item_batches(config, data, tokenizer, n_img, batch_size, *, shuffle, repeat,
       batch_size: rows per batch on this process.
       shuffle, repeat, seed: training order (reshuffled every epoch) or one pass in row order.
       process_index, process_count: this process's slice; default jax.process_index()/process_count().
+      prompts: the `item_prompt_table` when the caller has it already (else built here).
     """
-    to_batch = ItemBatch(source=tfds_builder.item_table(data, data.workdir),
-                         prompts=item_prompt_table(config, data, tokenizer, n_img),
+    prompts = item_prompt_table(config, data, tokenizer, n_img) if prompts is None else prompts
+    to_batch = ItemBatch(source=tfds_builder.item_table(data, data.workdir), prompts=prompts,
                          image_size=config.data.image_size)
     return _batches(config, to_batch, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
                     process_index=process_index, process_count=process_count)

@@ -46,7 +46,8 @@ class StageInputs:
             # Every process reads every picture: each needs the whole table before it places its rows.
             pictures = pipeline.item_batches(
                 self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
-                shuffle=False, repeat=False, seed=0, process_index=0, process_count=1)
+                shuffle=False, repeat=False, seed=0, process_index=0, process_count=1,
+                prompts=self.item_prompts)
             vision = tpad_lib.vision_features_of_batches(model.towers, pictures, self.data.num_items,
                                                          self.tpad_cfg.item_visual_tokens)
         nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision))
