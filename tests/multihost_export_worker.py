@@ -1,10 +1,15 @@
 """One of two JAX processes on 127.0.0.1 exporting the tiny TPAD model of tests/test_tpad.py together.
 
 Usage: python tests/multihost_export_worker.py PROCESS_ID PORT OUT_NPY
-Each process has one CPU device; the model is replicated over the 2-device mesh, each process embeds its
-half of every chunk of items, and process 0 saves the gathered array.
+Each process has one CPU device. Two exports, both saved by process 0:
+- OUT_NPY: the model replicated over the 2-device mesh; each process embeds its half of every chunk;
+- OUT_NPY with "_split" before ".npy": a fresh model whose item tables are split by rows over the two
+  processes, filled as a run fills them: each process runs the frozen ViT over the pictures of the rows
+  it holds only (`held_rows`, asserted to be a part) and places its prompt and feature rows
+  (`table_state`).
 """
 
+import dataclasses
 import sys
 
 import jax
@@ -14,10 +19,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import toy_training as toy
-from test_tpad import tiny_model
+from configs import tpad_base
+from test_tpad import NUM_ITEMS, tiny_items, tiny_model
 from tpad_jax import export
+from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import distributed
 from tpad_jax.parallel import mesh as mesh_lib
+from tpad_jax.parallel import rules as rules_lib
+from tpad_jax.train import inputs as inputs_lib
 
 
 def main(process_id: int, port: int, out: str):
@@ -26,7 +35,8 @@ def main(process_id: int, port: int, out: str):
                                       "process_id": process_id})
     assert distributed.maybe_initialize(dist) and jax.device_count() == 2
     model = tiny_model()  # the same seed on both processes: the same weights and tables
-    mesh = mesh_lib.make_mesh(toy.mesh_config((1, 2, 1)))
+    mesh_config = toy.mesh_config((1, 2, 1))
+    mesh = mesh_lib.make_mesh(mesh_config)
     graphdef, state = nnx.split(model)
     local = jax.tree.map(np.asarray, state)
     state = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()),
@@ -34,6 +44,30 @@ def main(process_id: int, port: int, out: str):
     embeddings = export.item_embeddings(nnx.merge(graphdef, state), batch_size=4)
     if distributed.is_main_process():
         np.save(out, embeddings)
+
+    rules = rules_lib.get_rules("default")
+    config = tpad_base.get_config("tiny")
+    config.mesh.shape, config.mesh.rules = (1, 2, 1), "default"
+    cfg = dataclasses.replace(model.cfg, table_rows=inputs_lib.table_rows(config, NUM_ITEMS))
+    split = mesh_lib.sharded_init(lambda: tpad_lib.TPAD(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    weights = dict(nnx.to_flat_state(nnx.state(model)))
+    for path, variable in nnx.to_flat_state(nnx.state(split)):  # tiny_model's weights (LoRA perturbed)
+        if path[0] != "tables":
+            variable.set_value(jax.device_put(np.asarray(weights[path].get_value()),
+                                              variable.get_value().sharding))
+    prompts, pixels = tiny_items()
+    rows = tpad_lib.held_rows(split.tables["vision"][...], NUM_ITEMS)
+    assert 0 < len(rows) < NUM_ITEMS, rows  # a part of the catalogue's pictures, not all of them
+    batches = [{"rows": rows[i:i + 4], "pixels": pixels[rows[i:i + 4]], "valid": np.ones(len(rows[i:i + 4]), bool)}
+               for i in range(0, len(rows), 4)]
+    batches[-1] = {key: np.concatenate([value, np.zeros((4 - len(value), *value.shape[1:]), value.dtype)])
+                   for key, value in batches[-1].items()}  # fixed-size, the padding invalid
+    vision = tpad_lib.vision_features_of_batches(split.towers, batches, rows, 4)
+    with mesh_lib.activate(mesh, rules):
+        nnx.update(split, tpad_lib.table_state(split, prompts, np.ones(NUM_ITEMS, bool), vision, rows))
+    embeddings = export.item_embeddings(split, batch_size=4)
+    if distributed.is_main_process():
+        np.save(out.removesuffix(".npy") + "_split.npy", embeddings)
     jax.distributed.shutdown()
 
 

@@ -17,11 +17,8 @@ from tpad_jax.train import stages
 NUM_ITEMS, ITEM_LEN, IMAGE_TOKEN, VOCAB, M, S = 10, 9, 3, 40, 1, 3
 
 
-def tiny_model(seed=0):
-    mllm_cfg = mllm.MLLMConfig.tiny(VOCAB, image_size=32)
-    cfg = tpad_lib.TPADConfig(mllm=mllm_cfg, embed_dim=8, image_token_id=IMAGE_TOKEN, num_items=NUM_ITEMS,
-                              item_prompt_length=ITEM_LEN, item_visual_tokens=4)
-    model = tpad_lib.TPAD(cfg, rngs=nnx.Rngs(seed))
+def tiny_items(seed=0):
+    """The item prompts and pictures of `tiny_model`'s catalogue."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(6, VOCAB, size=(NUM_ITEMS, ITEM_LEN)).astype(np.int32)
     tokens[:, 1:5] = IMAGE_TOKEN
@@ -30,6 +27,15 @@ def tiny_model(seed=0):
                "item_pos": np.full(NUM_ITEMS, ITEM_LEN - 1)}
     prompts["loss_mask"][:, 5:7] = True
     pixels = rng.uniform(-1, 1, size=(NUM_ITEMS, 32, 32, 3)).astype(np.float32)
+    return prompts, pixels
+
+
+def tiny_model(seed=0):
+    mllm_cfg = mllm.MLLMConfig.tiny(VOCAB, image_size=32)
+    cfg = tpad_lib.TPADConfig(mllm=mllm_cfg, embed_dim=8, image_token_id=IMAGE_TOKEN, num_items=NUM_ITEMS,
+                              item_prompt_length=ITEM_LEN, item_visual_tokens=4)
+    model = tpad_lib.TPAD(cfg, rngs=nnx.Rngs(seed))
+    prompts, pixels = tiny_items(seed)
     vision = tpad_lib.vision_features(model.towers, pixels, 4, batch_size=4)
     nnx.update(model, tpad_lib.table_state(model, prompts, np.ones(NUM_ITEMS, bool), vision))
     # LoRA B starts at zero; perturb it so gradients into LoRA A are not trivially zero either.
@@ -204,7 +210,7 @@ def test_vision_features_of_streamed_batches_equal_one_array_pass():
     valid = [True] * NUM_ITEMS + [False, False]
     batches = [{"rows": np.array(order[i:i + 4]), "pixels": pixels[order[i:i + 4]],
                 "valid": np.array(valid[i:i + 4])} for i in range(0, 12, 4)]
-    got = tpad_lib.vision_features_of_batches(model.towers, batches, NUM_ITEMS, 4)
+    got = tpad_lib.vision_features_of_batches(model.towers, batches, np.arange(NUM_ITEMS), 4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -26,7 +26,7 @@ MIN_SHARED_MEMORY_BYTES = 1 << 20
 
 
 def item_batches(config, data, tokenizer, n_img, batch_size, *, shuffle, repeat, seed,
-                 process_index=None, process_count=None, prompts=None):
+                 process_index=None, process_count=None, prompts=None, rows=None):
     """Iterator over item batches (docs/architecture.md §2), images read from the TFDS item table.
 
     Args:
@@ -38,10 +38,11 @@ def item_batches(config, data, tokenizer, n_img, batch_size, *, shuffle, repeat,
       shuffle, repeat, seed: training order (reshuffled every epoch) or one pass in row order.
       process_index, process_count: this process's slice; default jax.process_index()/process_count().
       prompts: the `item_prompt_table` when the caller has it already (else built here).
+      rows: only these item rows (int array; the batches' `rows` say which), else all of them.
     """
     prompts = item_prompt_table(config, data, tokenizer, n_img) if prompts is None else prompts
     to_batch = ItemBatch(source=tfds_builder.item_table(data, data.workdir), prompts=prompts,
-                         image_size=config.data.image_size)
+                         image_size=config.data.image_size, rows=None if rows is None else np.asarray(rows))
     return _batches(config, to_batch, batch_size, shuffle=shuffle, repeat=repeat, seed=seed,
                     process_index=process_index, process_count=process_count)
 
@@ -108,12 +109,14 @@ class ItemBatch:
     source: object  # the TFDS item table: record i is item row i
     prompts: dict  # item_prompt_table
     image_size: int
+    rows: np.ndarray | None = None  # the item rows to read, in order (None: every row)
 
     def __len__(self):
-        return len(self.source)
+        return len(self.source) if self.rows is None else len(self.rows)
 
     def __call__(self, positions):
-        rows, valid = _index_and_valid(positions, len(self.source))
+        rows, valid = _index_and_valid(positions, len(self))
+        rows = rows if self.rows is None else self.rows[rows].astype(np.int32)
         records = [self.source[row] for row in rows]
         has_image = np.array([record["has_image"] for record in records], bool)
         size = self.image_size

@@ -17,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tpad_jax.models import mi
+from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
 from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 
@@ -118,18 +121,27 @@ def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, bat
             rows = np.arange(start, start + batch_size)
             yield {"rows": rows, "pixels": padded, "valid": rows < len(pixels)}
 
-    return vision_features_of_batches(towers, batches(), len(pixels), num_tokens)
+    return vision_features_of_batches(towers, batches(), np.arange(len(pixels)), num_tokens)
 
 
-def vision_features_of_batches(towers: TPADTowers, batches, num_items: int, num_tokens: int):
-    """[num_items, num_tokens, Dv] pooled ViT features from an iterable of fixed-size picture batches
-    (dicts of rows [B], pixels [B, H, W, 3], valid [B], as `pipeline.item_batches` yields them).
+def vision_features_of_batches(towers: TPADTowers, batches, rows: np.ndarray, num_tokens: int):
+    """[len(rows), num_tokens, Dv] pooled ViT features of the item `rows` (sorted), from an iterable of
+    fixed-size picture batches of exactly those rows (dicts of rows [B], pixels [B, H, W, 3], valid [B],
+    as `pipeline.item_batches` yields them); None when `rows` is empty.
 
     The ViT is shared and frozen, so this runs once per run instead of once per step; only one batch of
-    pictures is in memory at a time, never the catalogue's.
+    pictures is in memory at a time, never the catalogue's. It runs on this process's devices alone, each
+    batch split over them: every process computes the rows it holds (`held_rows`), so the pass is
+    data-parallel over the processes, and no collective waits on a process with fewer pictures.
     """
+    rows = np.asarray(rows)
+    if not len(rows):
+        return None
     vision = towers.base(KNOWLEDGE).vision  # frozen: both towers' copies are identical
     graphdef, state = nnx.split(vision)
+    local = mesh_lib.local_data_mesh()
+    state = jax.device_put(host_values(state), NamedSharding(local, PartitionSpec()))
+    by_batch = NamedSharding(local, PartitionSpec(local.axis_names))
 
     @jax.jit
     def encode(state, chunk):
@@ -137,28 +149,72 @@ def vision_features_of_batches(towers: TPADTowers, batches, num_items: int, num_
 
     features = None
     for batch in batches:
-        out = np.asarray(encode(state, jnp.asarray(batch["pixels"])))
+        pixels = np.asarray(batch["pixels"])
+        pad = -len(pixels) % local.size  # the batch splits evenly over the local devices
+        pixels = np.concatenate([pixels, np.zeros((pad, *pixels.shape[1:]), pixels.dtype)])
+        # The run's mesh and axis rules (when active) would tie this to other processes: set them aside.
+        with jax.set_mesh(local), nnx.logical_axis_rules(()):
+            out = np.asarray(encode(state, jax.device_put(pixels, by_batch)))[:len(pixels) - pad]
         if features is None:
-            features = np.zeros((num_items, *out.shape[1:]), out.dtype)
+            features = np.zeros((len(rows), *out.shape[1:]), out.dtype)
         valid = np.asarray(batch["valid"], bool)
-        features[np.asarray(batch["rows"])[valid]] = out[valid]
+        features[np.searchsorted(rows, np.asarray(batch["rows"])[valid])] = out[valid]
     return features
 
 
-def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None):
+def host_values(tree):
+    """Every array of `tree` whole, as numpy on this process (gathered where other processes hold parts)."""
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(whole, tree)
+
+
+def held_rows(array, num_rows: int) -> np.ndarray:
+    """The rows below `num_rows` of a table `array` that this process's devices hold, sorted (all of them
+    for an array that is not split over a mesh's processes)."""
+    sharding = getattr(array, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return np.arange(num_rows)
+    held = np.zeros(num_rows, bool)
+    for index in sharding.addressable_devices_indices_map(array.shape).values():
+        held[index[0]] = True
+    return np.flatnonzero(held)
+
+
+def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None,
+                vision_rows: np.ndarray | None = None):
     """The `tables` state of `model` filled with concrete per-item arrays (for `run_loop`'s start); rows
-    past the catalogue's (`TPADConfig.rows` padding) are zeros."""
+    past the catalogue's (`TPADConfig.rows` padding) are zeros.
+
+    `vision` holds the rows `vision_rows` (default: all). A table that lives on a mesh keeps its sharding:
+    each process fills only the rows its devices hold, from what it has (`held_rows`).
+    """
     state = nnx.state(model, ItemTable)
-    values = {name: item_prompts[name] for name in ITEM_PROMPT_FIELDS}
-    values["has_image"] = has_image
+    values = {name: (item_prompts[name], None) for name in ITEM_PROMPT_FIELDS}
+    values["has_image"] = (has_image, None)
     if vision is not None:
-        values["vision"] = vision
-    for name, value in values.items():
+        values["vision"] = (vision, vision_rows)
+    for name, (value, value_rows) in values.items():
         variable = state["tables"][name]
-        value = np.asarray(value)
-        padding = variable.get_value().shape[0] - value.shape[0]
-        value = np.pad(value, [(0, padding)] + [(0, 0)] * (value.ndim - 1))
-        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+        old = variable.get_value()
+        value = np.asarray(value, old.dtype)
+        value_rows = np.arange(len(value)) if value_rows is None else np.asarray(value_rows)
+
+        def block(index, value=value, value_rows=value_rows, total=old.shape[0]):
+            rows = np.arange(total)[index[0]]
+            out = np.zeros((len(rows), *value.shape[1:]), value.dtype)
+            position = np.minimum(np.searchsorted(value_rows, rows), max(len(value_rows) - 1, 0))
+            have = (value_rows[position] == rows) if len(value_rows) else np.zeros(len(rows), bool)
+            out[have] = value[position[have]]
+            return out[(slice(None), *index[1:])]
+
+        if isinstance(old.sharding, NamedSharding):
+            variable.set_value(jax.make_array_from_callback(old.shape, old.sharding, block))
+        else:
+            variable.set_value(jnp.asarray(block((slice(None),))))
     return state
 
 

@@ -48,6 +48,12 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
+def local_data_mesh() -> Mesh:
+    """A 1-axis mesh of this process's devices alone: for work each process does on its own share (the
+    frozen ViT's pass), which no collective should tie to the other processes."""
+    return Mesh(np.array(jax.local_devices()), ("local",))
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes that split the leading (batch) dimension."""
     return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)

@@ -38,19 +38,23 @@ class StageInputs:
 
         The checkpoint (config.model.gguf_path / checkpoint_dir) is loaded first, so the frozen ViT
         features of the item table come from the real ViT; they are computed here, once, over the
-        pictures streamed from the TFDS item table (`pipeline.item_batches`, one batch in memory).
+        pictures streamed from the TFDS item table (`pipeline.item_batches`, one batch in memory), each
+        process for the rows it holds.
         """
         pretrained.load_base(model, self.config.model, tokenizer_lib.special_ids(self.tokenizer))
-        vision = None
+        vision, vision_rows = None, None
         if self.tpad_cfg.item_visual_tokens:
-            # Every process reads every picture: each needs the whole table before it places its rows.
-            pictures = pipeline.item_batches(
-                self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
-                shuffle=False, repeat=False, seed=0, process_index=0, process_count=1,
-                prompts=self.item_prompts)
-            vision = tpad_lib.vision_features_of_batches(model.towers, pictures, self.data.num_items,
-                                                         self.tpad_cfg.item_visual_tokens)
-        nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision))
+            # Each process computes the rows its devices hold of the (row-split) vision table, on its
+            # own devices: a data-parallel pass, and per-process work that falls with the processes.
+            vision_rows = tpad_lib.held_rows(model.tables["vision"][...], self.data.num_items)
+            if len(vision_rows):
+                pictures = pipeline.item_batches(
+                    self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
+                    shuffle=False, repeat=False, seed=0, process_index=0, process_count=1,
+                    prompts=self.item_prompts, rows=vision_rows)
+                vision = tpad_lib.vision_features_of_batches(model.towers, pictures, vision_rows,
+                                                             self.tpad_cfg.item_visual_tokens)
+        nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision, vision_rows))
 
 
 def tpad_config(config, data, tokenizer) -> tpad_lib.TPADConfig:
