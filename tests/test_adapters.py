@@ -32,6 +32,9 @@ def test_amazon_items_and_sessions():
         raw.Session("A2KBV88FL48CFS_2015-02-03", ["B00006L9LC"], 1422921600),
         raw.Session("A3CIUOJXQ5VDQ2_2016-09-01", ["B0000530HU", "B00004U9UY", "B00004U9V2"], 1472688000),
     ]
+    # A review keeps the metadata's own asin string (a pointer), not the string parsed from its line.
+    ids = {item.item_id: item.item_id for item in items}
+    assert all(click is ids[click] for session in sessions for click in session.items)
 
 
 def copy_with_extra_lines(tmp_path, meta_lines=(), review_lines=()):

@@ -29,6 +29,17 @@ def read_one_bad_item(tmp_path, bad):
     return error.value, report.as_dict()
 
 
+def test_clicks_are_the_item_tables_strings_not_one_per_click(tmp_path):
+    items = raw.read_items(write_lines(tmp_path / "items.jsonl", [GOOD_ITEM, {**GOOD_ITEM, "item_id": "b"}]))
+    path = write_lines(tmp_path / "sessions.jsonl", [{"session_id": f"s{k}", "items": ["a", "b", "a"]}
+                                                      for k in range(3)])
+    sessions = raw.read_sessions(path, {item.item_id for item in items})
+    ids = {item.item_id: item.item_id for item in items}
+    # Each click JSON parses is a new string; the reader keeps the item table's instead (a pointer each).
+    assert [s.items for s in sessions] == [["a", "b", "a"]] * 3
+    assert all(click is ids[click] for session in sessions for click in session.items)
+
+
 def test_error_message_names_file_line_and_field():
     error = raw.RawFormatError("items.jsonl", 17, "title", "missing")
     assert str(error) == "items.jsonl:17: field 'title': missing"

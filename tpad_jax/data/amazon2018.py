@@ -91,9 +91,14 @@ def read_meta(path, raw_dir, on_error, report):
 
 
 def read_reviews(path, known_items, on_error, report):
-    """Reads <Cat>_5.json.gz -> sessions (one reviewer, one UTC day), ordered by first review time."""
-    clicks = {}  # (reviewer, day) -> [(time, input order, asin)]
-    for order, (line, record) in enumerate(raw.json_lines(path, on_error, report, opener=gzip.open)):
+    """Reads <Cat>_5.json.gz -> sessions (one reviewer, one UTC day), ordered by first review time.
+
+    The file is read line by line; what is kept per review is a (time, asin) pair whose asin is the
+    metadata's own string (`raw.canonical_ids`), so memory grows by that pair per review, not by a line.
+    """
+    known_items = raw.canonical_ids(known_items)
+    clicks = {}  # (reviewer, day) -> [(time, asin)] in file order
+    for line, record in raw.json_lines(path, on_error, report, opener=gzip.open):
         reviewer = _field(record, "reviewerID", str, path, line, on_error, report)
         if reviewer is None:
             continue
@@ -107,14 +112,18 @@ def read_reviews(path, known_items, on_error, report):
             error = raw.RawFormatError(path, line, "asin", f"unknown item {asin!r} (not in the metadata)")
             raw.handle_error(error, "unknown_item_click", on_error, report)
             continue
-        clicks.setdefault((reviewer, time // SECONDS_PER_DAY), []).append((time, order, asin))
+        clicks.setdefault((reviewer, time // SECONDS_PER_DAY), []).append((time, known_items[asin]))
     sessions = []
     for (reviewer, day), reviews in clicks.items():
-        reviews.sort()
+        reviews.sort(key=_review_time)  # stable: equal times keep file order
         date = datetime.datetime.fromtimestamp(day * SECONDS_PER_DAY, datetime.UTC).date().isoformat()
-        sessions.append(raw.Session(f"{reviewer}_{date}", [asin for _, _, asin in reviews], reviews[0][0]))
+        sessions.append(raw.Session(f"{reviewer}_{date}", [asin for _, asin in reviews], reviews[0][0]))
     sessions.sort(key=lambda s: (s.timestamp, s.session_id))
     return sessions
+
+
+def _review_time(review):
+    return review[0]
 
 
 def load(raw_dir, category=None, on_error="raise", report=None):
