@@ -117,7 +117,9 @@ class ItemBatch:
     def __call__(self, positions):
         rows, valid = _index_and_valid(positions, len(self))
         rows = rows if self.rows is None else self.rows[rows].astype(np.int32)
-        records = [self.source[row] for row in rows]
+        # One batched read: ArrayRecord reads a record alone at about 3 ms in a 1M-item table (each
+        # single read starts its own read-ahead), a batch at about 15 us a record.
+        records = self.source.__getitems__(rows.tolist())
         has_image = np.array([record["has_image"] for record in records], bool)
         size = self.image_size
         pixels = np.zeros((len(rows), size, size, 3), np.float32)
