@@ -121,6 +121,19 @@ def test_export_item_batches_cover_every_item_once(setup):
             np.testing.assert_allclose(batch["pixels"][i], _expected_pixels(row), atol=1e-6)
 
 
+def test_item_batches_of_some_rows_read_those_items_only(setup):
+    data, tokenizer = setup
+    batches = list(pipeline.item_batches(_config(), data, tokenizer, N_IMG, 2, shuffle=False, repeat=False,
+                                         seed=0, rows=np.array([1, 4, 6])))
+    rows = np.concatenate([b["rows"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert rows.tolist() == [1, 4, 6, 1] and valid.tolist() == [True, True, True, False]
+    for batch in batches:
+        for i, row in enumerate(batch["rows"]):
+            assert batch["has_image"][i] == (COLOURS[row] is not None)
+            np.testing.assert_allclose(batch["pixels"][i], _expected_pixels(row), atol=1e-6)
+
+
 def test_process_slices_are_disjoint_and_cover_the_items(setup):
     data, tokenizer = setup
     per_process = []
