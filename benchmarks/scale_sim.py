@@ -249,6 +249,7 @@ def main():
     parser.add_argument("--pictures", type=int, default=4096)
     parser.add_argument("--layouts", default="1x4,1x8,2x4",
                         help="the export's runs: PROCESSES x CPU devices per process")
+    parser.add_argument("--phases", default="prepare,export,evaluate", help="which phases to run")
     # Worker arguments (set by run_phase).
     parser.add_argument("--phase", choices=sorted(PHASES))
     parser.add_argument("--devices", type=int, default=1, help="CPU devices of each process")
@@ -274,7 +275,7 @@ def main():
         plan = [("prepare", (1, 1))] + [("export", tuple(map(int, layout.split("x"))))
                                         for layout in args.layouts.split(",")]
         plan.append(("evaluate", (1, 1)))
-        for phase, (processes, devices) in plan:
+        for phase, (processes, devices) in [step for step in plan if step[0] in args.phases.split(",")]:
             wall, results = run_phase(phase, workdir, raw_dir, devices, processes)
             first = results[0]
             rows.append({**first, "items": num_items, "phase": phase, "layout": f"{processes}x{devices}",
