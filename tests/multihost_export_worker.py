@@ -1,12 +1,11 @@
 """One of two JAX processes on 127.0.0.1 exporting the tiny TPAD model of tests/test_tpad.py together.
 
 Usage: python tests/multihost_export_worker.py PROCESS_ID PORT OUT_NPY
-Each process has one CPU device. Two exports, both saved by process 0:
-- OUT_NPY: the model replicated over the 2-device mesh; each process embeds its half of every chunk;
-- OUT_NPY with "_split" before ".npy": a fresh model whose item tables are split by rows over the two
-  processes, filled as a run fills them: each process runs the frozen ViT over the pictures of the rows
-  it holds only (`held_rows`, asserted to be a part) and places its prompt and feature rows
-  (`table_state`).
+Each process has one CPU device. The model lives on the 2-device mesh as a run's does: weights
+replicated, item tables split by rows over the two processes and filled as a run fills them: each process
+runs the frozen ViT over the pictures of the rows it holds only (`held_rows`, asserted to be a part) and
+places its prompt and feature rows (`table_state`). Each process then embeds its half of every chunk of
+items, and process 0 saves the gathered array to OUT_NPY.
 """
 
 import dataclasses
@@ -16,7 +15,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import toy_training as toy
 from configs import tpad_base
@@ -34,17 +32,8 @@ def main(process_id: int, port: int, out: str):
     dist = ml_collections.ConfigDict({"coordinator": f"127.0.0.1:{port}", "num_processes": 2,
                                       "process_id": process_id})
     assert distributed.maybe_initialize(dist) and jax.device_count() == 2
-    model = tiny_model()  # the same seed on both processes: the same weights and tables
-    mesh_config = toy.mesh_config((1, 2, 1))
-    mesh = mesh_lib.make_mesh(mesh_config)
-    graphdef, state = nnx.split(model)
-    local = jax.tree.map(np.asarray, state)
-    state = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()),
-                                                                lambda index: x[index]), local)
-    embeddings = export.item_embeddings(nnx.merge(graphdef, state), batch_size=4)
-    if distributed.is_main_process():
-        np.save(out, embeddings)
-
+    model = tiny_model()  # the same seed on both processes: the same weights
+    mesh = mesh_lib.make_mesh(toy.mesh_config((1, 2, 1)))
     rules = rules_lib.get_rules("default")
     config = tpad_base.get_config("tiny")
     config.mesh.shape, config.mesh.rules = (1, 2, 1), "default"
@@ -58,16 +47,16 @@ def main(process_id: int, port: int, out: str):
     prompts, pixels = tiny_items()
     rows = tpad_lib.held_rows(split.tables["vision"][...], NUM_ITEMS)
     assert 0 < len(rows) < NUM_ITEMS, rows  # a part of the catalogue's pictures, not all of them
-    batches = [{"rows": rows[i:i + 4], "pixels": pixels[rows[i:i + 4]], "valid": np.ones(len(rows[i:i + 4]), bool)}
-               for i in range(0, len(rows), 4)]
-    batches[-1] = {key: np.concatenate([value, np.zeros((4 - len(value), *value.shape[1:]), value.dtype)])
-                   for key, value in batches[-1].items()}  # fixed-size, the padding invalid
+    padded = np.concatenate([rows, np.zeros(-len(rows) % 4, rows.dtype)])  # fixed-size batches of 4
+    valid = np.arange(len(padded)) < len(rows)
+    batches = [{"rows": padded[i:i + 4], "pixels": pixels[padded[i:i + 4]], "valid": valid[i:i + 4]}
+               for i in range(0, len(padded), 4)]
     vision = tpad_lib.vision_features_of_batches(split.towers, batches, rows, 4)
     with mesh_lib.activate(mesh, rules):
         nnx.update(split, tpad_lib.table_state(split, prompts, np.ones(NUM_ITEMS, bool), vision, rows))
     embeddings = export.item_embeddings(split, batch_size=4)
     if distributed.is_main_process():
-        np.save(out.removesuffix(".npy") + "_split.npy", embeddings)
+        np.save(out, embeddings)
     jax.distributed.shutdown()
 
 
