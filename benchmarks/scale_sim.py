@@ -35,6 +35,9 @@ import time
 
 import numpy as np
 
+import train_step
+from common import apply_overrides
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CATEGORIES = ("lamp", "chair", "table", "mug", "vase", "clock", "rug", "bag", "shoe", "hat", "scarf", "bottle")
 WORDS = tuple(f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ve", "zo") for b in
@@ -92,12 +95,8 @@ def generate(raw_dir: pathlib.Path, num_items: int, clicks_per_item: int, pictur
 
 
 def sim_config(raw_dir: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import apply_overrides  # noqa: PLC0415
-    sys.path.insert(0, str(ROOT))
-    from configs import tpad_base  # noqa: PLC0415
-
-    config = tpad_base.get_config("tiny")
+    """The tiny preset over the catalogue in `raw_dir`, with the simulation's OVERRIDES."""
+    config = train_step.load_config(str(ROOT / "configs" / "tpad_base.py"), "tiny")
     config.data.raw_dir = raw_dir
     return apply_overrides(config, [f"{k}={v!r}" for k, v in OVERRIDES.items()])
 

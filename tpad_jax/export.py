@@ -8,7 +8,8 @@ padded to a fixed batch shape.
 A model whose state lives on a device mesh (every trained stage's) is exported data-parallel: each chunk
 of items is split over the mesh's batch axes, so every device, and so every process, embeds its own share
 of the catalogue instead of all of it; the result is one logical [N, d] array, gathered to every host,
-which process 0 writes.
+which process 0 writes. When the item tables are split by rows over those same axes (the default rules),
+each device's share is the rows it holds (`_embed_own_rows`), so no table row crosses devices.
 """
 
 import functools
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import tpad as tpad_lib
@@ -55,6 +56,45 @@ def _embed_all(graphdef, state, num_items, batch_size, row_sharding):
     return e_k.reshape(-1, e_k.shape[-1])[:num_items].astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
+def _embed_own_rows(graphdef, state, num_items, block_chunk, mesh, axes):
+    """e_K of all N items when the item tables are split by rows over the mesh axes `axes`, as the
+    batch is: every device embeds the rows it holds, `block_chunk` of them per step.
+
+    Step c gives device d its rows d * B + c * block_chunk + [0, block_chunk) (B: rows per table shard),
+    gathered from its own table shard under `shard_map`. No table row crosses devices (or processes):
+    only the [N, d] result is gathered at the end.
+    """
+    model = nnx.merge(graphdef, state)
+    tables = tpad_lib.table_rows_of(model, slice(None))
+    shards = math.prod(mesh.shape[axis] for axis in axes)
+    block = model.tables["tokens"][...].shape[0] // shards
+    steps = -(-block // block_chunk)
+    spec = PartitionSpec(axes)
+    gather = jax.shard_map(lambda local, index: {name: value[index] for name, value in local.items()},
+                           mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+
+    def embed(step):
+        local = jnp.minimum(step * block_chunk + jnp.arange(block_chunk), block - 1)  # the last step wraps
+        index = jax.lax.with_sharding_constraint(jnp.tile(local, shards), NamedSharding(mesh, spec))
+        return tpad_lib.item_forward_of(model, gather(tables, index))[1]
+
+    e_k = jax.lax.map(embed, jnp.arange(steps))  # [steps, shards * block_chunk, d]
+    e_k = e_k.reshape(steps, shards, block_chunk, -1).transpose(1, 0, 2, 3).reshape(shards, -1, e_k.shape[-1])
+    return e_k[:, :block].reshape(-1, e_k.shape[-1])[:num_items].astype(jnp.float32)
+
+
+def _row_axes(state, mesh):
+    """The mesh axes the item tables' rows are split over when they are the batch axes, else None."""
+    tokens = state["tables"]["tokens"].get_value()
+    sharding = getattr(tokens, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not sharding.spec:
+        return None
+    axes = sharding.spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes if axes and axes == mesh_lib.batch_axes(mesh) else None
+
+
 def state_mesh(state):
     """The mesh the arrays of `state` live on (None: plain single-device arrays)."""
     for leaf in jax.tree.leaves(state):
@@ -70,7 +110,8 @@ def item_embeddings(model, batch_size: int, num_items: int | None = None) -> np.
     `num_items` None: the model's catalogue (`cfg.num_items`) when the tables have its `cfg.rows` rows
     (rows past it are padding), else every row (`new_items.py` gives a trained model tables of other
     items). On a mesh, `batch_size` is rounded up to a multiple of the batch shards, each embedding its
-    part of every chunk; every process gets the whole array.
+    part of every chunk (its own table rows, when the tables are split as the batch is); every process
+    gets the whole array.
     """
     if num_items is None:
         rows = model.tables["item_pos"][...].shape[0]
@@ -82,7 +123,11 @@ def item_embeddings(model, batch_size: int, num_items: int | None = None) -> np.
         if shards > 1:
             batch_size = -(-batch_size // shards) * shards
             row_sharding = mesh_lib.data_sharding(mesh)
-    embeddings = _embed_all(graphdef, state, num_items, batch_size, row_sharding)
+    axes = _row_axes(state, mesh) if row_sharding is not None and num_items <= model.cfg.rows else None
+    if axes:  # tables split by rows as the batch is: every device embeds the rows it holds
+        embeddings = _embed_own_rows(graphdef, state, num_items, batch_size // shards, mesh, axes)
+    else:
+        embeddings = _embed_all(graphdef, state, num_items, batch_size, row_sharding)
     if not embeddings.is_fully_addressable:  # other processes hold parts of it
         embeddings = multihost_utils.process_allgather(embeddings, tiled=True)
     return np.asarray(embeddings)

@@ -139,7 +139,7 @@ def vision_features_of_batches(towers: TPADTowers, batches, rows: np.ndarray, nu
         return None
     vision = towers.base(KNOWLEDGE).vision  # frozen: both towers' copies are identical
     graphdef, state = nnx.split(vision)
-    local = mesh_lib.local_data_mesh()
+    local = mesh_lib.local_data_mesh(local_devices_of(jax.tree.leaves(state)[0]))
     state = jax.device_put(host_values(state), NamedSharding(local, PartitionSpec()))
     by_batch = NamedSharding(local, PartitionSpec(local.axis_names))
 
@@ -160,6 +160,15 @@ def vision_features_of_batches(towers: TPADTowers, batches, rows: np.ndarray, nu
         valid = np.asarray(batch["valid"], bool)
         features[np.searchsorted(rows, np.asarray(batch["rows"])[valid])] = out[valid]
     return features
+
+
+def local_devices_of(array):
+    """This process's devices among those `array` lives on (a mesh's, or its one device): the ViT's pass
+    splits its batches over a run's local devices, and stays on one device for a model on one."""
+    sharding = getattr(array, "sharding", None)
+    if sharding is None:
+        return jax.local_devices()[:1]
+    return sorted((d for d in sharding.device_set if d.process_index == jax.process_index()), key=lambda d: d.id)
 
 
 def host_values(tree):
@@ -223,17 +232,33 @@ def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: 
 
 def visual_tokens(model: TPAD, tower: str, rows, pool_to=None):
     """Projected visual tokens of the items `rows` (any shape) for `tower`: [*rows.shape, T, D]."""
-    feats = model.tables["vision"][...][rows.reshape(-1)]
+    tokens = projected_features(model, tower, model.tables["vision"][...][rows.reshape(-1)], pool_to)
+    return tokens.reshape(*rows.shape, *tokens.shape[1:])
+
+
+def projected_features(model: TPAD, tower: str, feats, pool_to=None):
+    """`tower`'s projection of frozen-ViT features [B, T, Dv] (pooled to `pool_to` tokens): [B, T', D]."""
     if pool_to is not None and pool_to < feats.shape[1]:
         feats = pool_tokens(feats, pool_to)
-    tokens = model.towers.towers[tower].projector(feats)
-    return tokens.reshape(*rows.shape, *tokens.shape[1:])
+    return model.towers.towers[tower].projector(feats)
+
+
+def table_rows_of(model: TPAD, rows) -> dict:
+    """What `item_forward_of` reads of the items `rows` [B]: their prompt fields and ViT features."""
+    names = ITEM_PROMPT_FIELDS + (("vision",) if model.cfg.item_visual_tokens else ())
+    return {name: model.tables[name][...][rows] for name in names}
 
 
 def item_forward(model: TPAD, rows):
     """K over the stored item prompts of `rows` [B]. Returns (hidden [B,L,D], e_K [B,d], prompt)."""
-    prompt = {name: model.tables[name][...][rows] for name in ITEM_PROMPT_FIELDS}
-    image = visual_tokens(model, KNOWLEDGE, rows) if model.cfg.item_visual_tokens else None
+    return item_forward_of(model, table_rows_of(model, rows))
+
+
+def item_forward_of(model: TPAD, item_rows: dict):
+    """`item_forward` over table rows already gathered (`table_rows_of`, or the export's shard-local
+    gather)."""
+    prompt = {name: item_rows[name] for name in ITEM_PROMPT_FIELDS}
+    image = projected_features(model, KNOWLEDGE, item_rows["vision"]) if model.cfg.item_visual_tokens else None
     hidden = model.towers(KNOWLEDGE, prompt["tokens"], image, prompt["attention_mask"])
     at_item = jnp.take_along_axis(hidden, prompt["item_pos"][:, None, None], axis=1)[:, 0]
     prompt["image"] = image

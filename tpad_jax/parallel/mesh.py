@@ -48,10 +48,10 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
-def local_data_mesh() -> Mesh:
-    """A 1-axis mesh of this process's devices alone: for work each process does on its own share (the
-    frozen ViT's pass), which no collective should tie to the other processes."""
-    return Mesh(np.array(jax.local_devices()), ("local",))
+def local_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-axis mesh of this process's `devices` (default: all of them) alone: for work each process
+    does on its own share (the frozen ViT's pass), which no collective should tie to other processes."""
+    return Mesh(np.array(jax.local_devices() if devices is None else list(devices)), ("local",))
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
