@@ -2,7 +2,7 @@
 full-ranking evaluation, with the wall time and peak RSS of every phase and process and the per-device
 bytes of item data.
 
-    python benchmarks/scale_sim.py --items 10000,100000,1000000 --out /tmp/scale_sim
+    python benchmarks/scale_sim.py --items 10000,100000,1000000 --out OUT
 
 Each catalogue is written in the canonical format (`items.jsonl`, `sessions.jsonl`, `images/`) by a
 simple generator (not the embedded synthetic process, whose next-item oracle is quadratic in the items):
@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 import train_step
-from common import apply_overrides
+from common import apply_overrides, default_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CATEGORIES = ("lamp", "chair", "table", "mug", "vase", "clock", "rug", "bag", "shoe", "hat", "scarf", "bottle")
@@ -118,7 +118,9 @@ def phase_prepare(workdir: str, raw_dir: str) -> dict:
 
 def device_item_bytes(model) -> int:
     """Bytes of the item tables held by the first local device (its shards of every table)."""
-    device = __import__("jax").local_devices()[0]
+    import jax  # noqa: PLC0415 (workers import JAX after setting their device count)
+
+    device = jax.local_devices()[0]
     total = 0
     for array in model.tables.values():
         value = array[...]
@@ -243,7 +245,8 @@ def _free_port() -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", default="10000,100000,1000000", help="comma list of catalogue sizes")
-    parser.add_argument("--out", default="/tmp/scale_sim", help="catalogues, workdirs and the tables")
+    parser.add_argument("--out", default=default_workdir("scale_sim"),
+                        help="catalogues, workdirs and the tables (default: under the system's temp dir)")
     parser.add_argument("--clicks_per_item", type=int, default=3)
     parser.add_argument("--pictures", type=int, default=4096)
     parser.add_argument("--layouts", default="1x4,1x8,2x4",

@@ -3,7 +3,7 @@
 Usage: python tests/multihost_export_worker.py PROCESS_ID PORT OUT_NPY
 Each process has one CPU device. The model lives on the 2-device mesh as a run's does: weights
 replicated, item tables split by rows over the two processes and filled as a run fills them: each process
-runs the frozen ViT over the pictures of the rows it holds only (`held_rows`, asserted to be a part) and
+runs the frozen ViT over the pictures of the rows it holds only (`mesh.held_rows`, asserted to be a part) and
 places its prompt and feature rows (`table_state`). Each process then embeds its half of every chunk of
 items, and process 0 saves the gathered array to OUT_NPY.
 """
@@ -45,7 +45,7 @@ def main(process_id: int, port: int, out: str):
             variable.set_value(jax.device_put(np.asarray(weights[path].get_value()),
                                               variable.get_value().sharding))
     prompts, pixels = tiny_items()
-    rows = tpad_lib.held_rows(split.tables["vision"][...], NUM_ITEMS)
+    rows = mesh_lib.held_rows(split.tables["vision"][...], NUM_ITEMS)
     assert 0 < len(rows) < NUM_ITEMS, rows  # a part of the catalogue's pictures, not all of them
     padded = np.concatenate([rows, np.zeros(-len(rows) % 4, rows.dtype)])  # fixed-size batches of 4
     valid = np.arange(len(padded)) < len(rows)

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpad_jax.eval import metrics as metrics_lib
@@ -123,14 +122,12 @@ def item_embeddings(model, batch_size: int, num_items: int | None = None) -> np.
         if shards > 1:
             batch_size = -(-batch_size // shards) * shards
             row_sharding = mesh_lib.data_sharding(mesh)
-    axes = _row_axes(state, mesh) if row_sharding is not None and num_items <= model.cfg.rows else None
+    axes = _row_axes(state, mesh) if row_sharding is not None else None
     if axes:  # tables split by rows as the batch is: every device embeds the rows it holds
         embeddings = _embed_own_rows(graphdef, state, num_items, batch_size // shards, mesh, axes)
     else:
         embeddings = _embed_all(graphdef, state, num_items, batch_size, row_sharding)
-    if not embeddings.is_fully_addressable:  # other processes hold parts of it
-        embeddings = multihost_utils.process_allgather(embeddings, tiled=True)
-    return np.asarray(embeddings)
+    return mesh_lib.host_values(embeddings)  # gathered where other processes hold parts of it
 
 
 def write_export(out_dir: str, embeddings: np.ndarray, item_ids, meta: dict) -> None:

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tpad_jax.models import mi
@@ -127,20 +126,18 @@ def vision_features(towers: TPADTowers, pixels: np.ndarray, num_tokens: int, bat
 def vision_features_of_batches(towers: TPADTowers, batches, rows: np.ndarray, num_tokens: int):
     """[len(rows), num_tokens, Dv] pooled ViT features of the item `rows` (sorted), from an iterable of
     fixed-size picture batches of exactly those rows (dicts of rows [B], pixels [B, H, W, 3], valid [B],
-    as `pipeline.item_batches` yields them); None when `rows` is empty.
+    as `pipeline.item_batches` yields them); None when no batch comes.
 
     The ViT is shared and frozen, so this runs once per run instead of once per step; only one batch of
     pictures is in memory at a time, never the catalogue's. It runs on this process's devices alone, each
-    batch split over them: every process computes the rows it holds (`held_rows`), so the pass is
+    batch split over them: every process computes the rows it holds (`mesh.held_rows`), so the pass is
     data-parallel over the processes, and no collective waits on a process with fewer pictures.
     """
     rows = np.asarray(rows)
-    if not len(rows):
-        return None
     vision = towers.base(KNOWLEDGE).vision  # frozen: both towers' copies are identical
     graphdef, state = nnx.split(vision)
-    local = mesh_lib.local_data_mesh(local_devices_of(jax.tree.leaves(state)[0]))
-    state = jax.device_put(host_values(state), NamedSharding(local, PartitionSpec()))
+    local = mesh_lib.local_data_mesh(mesh_lib.local_devices_of(jax.tree.leaves(state)[0]))
+    state = jax.device_put(mesh_lib.host_values(state), NamedSharding(local, PartitionSpec()))
     by_batch = NamedSharding(local, PartitionSpec(local.axis_names))
 
     @jax.jit
@@ -162,44 +159,13 @@ def vision_features_of_batches(towers: TPADTowers, batches, rows: np.ndarray, nu
     return features
 
 
-def local_devices_of(array):
-    """This process's devices among those `array` lives on (a mesh's, or its one device): the ViT's pass
-    splits its batches over a run's local devices, and stays on one device for a model on one."""
-    sharding = getattr(array, "sharding", None)
-    if sharding is None:
-        return jax.local_devices()[:1]
-    return sorted((d for d in sharding.device_set if d.process_index == jax.process_index()), key=lambda d: d.id)
-
-
-def host_values(tree):
-    """Every array of `tree` whole, as numpy on this process (gathered where other processes hold parts)."""
-    def whole(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(x)
-
-    return jax.tree.map(whole, tree)
-
-
-def held_rows(array, num_rows: int) -> np.ndarray:
-    """The rows below `num_rows` of a table `array` that this process's devices hold, sorted (all of them
-    for an array that is not split over a mesh's processes)."""
-    sharding = getattr(array, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return np.arange(num_rows)
-    held = np.zeros(num_rows, bool)
-    for index in sharding.addressable_devices_indices_map(array.shape).values():
-        held[index[0]] = True
-    return np.flatnonzero(held)
-
-
 def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None,
                 vision_rows: np.ndarray | None = None):
     """The `tables` state of `model` filled with concrete per-item arrays (for `run_loop`'s start); rows
     past the catalogue's (`TPADConfig.rows` padding) are zeros.
 
     `vision` holds the rows `vision_rows` (default: all). A table that lives on a mesh keeps its sharding:
-    each process fills only the rows its devices hold, from what it has (`held_rows`).
+    each process fills only the rows its devices hold, from what it has (`mesh.held_rows`).
     """
     state = nnx.state(model, ItemTable)
     values = {name: (item_prompts[name], None) for name in ITEM_PROMPT_FIELDS}
@@ -210,14 +176,13 @@ def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: 
         variable = state["tables"][name]
         old = variable.get_value()
         value = np.asarray(value, old.dtype)
-        value_rows = np.arange(len(value)) if value_rows is None else np.asarray(value_rows)
+        position = np.full(old.shape[0], -1)  # table row -> its index in `value` (-1: zeros)
+        position[np.arange(len(value)) if value_rows is None else np.asarray(value_rows)] = np.arange(len(value))
 
-        def block(index, value=value, value_rows=value_rows, total=old.shape[0]):
-            rows = np.arange(total)[index[0]]
-            out = np.zeros((len(rows), *value.shape[1:]), value.dtype)
-            position = np.minimum(np.searchsorted(value_rows, rows), max(len(value_rows) - 1, 0))
-            have = (value_rows[position] == rows) if len(value_rows) else np.zeros(len(rows), bool)
-            out[have] = value[position[have]]
+        def block(index, value=value, position=position):
+            at = position[index[0]]
+            out = np.zeros((len(at), *value.shape[1:]), value.dtype)
+            out[at >= 0] = value[at[at >= 0]]
             return out[(slice(None), *index[1:])]
 
         if isinstance(old.sharding, NamedSharding):

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes that split the batch dimension; the others (tensor, ...) replicate it.
@@ -52,6 +53,37 @@ def local_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-axis mesh of this process's `devices` (default: all of them) alone: for work each process
     does on its own share (the frozen ViT's pass), which no collective should tie to other processes."""
     return Mesh(np.array(jax.local_devices() if devices is None else list(devices)), ("local",))
+
+
+def local_devices_of(array):
+    """This process's devices among those `array` lives on (a mesh's, or its one device): the ViT's pass
+    splits its batches over a run's local devices, and stays on one device for a model on one."""
+    sharding = getattr(array, "sharding", None)
+    if sharding is None:
+        return jax.local_devices()[:1]
+    return sorted((d for d in sharding.device_set if d.process_index == jax.process_index()), key=lambda d: d.id)
+
+
+def host_values(tree):
+    """Every array of `tree` whole, as numpy on this process (gathered where other processes hold parts)."""
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(whole, tree)
+
+
+def held_rows(array, num_rows: int) -> np.ndarray:
+    """The rows below `num_rows` of a table `array` that this process's devices hold, sorted (all of them
+    for an array that is not split over a mesh's processes)."""
+    sharding = getattr(array, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return np.arange(num_rows)
+    held = np.zeros(num_rows, bool)
+    for index in sharding.addressable_devices_indices_map(array.shape).values():
+        held[index[0]] = True
+    return np.flatnonzero(held)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

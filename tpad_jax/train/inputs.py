@@ -46,7 +46,7 @@ class StageInputs:
         if self.tpad_cfg.item_visual_tokens:
             # Each process computes the rows its devices hold of the (row-split) vision table, on its
             # own devices: a data-parallel pass, and per-process work that falls with the processes.
-            vision_rows = tpad_lib.held_rows(model.tables["vision"][...], self.data.num_items)
+            vision_rows = mesh_lib.held_rows(model.tables["vision"][...], self.data.num_items)
             if len(vision_rows):
                 pictures = pipeline.item_batches(
                     self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
