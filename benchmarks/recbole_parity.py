@@ -240,6 +240,14 @@ def row_settings(run_config: dict, row: str) -> dict:
     return {key: own[key] if own.get(key) is not None else msbr[key] for key in keys}
 
 
+def read_text(path: str):
+    """The text of `path`, or None when it does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def read_results(path: str) -> dict:
     """{(model, metric@k): value} of the `all` slice of a results.csv."""
     with open(path, encoding="utf-8") as f:
@@ -384,10 +392,12 @@ def main(args) -> None:
         epochs = ([f"--config.msbr.per_model.{row}.max_epochs={args.epochs}",
                    f"--config.msbr.per_model.{row}.patience={args.epochs}"] if args.epochs else [])
         selection_path = os.path.join(ours_dir, "msbr", row, "selection.json")
-        trained = os.path.exists(selection_path) and ("ours", row) in times
+        before = read_text(selection_path)
         wall = run_project(args, "train.py", ours_dir, raw_dir,
                            ["--stage=msbr", f"--config.eval.models={row}", *epochs])
-        if not trained:  # a finished row is only ranked again: keep the wall time of its training
+        # A finished row of the same inputs is only ranked again (its selection unchanged): keep the wall
+        # time of its training. Other settings retrain it (a new selection): this run's time is its own.
+        if read_text(selection_path) != before or ("ours", row) not in times:
             times[("ours", row)] = wall
             save_times()
 

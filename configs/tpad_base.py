@@ -17,7 +17,8 @@ from tpad_jax import rows
 
 # Settings a neural row may set for itself in `msbr.per_model.<row>` (None: the row takes `msbr.<key>`).
 ROW_SETTING_TYPES = {"learning_rate": float, "hidden_dim": int, "dropout": float, "max_epochs": int,
-                     "patience": int}
+                     "patience": int, "lr_decay": str, "attention_dropout": float, "transformer_norm": str,
+                     "transformer_init_std": float}
 # Per-row settings of the base preset, chosen on validation MRR@20 by a coordinate search on the default
 # run's data and exports (seed 0; test never read):
 #   python benchmarks/tune.py --config configs/tpad_base.py --workdir RUN --out OUT
@@ -148,6 +149,11 @@ def get_config(arg=None):
     c.msbr.num_layers = 2
     c.msbr.num_heads = 2
     c.msbr.dropout = 0.1
+    c.msbr.attention_dropout = 0.0  # transformer: on the attention probabilities
+    # transformer: pre (norm before each sublayer, one at the end) | post (SASRec: norm after the input
+    # embedding and after each residual sum)
+    c.msbr.transformer_norm = "pre"
+    c.msbr.transformer_init_std = 0.0  # transformer dense kernels ~ N(0, std); 0: LeCun normal (flax's)
     # Exported features are PCA-whitened over the catalogue before the projection (`l2`: unit rows).
     c.msbr.content_norm = "whiten"
     # Share of items whose ID embedding a training step drops (content models only), so they are scored
@@ -164,6 +170,7 @@ def get_config(arg=None):
     c.msbr.whole_sessions = True
     c.msbr.sessions_per_batch = 128
     c.msbr.learning_rate = 3e-3
+    c.msbr.lr_decay = "cosine"  # cosine over max_epochs | constant (RecBole's recipe)
     # An epoch = every prefix of every train session once. The learning rate follows a cosine over
     # max_epochs; at 40 early stopping on validation MRR@20 ends a row, not the cap (each row's best
     # epoch / epochs run: results.md). The base preset's rows take their own budget (TUNED_ROWS).

@@ -269,3 +269,88 @@ def test_last_item_similarity_adds_the_weighted_cosine_to_the_last_click(encoder
         for j in (0, 2):
             np.testing.assert_allclose(every[:, j] @ table.T, model.scores(items[:, :j + 1], mask[:, :j + 1]),
                                        rtol=1e-4, atol=1e-5)
+
+
+def _layer_norm(x, norm):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+
+
+def _attention(x, attention, allowed):
+    """Multi-head self-attention of x [S, d] with keys `allowed` [S, S] per query, from its weights."""
+    q, k, v = (np.einsum("sd,dhk->shk", x, np.asarray(proj.kernel[...])) + np.asarray(proj.bias[...])
+               for proj in (attention.query, attention.key, attention.value))
+    logits = np.einsum("qhk,shk->hqs", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(allowed[None], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    heads = np.einsum("hqs,shk->qhk", probs, v)
+    return np.einsum("qhk,hkd->qd", heads, np.asarray(attention.out.kernel[...])) + np.asarray(attention.out.bias[...])
+
+
+def _gelu(x):  # jax.nn.gelu's default tanh form
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _reference_transformer(model, items, length, norm):
+    """Session vector of the first `length` clicks, written from the GPT-2 (pre) and SASRec (post) formulas."""
+    body = model.body
+    x = np.asarray(model.id_embedding.embedding[...])[items[:length]] + np.asarray(body.positions.embedding[...])[:length]
+    allowed = np.tril(np.ones((length, length), bool))
+    if norm == "post":
+        x = _layer_norm(x, body.input_norm)
+    for block in body.blocks:
+        mlp = lambda h, b=block: (_gelu(h @ np.asarray(b.mlp_in.kernel[...]) + np.asarray(b.mlp_in.bias[...]))
+                                  @ np.asarray(b.mlp_out.kernel[...]) + np.asarray(b.mlp_out.bias[...]))
+        if norm == "pre":
+            x = x + _attention(_layer_norm(x, block.attention_norm), block.attention, allowed)
+            x = x + mlp(_layer_norm(x, block.mlp_norm))
+        else:
+            x = _layer_norm(x + _attention(x, block.attention, allowed), block.attention_norm)
+            x = _layer_norm(x + mlp(x), block.mlp_norm)
+    if norm == "pre":
+        x = _layer_norm(x, body.final_norm)
+    return x[length - 1]
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_transformer_norm_placements_match_their_formulas(norm):
+    cfg = dataclasses.replace(_config("transformer"), num_layers=2, transformer_norm=norm)
+    model = nnx.view(session_encoders.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(3)), deterministic=True)
+    items, mask = _sessions()
+    got = np.asarray(_session_vectors(model, items, mask))
+    for row, length in enumerate(np.asarray(mask).sum(1)):
+        want = _reference_transformer(model, np.asarray(items[row]), int(length), norm)
+        np.testing.assert_allclose(got[row], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="transformer_norm must be one of"):
+        dataclasses.replace(cfg, transformer_norm="sandwich")
+
+
+def test_attention_dropout_acts_in_training_only():
+    cfg = dataclasses.replace(_config("transformer"), attention_dropout=0.5)
+    model = session_encoders.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0))
+    items, mask = _sessions()
+    plain = session_encoders.SessionEncoder(dataclasses.replace(cfg, attention_dropout=0.0), NUM_ITEMS, None,
+                                            rngs=nnx.Rngs(0))
+    # Same weights; only the random streams differ, and the plain model keeps none in its attention.
+    nnx.update(plain, nnx.state(model, nnx.Param))
+    assert not [path for path, _ in nnx.to_flat_state(nnx.state(plain, nnx.RngState)) if "attention" in path]
+    evaluated = _session_vectors(nnx.view(model, deterministic=True), items, mask)
+    np.testing.assert_allclose(evaluated, _session_vectors(nnx.view(plain, deterministic=True), items, mask),
+                               rtol=1e-5, atol=1e-6)
+    # Training draws a fresh mask per call: two calls differ from each other and from evaluation.
+    first, second = model(items, mask), model(items, mask)
+    assert not np.allclose(first, second) and not np.allclose(first, evaluated)
+
+
+def test_transformer_init_std_draws_the_dense_kernels_from_that_normal():
+    def kernel_stds(std):
+        cfg = dataclasses.replace(_config("transformer"), hidden_dim=64, transformer_init_std=std)
+        block = session_encoders.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0)).body.blocks[0]
+        kernels = (block.attention.query.kernel, block.attention.out.kernel, block.mlp_in.kernel, block.mlp_out.kernel)
+        return [float(np.std(np.asarray(kernel[...]))) for kernel in kernels]
+
+    np.testing.assert_allclose(kernel_stds(0.02), 0.02, rtol=0.1)
+    # 0: flax's LeCun normal, std 1/sqrt(fan_in): 64 inputs everywhere but the MLP's output layer (256).
+    np.testing.assert_allclose(kernel_stds(0.0), [1 / 8, 1 / 8, 1 / 8, 1 / 16], rtol=0.1)

@@ -1,5 +1,7 @@
-"""The trainable filter: which TPAD parameters each stage's optimizer updates, under each config flag."""
+"""Optimizers: the trainable filter (which TPAD parameters each stage updates, under each config flag) and
+the learning-rate schedules."""
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -59,3 +61,15 @@ def test_bases_train_only_under_full_finetune(share_base):
     assert base and all("/lm/" in path or "/vision/" in path for path in base)
     assert _paths(["knowledge"], share_base=share_base, full_finetune=True) == (
         _tower("knowledge") | KNOWLEDGE_HEADS | base)
+
+
+def test_group_schedules_decay_on_a_cosine_or_hold_the_peak():
+    cosine = optim.GroupSchedule(".*", peak_lr=0.2, warmup_steps=0, total_steps=100).schedule()
+    constant = optim.GroupSchedule(".*", 0.2, 0, 100, decay="constant").schedule()
+    warm_constant = optim.GroupSchedule(".*", 0.2, 10, 100, decay="constant").schedule()
+    for step in (0, 25, 50, 99):  # 0.1 (1 + cos(pi t / T)), and the peak throughout
+        np.testing.assert_allclose(cosine(step), 0.1 * (1 + np.cos(np.pi * step / 100)), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(constant(step), 0.2, rtol=1e-6)
+    np.testing.assert_allclose([warm_constant(s) for s in (0, 5, 10, 1000)], [0.0, 0.1, 0.2, 0.2], rtol=1e-6)
+    with pytest.raises(ValueError, match="decay must be one of"):
+        optim.GroupSchedule(".*", 0.2, 0, 100, decay="step")

@@ -8,9 +8,11 @@ from tpad_jax import rows
 from tpad_jax.cli import UserError
 from tpad_jax.downstream.features import normalise_content
 from tpad_jax.models import session_encoders
+from tpad_jax.train import optim
 
 # Settings a row may set for itself in `msbr.per_model.<row>.<key>` (None: the row takes `msbr.<key>`).
-ROW_SETTINGS = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience")
+ROW_SETTINGS = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience", "lr_decay",
+                "attention_dropout", "transformer_norm", "transformer_init_std")
 
 
 def row_config(name: str, config):
@@ -27,7 +29,7 @@ def row_config(name: str, config):
     neural = rows.names(rows.neural())
     per_model = config.msbr.get("per_model")
     if per_model is None:
-        return config
+        return _checked(name, config)
     problems = [f"unknown row {row!r}" for row in per_model if row not in neural]
     problems += [f"{row}.{key}: not a per-row setting" for row, settings in per_model.items()
                  for key in settings if key not in ROW_SETTINGS]
@@ -40,13 +42,24 @@ def row_config(name: str, config):
         for key, value in per_model.get(name, {}).items():
             if value is not None:
                 resolved.msbr[key] = value
-    return resolved
+    return _checked(name, resolved)
+
+
+def _checked(name: str, config):
+    """`config`, once its settings that no model constructor checks are within their choices."""
+    if config.msbr.lr_decay not in optim.DECAYS:
+        raise UserError(f"{name}: msbr.lr_decay must be one of {', '.join(optim.DECAYS)}, "
+                        f"got {config.msbr.lr_decay!r}")
+    return config
 
 
 def encoder_config(name: str, config) -> session_encoders.EncoderConfig:
     """The session encoder of the neural model `name` under its settings (`row_config`)."""
-    settings = session_encoders.EncoderConfig.from_config(row_config(name, config))
-    return dataclasses.replace(settings, encoder=rows.neural_row(name).encoder)
+    try:
+        settings = session_encoders.EncoderConfig.from_config(row_config(name, config))
+        return dataclasses.replace(settings, encoder=rows.neural_row(name).encoder)
+    except ValueError as error:  # a setting outside its choices is the user's to fix
+        raise UserError(f"{name}: {error}") from None
 
 
 def model_factory(name: str, config, num_items: int, features):

@@ -103,7 +103,7 @@ def train_msbr(name: str, config, workdir: str, data):
     # ------------------------------------------------------------------------------------ loop
     train_config = ml_collections.ConfigDict(
         dict(config.train.to_dict(), eval_every=steps_per_epoch, checkpoint_every=steps_per_epoch))
-    groups = {"all": optim.GroupSchedule(".*", msbr.learning_rate, 0, num_steps)}
+    groups = {"all": optim.GroupSchedule(".*", msbr.learning_rate, 0, num_steps, msbr.lr_decay)}
     try:
         loop.run_loop(
             workdir=directory, train_config=train_config, mesh=mesh_lib.make_mesh(config.mesh),

@@ -29,6 +29,10 @@ from flax import nnx
 
 ENCODERS = ("transformer", "srgnn", "gru4rec")
 CONTENT_PROJECTIONS = ("linear", "mlp")
+# Transformer block layouts: "pre" normalises each sublayer's input and the final states (GPT-2); "post"
+# normalises the embedded inputs and each residual sum, with no final norm (SASRec, Kang & McAuley 2018,
+# as RecBole builds it).
+TRANSFORMER_NORMS = ("pre", "post")
 
 
 class FrozenFeatures(nnx.Variable):
@@ -45,6 +49,11 @@ class EncoderConfig:
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.1
+    attention_dropout: float = 0.0  # transformer: dropout on the attention probabilities
+    transformer_norm: str = "pre"  # pre | post (TRANSFORMER_NORMS)
+    # Std of the normal init of the transformer's dense kernels; 0: flax's LeCun normal (1/sqrt(fan_in)).
+    # SASRec (RecBole) and BERT draw every weight from N(0, 0.02).
+    transformer_init_std: float = 0.0
     id_dropout: float = 0.0
     gnn_steps: int = 1
     max_length: int = 20
@@ -62,6 +71,9 @@ class EncoderConfig:
             num_layers=msbr.num_layers,
             num_heads=msbr.num_heads,
             dropout=msbr.dropout,
+            attention_dropout=msbr.attention_dropout,
+            transformer_norm=msbr.transformer_norm,
+            transformer_init_std=msbr.transformer_init_std,
             id_dropout=msbr.id_dropout,
             gnn_steps=msbr.gnn_steps,
             max_length=config.data.max_session_length,
@@ -80,6 +92,9 @@ class EncoderConfig:
         if self.content_projection not in CONTENT_PROJECTIONS:
             raise ValueError(f"msbr.content_projection must be one of {CONTENT_PROJECTIONS}, "
                              f"got {self.content_projection!r}")
+        if self.transformer_norm not in TRANSFORMER_NORMS:
+            raise ValueError(f"msbr.transformer_norm must be one of {TRANSFORMER_NORMS}, "
+                             f"got {self.transformer_norm!r}")
 
 
 class SessionEncoder(nnx.Module):
@@ -177,7 +192,8 @@ def last_valid_index(mask):
 
 
 class TransformerBody(nnx.Module):
-    """Pre-LN transformer with learned positions; reads out the last valid position."""
+    """Transformer with learned positions (`cfg.transformer_norm` places the norms); reads out the last
+    valid position."""
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         dim = cfg.hidden_dim
@@ -186,7 +202,10 @@ class TransformerBody(nnx.Module):
             cfg.max_length, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
         )
         self.blocks = nnx.List([_TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
+        # Pre: the last block's residual stream is normalised once at the end. Post: the embedded inputs
+        # are, and every block ends in a norm.
+        norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.final_norm, self.input_norm = (norm, None) if cfg.transformer_norm == "pre" else (None, norm)
 
     def __call__(self, inputs, items, mask):
         hidden = self.hidden_states(inputs, mask)
@@ -196,30 +215,45 @@ class TransformerBody(nnx.Module):
         """Final-layer states [B, S, d] at every position."""
         length = inputs.shape[1]
         hidden = inputs + self.positions.embedding[...][:length]
+        if self.input_norm is not None:
+            hidden = self.input_norm(hidden)
         # Padded keys are never attended; padded queries produce outputs that nothing reads.
         attention_mask = jnp.broadcast_to(mask[:, None, None, :], (mask.shape[0], 1, length, length))
         if self.causal:
             attention_mask = attention_mask & jnp.tril(jnp.ones((length, length), bool))
         for block in self.blocks:
             hidden = block(hidden, attention_mask)
-        return self.final_norm(hidden)
+        return hidden if self.final_norm is None else self.final_norm(hidden)
 
 
 class _TransformerBlock(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         dim = cfg.hidden_dim
         self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.pre_norm = cfg.transformer_norm == "pre"
+        # Without attention dropout the layer stays deterministic and holds no random stream, so its
+        # state is what it was before the option existed.
+        init = {} if not cfg.transformer_init_std else \
+            {"kernel_init": nnx.initializers.normal(cfg.transformer_init_std)}
         self.attention = nnx.MultiHeadAttention(
-            cfg.num_heads, dim, decode=False, deterministic=True, rngs=rngs
+            cfg.num_heads, dim, decode=False, dropout_rate=cfg.attention_dropout,
+            deterministic=not cfg.attention_dropout, rngs=rngs, **init
         )
         self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs, **init)
+        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs, **init)
         self.dropout = nnx.Dropout(cfg.dropout, deterministic=False, rngs=rngs)
 
     def __call__(self, hidden, attention_mask):
-        hidden = hidden + self.dropout(self.attention(self.attention_norm(hidden), mask=attention_mask))
-        return hidden + self.dropout(self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(hidden)))))
+        if self.pre_norm:  # x + f(norm(x))
+            hidden = hidden + self.dropout(self.attention(self.attention_norm(hidden), mask=attention_mask))
+            return hidden + self.dropout(self._mlp(self.mlp_norm(hidden)))
+        # norm(x + f(x))
+        hidden = self.attention_norm(hidden + self.dropout(self.attention(hidden, mask=attention_mask)))
+        return self.mlp_norm(hidden + self.dropout(self._mlp(hidden)))
+
+    def _mlp(self, hidden):
+        return self.mlp_out(jax.nn.gelu(self.mlp_in(hidden)))
 
 
 def srgnn_graph(items, mask):

@@ -11,14 +11,30 @@ from flax import nnx
 from tpad_jax.models import tpad as tpad_lib
 
 
+DECAYS = ("cosine", "constant")
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupSchedule:
-    """Warmup + cosine schedule for the trainable parameters whose path matches `pattern`."""
+    """Learning-rate schedule for the trainable parameters whose path matches `pattern`: linear warmup,
+    then a cosine decay to 0 at `total_steps` (`decay="cosine"`) or the peak rate held (`"constant"`)."""
 
     pattern: str  # regex, searched in the "/"-joined path, e.g. "knowledge/.*lora"
     peak_lr: float
     warmup_steps: int
     total_steps: int
+    decay: str = "cosine"  # cosine | constant
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ValueError(f"learning-rate decay must be one of {DECAYS}, got {self.decay!r}")
+
+    def schedule(self) -> optax.Schedule:
+        if self.decay == "constant":
+            if not self.warmup_steps:
+                return optax.constant_schedule(self.peak_lr)
+            return optax.linear_schedule(0.0, self.peak_lr, self.warmup_steps)  # holds the peak after it
+        return warmup_cosine(self.peak_lr, self.warmup_steps, self.total_steps)
 
 
 def path_string(path: Sequence) -> str:
@@ -86,7 +102,7 @@ def make_optimizer(groups: Mapping[str, GroupSchedule], grad_clip: float = 0.0,
       weight_decay: decoupled AdamW weight decay.
     """
     per_group = {
-        name: optax.adamw(warmup_cosine(g.peak_lr, g.warmup_steps, g.total_steps), weight_decay=weight_decay)
+        name: optax.adamw(g.schedule(), weight_decay=weight_decay)
         for name, g in groups.items()
     }
     update = optax.multi_transform(per_group, lambda tree: group_labels(tree, groups))
