@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices and parsed absl flags, before anything imports JAX."""
 
+import fcntl
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -15,12 +16,22 @@ flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(config, workdir) of one finished tiny run (stages, the `tpad` export and row, `pop`), trained
-    once per session for every test that reads a finished run; a test that changes it works on a copy."""
+    once for every test that reads a finished run; tests only read it, and one that changes a run works
+    on a copy. Under pytest-xdist the test processes share one run: the first to get here trains it in
+    their common temp dir while the others wait on a file lock."""
     from configs import tpad_base  # noqa: PLC0415  (imports JAX: after the set-up above)
     from tpad_jax import runner  # noqa: PLC0415
 
     config = tpad_base.get_config("tiny")
     config.eval.models = ("pop", "tpad")
-    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
-    runner.run(config, workdir)
-    return config, workdir
+    base = tmp_path_factory.getbasetemp()
+    # xdist gives each process its own base temp dir inside the session's; without it, the session's own.
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    workdir, done = shared / "tiny_run" / "run", shared / "tiny_run" / "finished"
+    done.parent.mkdir(exist_ok=True)
+    with open(shared / "tiny_run" / "train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            runner.run(config, str(workdir))
+            done.touch()
+    return config, str(workdir)

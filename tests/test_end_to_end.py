@@ -4,6 +4,7 @@ resume of a stage killed with SIGKILL."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,10 +50,12 @@ def test_pipeline_writes_exports_results_and_curves(finished_run):
     assert {"gen_ce", "align_mi", "align_acc", "know_infonce", "separation", "keep"} <= logged
 
 
-def test_export_rerun_gives_identical_arrays(finished_run):
+def test_export_rerun_gives_identical_arrays(finished_run, tmp_path):
     from tpad_jax import export, runner
 
-    config, workdir = finished_run
+    config, shared = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(shared, workdir, symlinks=True)  # the session's run is read by other test processes
     before, _, _ = export.load_export(os.path.join(workdir, "export"))
     runner.run(config, workdir, "export")  # restores the finished stages, recomputes every export
     after, _, _ = export.load_export(os.path.join(workdir, "export"))
