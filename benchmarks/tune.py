@@ -92,8 +92,12 @@ def row_settings(settings: dict) -> dict:
 
 def trial_label(settings: dict) -> str:
     """The directory name of a trial's row settings: `lr0.003_h64_d0.1_e40_p3`."""
-    return "_".join(f"{LABELS[key]}{value:g}" if isinstance(value, (int, float)) else f"{LABELS[key]}{value}"
-                    for key, value in settings.items())
+    return "_".join(f"{LABELS[key]}{_value_text(value)}" for key, value in settings.items())
+
+
+def _value_text(value) -> str:
+    """A setting's value as labels and tables write it: numbers in their shortest form (`3e-3` as 0.003)."""
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def columns(search) -> tuple:
@@ -142,8 +146,7 @@ def markdown(results: list[dict], chosen: dict, search=SEARCH) -> str:
         cells = [f"{result[c]:g}" if isinstance(result[c], float) else str(result[c]) for c in cols[:-1]]
         lines.append("| " + " | ".join(cells) + f" | {'yes' if is_chosen(result, chosen) else ''} |")
     lines += ["", "Chosen (validation MRR@20):"]
-    lines += [f"- {row}: " + ", ".join(f"{key}={value:g}" if isinstance(value, (int, float)) else f"{key}={value}"
-                                       for key, value in settings.items())
+    lines += [f"- {row}: " + ", ".join(f"{key}={_value_text(value)}" for key, value in settings.items())
               for row, settings in chosen.items()]
     return "\n".join(lines) + "\n"
 
@@ -176,8 +179,9 @@ def main():
             f.write(text)
         with workdir_lib.atomic_open(os.path.join(out, "tune.csv"), newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(columns(search))
-            writer.writerows([result[c] for c in columns(search)[:-1]] + [int(is_chosen(result, chosen))]
+            cols = columns(search)
+            writer.writerow(cols)
+            writer.writerows([result[c] for c in cols[:-1]] + [int(is_chosen(result, chosen))]
                              for result in results)
     print(text)
 

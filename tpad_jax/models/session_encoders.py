@@ -231,10 +231,10 @@ class _TransformerBlock(nnx.Module):
         dim = cfg.hidden_dim
         self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
         self.pre_norm = cfg.transformer_norm == "pre"
-        # Without attention dropout the layer stays deterministic and holds no random stream, so its
-        # state is what it was before the option existed.
         init = {} if not cfg.transformer_init_std else \
             {"kernel_init": nnx.initializers.normal(cfg.transformer_init_std)}
+        # Without attention dropout the layer stays deterministic and holds no random stream, so its
+        # state is what it was before the option existed.
         self.attention = nnx.MultiHeadAttention(
             cfg.num_heads, dim, decode=False, dropout_rate=cfg.attention_dropout,
             deterministic=not cfg.attention_dropout, rngs=rngs, **init
