@@ -120,6 +120,20 @@ def test_misspelled_config_key_is_one_clean_line_and_verbose_shows_the_traceback
     assert status != 0 and "Traceback (most recent call last):" in stderr
 
 
+def test_a_downstream_setting_outside_its_choices_stops_the_run_before_any_work(tmp_path):
+    # Before the start-up check these surfaced in the downstream stage, after the towers had trained.
+    for override, message in (
+            ("--config.msbr.per_model.gru4rec.lr_decay=linear",
+             "gru4rec: msbr.lr_decay must be one of cosine, constant, got 'linear'"),
+            ("--config.msbr.transformer_norm=middle",
+             "gru4rec: msbr.transformer_norm must be one of ('pre', 'post'), got 'middle'")):  # the first row
+        workdir = tmp_path / override.split(".")[-1].split("=")[0]
+        status, stdout, stderr = launch("train.py", "--config", CONFIG, f"--workdir={workdir}", override)
+        assert status == cli.USER_ERROR_STATUS and stdout == ""
+        assert stderr == [f"train.py: error: {message}"]
+        assert not (workdir / "data").exists() and not (workdir / "config.json").exists()
+
+
 def test_recommend_refuses_an_interrupted_model_in_one_line(tmp_path):
     # The selection is checked before anything else is read: this workdir holds nothing but it.
     selection = tmp_path / "msbr" / "tpad" / "selection.json"

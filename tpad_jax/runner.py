@@ -14,6 +14,7 @@ import time
 from tpad_jax import evaluate, export, layout, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import prepared
+from tpad_jax.downstream import settings as row_settings
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.eval import compare, plots, report, significance
 from tpad_jax.eval import metrics as metrics_lib
@@ -32,6 +33,8 @@ def run(config, workdir: str, stage: str = "all") -> None:
 
 def _run(config, workdir: str, stage: str) -> None:
     clock = time.perf_counter()
+    # A downstream setting outside its choices stops the run now, not after the towers have trained.
+    row_settings.check_rows(evaluate.configured_models(config), config)
     if distributed.is_main_process():
         with workdir_lib.atomic_open(layout.config_file(workdir)) as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -55,11 +55,25 @@ def _checked(name: str, config):
 
 def encoder_config(name: str, config) -> session_encoders.EncoderConfig:
     """The session encoder of the neural model `name` under its settings (`row_config`)."""
+    config = row_config(name, config)  # its own UserError names the row already
     try:
-        settings = session_encoders.EncoderConfig.from_config(row_config(name, config))
+        settings = session_encoders.EncoderConfig.from_config(config)
         return dataclasses.replace(settings, encoder=rows.neural_row(name).encoder)
     except ValueError as error:  # a setting outside its choices is the user's to fix
         raise UserError(f"{name}: {error}") from None
+
+
+def check_rows(names, config) -> None:
+    """Every neural row of `names` under its settings (`encoder_config`), so that a setting outside
+    its choices stops a run at start-up, not after the towers have trained.
+
+    Raises:
+      UserError naming the row and the setting.
+    """
+    neural = set(rows.names(rows.neural()))
+    for name in names:
+        if name in neural:
+            encoder_config(name, config)
 
 
 def model_factory(name: str, config, num_items: int, features):
