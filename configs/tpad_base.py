@@ -139,7 +139,9 @@ def get_config(arg=None):
     c.stage2.keep_weight = 0.5
     c.stage2.keep_batch_size = 8  # items per step for the keep-knowledge term
     c.stage2.temperature = 0.1
-    c.stage2.negatives = 0  # extra sampled negative items per batch for alignment (0 = in-batch only)
+    # Extra negatives of every alignment pair: items drawn uniformly per step and embedded by K with the
+    # batch (0 = the batch alone: its other next items).
+    c.stage2.negatives = 0
 
     # ---------------------------------------------------------- stage 4: downstream recommender
     c.msbr = ml_collections.ConfigDict()

@@ -159,6 +159,43 @@ def test_every_alignment_estimator_trains_k_and_reports_a_bound(estimator):
     assert _grad_norms(model, cfg)["knowledge"] > 1e-6
 
 
+def test_extra_negatives_are_columns_of_every_row_and_never_the_rows_own_item():
+    rng = np.random.default_rng(3)
+    za, zb, extra = (rng.normal(size=shape).astype(np.float32) for shape in ((4, 5), (4, 5), (3, 5)))
+    ids, extra_ids = np.array([7, 8, 7, 9]), np.array([8, 1, 9])
+    mask = np.array([True, True, True, False])
+    bound, _, accuracy = tpad_lib.mi_terms(za, zb, 0.5, mask, ids=ids, negatives=extra, negative_ids=extra_ids)
+    # By hand: cosine / 0.5 against the valid batch rows and the three extra items; a column holding the
+    # row's own positive item (in the batch or among the extras) is left out; log N counts every column.
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    candidates = np.concatenate([unit(zb[:3]), unit(extra)])
+    candidate_ids = np.concatenate([ids[:3], extra_ids])
+    losses, correct = [], []
+    for i in range(3):
+        scores = unit(za)[i] @ candidates.T / 0.5
+        keep = np.array([j == i or candidate_ids[j] != ids[i] for j in range(len(candidates))])
+        assert keep.sum() < len(candidates)  # every row here has a false negative to leave out
+        losses.append(np.log(np.sum(np.exp(scores[keep]))) - scores[i])
+        others = keep & (np.arange(len(candidates)) != i)
+        correct.append(scores[i] > scores[others].max())
+    np.testing.assert_allclose(float(bound), np.log(len(candidates)) - np.mean(losses), rtol=1e-5)
+    assert float(accuracy) == pytest.approx(np.mean(correct))
+
+
+def test_extra_negatives_send_their_gradient_into_k():
+    model = tiny_model()
+    batch = jax.tree.map(jnp.asarray, session_batch())
+    cfg = stage2_cfg(disentangle="none", gen_weight=0.0)
+    negative_rows = jnp.array([8, 9], jnp.int32)  # items no session of the batch shows
+
+    def alignment(e_negative):
+        negatives = (e_negative, negative_rows)
+        return tpad_lib.transition_loss(model, batch, cfg, M, negatives=negatives)[0]
+
+    e_negative = tpad_lib.item_forward(model, negative_rows)[1]
+    assert float(jnp.linalg.norm(jax.grad(alignment)(e_negative))) > 1e-6
+
+
 def test_an_unknown_alignment_estimator_is_named():
     with pytest.raises(ValueError, match="align_estimator must be one of.*'mine'"):
         tpad_lib.transition_loss(tiny_model(), jax.tree.map(jnp.asarray, session_batch()),

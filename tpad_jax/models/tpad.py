@@ -280,11 +280,14 @@ def token_cross_entropy(model: TPAD, tower: str, hidden, tokens, loss_mask, vali
 ALIGN_ESTIMATORS = ("infonce", "nwj", "jsd")
 
 
-def _scores(za, zb, temperature, ids):
-    """Cosine critic scores / temperature; a column holding the row positive's item is not a negative."""
-    scores = mi.critic_scores(za, zb, temperature=temperature)
+def _scores(za, zb, temperature, ids, negatives=None, negative_ids=None):
+    """Cosine critic scores / temperature [B, B + K]; a column holding the row positive's item is not a
+    negative. `negatives` [K, d] (item ids `negative_ids` [K]) are extra columns shared by every row."""
+    scores = mi.critic_scores(za, zb, temperature=temperature, negatives=negatives)
     if ids is not None:
         same = (ids[:, None] == ids[None, :]) & ~jnp.eye(len(ids), dtype=bool)
+        if negatives is not None:
+            same = jnp.concatenate([same, ids[:, None] == negative_ids[None, :]], axis=1)
         scores = jnp.where(same, -jnp.inf, scores)
     return scores
 
@@ -300,14 +303,14 @@ def nce(za, zb, temperature, mask, ids=None):
     return mi.infonce(scores, mask=mask), mi.infonce_accuracy(scores, mask=mask)
 
 
-def mi_terms(za, zb, temperature, mask, ids=None, estimator="infonce"):
+def mi_terms(za, zb, temperature, mask, ids=None, estimator="infonce", negatives=None, negative_ids=None):
     """(objective to maximise, MI lower bound in nats, top-1 accuracy) of za_i and zb_i under `estimator`.
 
-    One critic (the cosine of the heads / temperature) and one set of negatives (the rest of the batch,
-    false negatives left out) for every estimator, so they differ only in the bound: InfoNCE's softmax,
+    One critic (the cosine of the heads / temperature) and one set of negatives (the rest of the batch
+    and any extra `negatives`, false negatives left out) for every estimator, so they differ only in the bound: InfoNCE's softmax,
     NWJ's E_P[T] - E_Q[e^(T-1)], or JSD's softplus objective with the NWJ value it implies.
     """
-    scores = _scores(za, zb, temperature, ids)
+    scores = _scores(za, zb, temperature, ids, negatives, negative_ids)
     accuracy = mi.infonce_accuracy(scores, mask=mask)
     if estimator == "infonce":
         bound = mi.infonce(scores, mask=mask)
@@ -374,7 +377,8 @@ def knowledge_loss(model: TPAD, rows, valid, contrastive_weight: float, temperat
     return loss, metrics
 
 
-def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None, item_embeddings=None):
+def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None, item_embeddings=None,
+                    negatives=None):
     """Stage-2 objective on a session batch: generation, disentanglement, alignment, MMD.
 
     Args:
@@ -384,6 +388,8 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None
       max_targets: next-title tokens per prompt at most (`token_cross_entropy`), e.g. max_title_tokens.
       item_embeddings: e_K [B, S + 1, d] of `shown_and_target(session)` when the caller already ran K
         over them (`item_forwards`); computed here otherwise.
+      negatives: optional (e_K [K, d], item rows [K]) of extra items, negatives of every alignment pair
+        (`stage2.negatives`); their gradient reaches K as the positives' does.
     """
     rows, next_rows = session["rows"], session["next_rows"]  # next_rows only names the positives
     mask = (session["row_mask"] & session["valid"][:, None]).reshape(-1)
@@ -410,8 +416,10 @@ def transition_loss(model: TPAD, session: dict, cfg, m: int, *, max_targets=None
     e_cur = e_all[:, :-1].reshape(-1, e_all.shape[-1])
     e_next = _next_embeddings(e_all, session["row_mask"]).reshape(-1, e_all.shape[-1])
 
+    extra, extra_ids = negatives if negatives is not None else (None, None)
     objective, align, align_acc = mi_terms(z_trans, e_next, cfg.temperature, mask, ids=next_rows.reshape(-1),
-                                           estimator=cfg.align_estimator)
+                                           estimator=cfg.align_estimator, negatives=extra,
+                                           negative_ids=extra_ids)
     metrics.update(align_mi=align, align_acc=align_acc)
     loss = loss - cfg.align_weight * objective
 

@@ -143,14 +143,25 @@ def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None,
     title_tokens, item_tokens = config.data.max_title_tokens + 1, config.data.max_item_tokens
 
     def loss_fn(model, batch, rng):
-        if not s2.keep_weight:
+        if not (s2.keep_weight or s2.negatives):
             return tpad_lib.transition_loss(model, batch, s2, m, max_targets=title_tokens)
-        rows = jax.random.randint(rng, (keep_rows,), 0, num_items)
-        # One K pass over the shown items, the targets and the keep term's items.
+        # One K pass over the shown items and the targets, the extra negatives (uniform over the
+        # catalogue) and the keep term's items. The keep rows are drawn from `rng` itself, so a run
+        # without negatives draws what it always did.
         shown = tpad_lib.shown_and_target(batch)
-        (_, e_shown, _), keep_forward = tpad_lib.item_forwards(model, shown.reshape(-1), rows)
-        loss, metrics = tpad_lib.transition_loss(model, batch, s2, m, max_targets=title_tokens,
-                                                 item_embeddings=e_shown.reshape(*shown.shape, -1))
+        row_sets = {"shown": shown.reshape(-1)}
+        if s2.negatives:
+            row_sets["negatives"] = jax.random.randint(jax.random.fold_in(rng, 1), (s2.negatives,), 0, num_items)
+        if s2.keep_weight:
+            row_sets["keep"] = rows = jax.random.randint(rng, (keep_rows,), 0, num_items)
+        forwards = dict(zip(row_sets, tpad_lib.item_forwards(model, *row_sets.values())))
+        negatives = (forwards["negatives"][1], row_sets["negatives"]) if s2.negatives else None
+        loss, metrics = tpad_lib.transition_loss(
+            model, batch, s2, m, max_targets=title_tokens,
+            item_embeddings=forwards["shown"][1].reshape(*shown.shape, -1), negatives=negatives)
+        if not s2.keep_weight:
+            return loss, metrics
+        keep_forward = forwards["keep"]
         keep, _ = tpad_lib.knowledge_loss(model, rows, jnp.ones((keep_rows,), bool), s1.contrastive_weight,
                                           s1.temperature, s1.reconstruct_weight, max_targets=item_tokens,
                                           forward=keep_forward)
