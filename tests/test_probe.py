@@ -242,3 +242,24 @@ def test_launcher_on_a_synthetic_workdir_and_on_other_data(tmp_path, capsys):
     other.data.raw_dir = os.path.join(ROOT, "tests", "fixtures", "text_catalogue")
     assert launcher.run(other, str(tmp_path / "text_run")) is None
     assert "known only for the synthetic catalogue" in capsys.readouterr().out
+
+
+def test_launcher_probes_the_frozen_vit_input_beside_the_exports(tmp_path):
+    launcher = load_probe_launcher()
+    config = tpad_base.get_config("tiny")
+    workdir = str(tmp_path / "run")
+    data = prepared.load_or_prepare(config, workdir)
+    # An export that knows nothing, so the table has one tower row beside the ViT input.
+    noise = np.random.default_rng(0).normal(size=(data.num_items, 4))
+    export.write_export(os.path.join(workdir, "export"), noise, list(data.item_ids),
+                        {"variant": "tpad", "dataset_fingerprint": data.fingerprint})
+    launcher.run(config, workdir, folds=4, input_features=True)
+    with open(os.path.join(workdir, "results", "attribute_probe.csv"), newline="") as f:
+        table = {row["export"]: row for row in csv.DictReader(f)}
+    assert list(table) == ["frozen-vit", "tpad", "chance"]
+    dim = int(table["frozen-vit"]["dim"])
+    assert dim > 0 and dim % config.data.item_visual_tokens == 0  # the item's visual tokens side by side
+    # Colour shows only in the picture: the random ViT passes it on, far above chance; the noise does not.
+    chance = float(table["chance"]["probe_colour"])
+    assert float(table["frozen-vit"]["probe_colour"]) > 2 * chance
+    assert float(table["tpad"]["probe_colour"]) < 1.5 * chance

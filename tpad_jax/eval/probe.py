@@ -28,8 +28,9 @@ import numpy as np
 from tpad_jax.workdir import atomic_open
 
 ATTRIBUTES = ("colour", "category", "shape", "material", "style")
-# Export variants in report order; other exports (e.g. minilm) follow alphabetically.
-EXPORT_ORDER = ("raw", "stage1", "tpad", "no-gen", "no-disentangle", "no-align")
+# Export variants in report order, after the towers' frozen ViT input (`launch/probe.py
+# --input_features`); other exports (e.g. minilm) follow alphabetically.
+EXPORT_ORDER = ("frozen-vit", "raw", "stage1", "tpad", "no-gen", "no-disentangle", "no-align")
 
 
 # ------------------------------------------------------------------------------------- linear probe
