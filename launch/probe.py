@@ -5,9 +5,11 @@ Usage:
 
 For every export in the workdir (DIR/export, DIR/export_<variant>): held-out accuracy of a linear probe
 and 10-NN cosine purity for each latent attribute of the synthetic items (colour, category, shape,
-material, style), plus the chance level. With `--input_features`, one more row: the frozen ViT features that the towers
-read (`frozen-vit`, the item prompt's visual tokens side by side), i.e. what the towers could keep of the
-image-only attributes. Writes DIR/results/attribute_probe.md and .csv and prints the table. Attributes are known only for the synthetic catalogue; on other data it says so and exits 0.
+material, style), plus the chance level. With `--input_features`, one more row: the frozen ViT
+features that the towers read (`frozen-vit`, the item prompt's visual tokens side by side), i.e. what
+the towers could keep of the image-only attributes. Writes DIR/results/attribute_probe.md and .csv and
+prints the table. Attributes are known only for the synthetic catalogue; on other data it says so and
+exits 0.
 Without exports it says so on stderr and exits 2 (a user error, `tpad_jax/cli.py`).
 """
 

@@ -307,8 +307,9 @@ def mi_terms(za, zb, temperature, mask, ids=None, estimator="infonce", negatives
     """(objective to maximise, MI lower bound in nats, top-1 accuracy) of za_i and zb_i under `estimator`.
 
     One critic (the cosine of the heads / temperature) and one set of negatives (the rest of the batch
-    and any extra `negatives`, false negatives left out) for every estimator, so they differ only in the bound: InfoNCE's softmax,
-    NWJ's E_P[T] - E_Q[e^(T-1)], or JSD's softplus objective with the NWJ value it implies.
+    and any extra `negatives`, false negatives left out) for every estimator, so they differ only in
+    the bound: InfoNCE's softmax, NWJ's E_P[T] - E_Q[e^(T-1)], or JSD's softplus objective with the NWJ
+    value it implies.
     """
     scores = _scores(za, zb, temperature, ids, negatives, negative_ids)
     accuracy = mi.infonce_accuracy(scores, mask=mask)
