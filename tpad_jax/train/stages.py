@@ -153,7 +153,7 @@ def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None,
         if s2.negatives:
             row_sets["negatives"] = jax.random.randint(jax.random.fold_in(rng, 1), (s2.negatives,), 0, num_items)
         if s2.keep_weight:
-            row_sets["keep"] = rows = jax.random.randint(rng, (keep_rows,), 0, num_items)
+            row_sets["keep"] = jax.random.randint(rng, (keep_rows,), 0, num_items)
         forwards = dict(zip(row_sets, tpad_lib.item_forwards(model, *row_sets.values())))
         negatives = (forwards["negatives"][1], row_sets["negatives"]) if s2.negatives else None
         loss, metrics = tpad_lib.transition_loss(
@@ -161,10 +161,9 @@ def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None,
             item_embeddings=forwards["shown"][1].reshape(*shown.shape, -1), negatives=negatives)
         if not s2.keep_weight:
             return loss, metrics
-        keep_forward = forwards["keep"]
-        keep, _ = tpad_lib.knowledge_loss(model, rows, jnp.ones((keep_rows,), bool), s1.contrastive_weight,
-                                          s1.temperature, s1.reconstruct_weight, max_targets=item_tokens,
-                                          forward=keep_forward)
+        keep, _ = tpad_lib.knowledge_loss(model, row_sets["keep"], jnp.ones((keep_rows,), bool),
+                                          s1.contrastive_weight, s1.temperature, s1.reconstruct_weight,
+                                          max_targets=item_tokens, forward=forwards["keep"])
         metrics["keep"] = keep
         return loss + s2.keep_weight * keep, metrics
 
