@@ -29,6 +29,7 @@ import json
 import os
 import pathlib
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -218,6 +219,12 @@ def run_phase(phase: str, workdir: pathlib.Path, raw_dir: pathlib.Path, devices:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if processes == 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Every export phase runs the ViT pass it measures: a run keeps the features on disk and reads
+    # them back at its next start (tpad_jax/train/vision_cache.py), which would time a read instead.
+    from tpad_jax import layout  # noqa: PLC0415  (the parent process stays without JAX)
+    from tpad_jax.train import vision_cache  # noqa: PLC0415
+
+    shutil.rmtree(workdir / layout.DATA / vision_cache.DIRECTORY, ignore_errors=True)
     port = _free_port()
     clock = time.perf_counter()
     procs = [subprocess.Popen(

@@ -101,11 +101,44 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
                       num_steps=10, seed=0, init_fn=set_frozen_kernel_from_host, **models)
     manager = checkpointing.make_manager(tmp_path / "checkpoints", max_to_keep=2)
     assert manager.all_steps() == [2, 4]
-    state = loop.load_train_state(workdir=tmp_path, **models)
+    state = loop.load_train_state(workdir=tmp_path, init_fn=set_frozen_kernel_from_host, **models)
     assert int(state.optimizer.step[...]) == 4
     np.testing.assert_array_equal(np.asarray(state.model.body.kernel[...]), frozen_kernel)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(state.model)))
     assert [r["step"] for r in read_metrics(tmp_path)] == [4]
+
+
+def test_checkpoints_hold_what_training_changes_and_a_restore_rebuilds_the_rest(tmp_path):
+    mesh = mesh_lib.make_mesh(toy.mesh_config((-1, 1, 1)))
+    models = dict(mesh=mesh, rules=toy.RULES, make_model=toy.make_model, tx=toy.make_tx(), wrt=toy.TRAINABLE)
+    frozen_kernel = np.full((toy.IN_DIM, toy.HIDDEN_DIM), 0.5, np.float32)
+
+    def init_fn(model):  # a "pretrained" frozen weight: what make_model alone does not give
+        model.body.kernel[...] = frozen_kernel
+
+    result = loop.run_loop(workdir=tmp_path / "run", train_config=toy.train_config(checkpoint_every=2),
+                           loss_fn=toy.loss_fn, data_iterator=iter(toy.dataset(8)), num_steps=4, seed=0,
+                           init_fn=init_fn, **models)
+    trained = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(result.state)))
+    manager = checkpointing.make_manager(tmp_path / "run" / "checkpoints", max_to_keep=2)
+    saved = manager.item_metadata(4)["state"].tree["train"]
+    manager.close()
+    # The frozen kernel and bias are left out; the LoRA factors, the trained head and Adam's state stay.
+    assert set(saved["model"]["body"]) == {"lora"} and set(saved["model"]["head"]) == {"kernel", "bias"}
+    assert "opt_state" in saved["optimizer"]
+
+    restored = loop.load_train_state(workdir=tmp_path / "run", init_fn=init_fn, **models)
+    jax.tree.map(np.testing.assert_array_equal, trained,
+                 jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(restored))))
+
+    # A checkpoint of the whole state (as written before this layout) still restores, whole.
+    manager = checkpointing.make_manager(tmp_path / "whole" / "checkpoints", max_to_keep=1)
+    checkpointing.save(manager, 4, {"train": nnx.state(result.state), "rng": jax.random.key_data(jax.random.key(0))})
+    manager.wait_until_finished()
+    manager.close()
+    whole = loop.load_train_state(workdir=tmp_path / "whole", **models)  # no init_fn: the kernel is read back
+    jax.tree.map(np.testing.assert_array_equal, trained,
+                 jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(whole))))
 
 
 def _batches_of_sizes(sizes):

@@ -100,17 +100,25 @@ class KnowledgeEmbedder:
 
     def _restore(self, inputs, variant: str) -> tpad_lib.TPAD:
         source = rows.export_variant(variant).source
-        if source == rows.RAW:  # the untrained towers: made and initialized as runner.train_towers does
-            model = inputs.make_model()
+
+        def load_base(model):  # the untrained towers, as runner.train_towers makes them, without tables
             pretrained.load_base(model, self.config.model, tokenizer_lib.special_ids(self.tokenizer))
+
+        if source == rows.RAW:
+            model = inputs.make_model()
+            load_base(model)
             return model
         spec = stages.stage1_spec(inputs) if source == rows.STAGE1 else stages.stage2_spec(
             inputs, None, variant)
         stage_dir = layout.stage_dir(inputs.workdir, variant)
         step = self.meta.get("checkpoint_step")
         try:
+            # The checkpoint leaves out the frozen base, rebuilt here, and the catalogue's tables, which
+            # new items do not read. Stage 2 trains every parameter stage 1 did, so its checkpoint
+            # alone gives the trained towers.
             state = loop.load_train_state(workdir=stage_dir, mesh=inputs.mesh, rules=inputs.rules,
-                                          make_model=inputs.make_model, tx=spec.tx, wrt=spec.wrt, step=step)
+                                          make_model=inputs.make_model, tx=spec.tx, wrt=spec.wrt,
+                                          init_fn=load_base, constants=tpad_lib.ItemTable, step=step)
         except FileNotFoundError as error:
             raise UserError(f"{stage_dir}/checkpoints: no checkpoint at step {step}, the step "
                             f"{self.export_dir} was exported from ({error})") from error

@@ -7,6 +7,7 @@ Every process calls every function here; Orbax coordinates the writers. Saves ar
 import pathlib
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 STATE = "state"
@@ -17,8 +18,10 @@ def make_manager(directory: str | pathlib.Path, max_to_keep: int) -> ocp.Checkpo
     """One manager per stage directory; keeps the newest `max_to_keep` checkpoints."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=True)
+    # Handlers named up front, so that a fresh manager can read a checkpoint's metadata before restoring.
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
-                                 item_names=(STATE, DATA))
+                                 item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                                                DATA: grain.checkpoint.CheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
@@ -27,6 +30,11 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(step, args=ocp.args.Composite(**items))
+
+
+def leaf_count(manager: ocp.CheckpointManager, step: int, key: str) -> int:
+    """How many arrays the `key` entry of the state saved at `step` holds (read from its metadata)."""
+    return len(jax.tree.leaves(manager.item_metadata(step)[STATE].tree[key]))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):

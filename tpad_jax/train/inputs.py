@@ -11,6 +11,7 @@ from tpad_jax import pretrained
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
+from tpad_jax.train import vision_cache
 
 VISION_BATCH = 64  # pictures per batch of the frozen ViT's one pass over the catalogue
 
@@ -37,9 +38,9 @@ class StageInputs:
         """Readies a fresh `model`: real base weights when configured, then the per-item constants.
 
         The checkpoint (config.model.gguf_path / checkpoint_dir) is loaded first, so the frozen ViT
-        features of the item table come from the real ViT; they are computed here, once, over the
+        features of the item table come from the real ViT; they are computed once per workdir over the
         pictures streamed from the TFDS item table (`pipeline.item_batches`, one batch in memory), each
-        process for the rows it holds.
+        process for the rows it holds, and read back from disk after that (`vision_cache`).
         """
         pretrained.load_base(model, self.config.model, tokenizer_lib.special_ids(self.tokenizer))
         vision, vision_rows = None, None
@@ -48,13 +49,24 @@ class StageInputs:
             # own devices: a data-parallel pass, and per-process work that falls with the processes.
             vision_rows = mesh_lib.held_rows(model.tables["vision"][...], self.data.num_items)
             if len(vision_rows):
-                pictures = pipeline.item_batches(
-                    self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
-                    shuffle=False, repeat=False, seed=0, process_index=0, process_count=1,
-                    prompts=self.item_prompts, rows=vision_rows)
-                vision = tpad_lib.vision_features_of_batches(model.towers, pictures, vision_rows,
-                                                             self.tpad_cfg.item_visual_tokens)
+                vision = vision_cache.load_or_compute(
+                    self.workdir, self.vision_record(), vision_rows,
+                    lambda: self._vision_features(model, vision_rows))
         nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision, vision_rows))
+
+    def vision_record(self) -> dict:
+        """What shapes the frozen ViT's features: the data, the model (base, checkpoint, image size,
+        tokens per item) and the seed (of a random base): the record of the untrained towers."""
+        from tpad_jax import provenance  # noqa: PLC0415  (provenance imports the stages, which import this)
+
+        return provenance.make_record(self.data.fingerprint, self.config, ("data", "model", "seed"))
+
+    def _vision_features(self, model: tpad_lib.TPAD, rows: np.ndarray) -> np.ndarray:
+        pictures = pipeline.item_batches(
+            self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
+            shuffle=False, repeat=False, seed=0, process_index=0, process_count=1,
+            prompts=self.item_prompts, rows=rows)
+        return tpad_lib.vision_features_of_batches(model.towers, pictures, rows, self.tpad_cfg.item_visual_tokens)
 
 
 def tpad_config(config, data, tokenizer) -> tpad_lib.TPADConfig:

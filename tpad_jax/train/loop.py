@@ -118,11 +118,40 @@ def jit_train_step(step, abstract: nnx.State, mesh: jax.sharding.Mesh):
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
+def checkpointed(state: nnx.State, wrt, constants=nnx.Nothing) -> nnx.State:
+    """The part of a TrainState's `state` (or abstract state) that a checkpoint holds: all but what
+    `make_model` and `init_fn` rebuild exactly and no step changes, i.e. the frozen parameters (not in
+    `wrt`) and the variables of the `constants` filter (per-item tables).
+
+    Why: a checkpoint of the whole state repeats the frozen base (GBs for a pretrained one) and every
+    per-item table (about 128 KiB an item at the 7B shape) at every save, and ties a resume to the
+    table's row padding, i.e. to the mesh. `wrt` selects by paths inside the model, so it is applied
+    to the model's part alone.
+    """
+    model = nnx.filter_state(state["model"], nnx.Not(nnx.Any(nnx.All(nnx.Param, nnx.Not(wrt)), constants)))
+    return nnx.State({"model": model, "optimizer": state["optimizer"]})
+
+
 def checkpoint_target(abstract: nnx.State, mesh: jax.sharding.Mesh) -> dict:
-    """The restore target of a loop checkpoint: the TrainState's abstract state and the base RNG."""
+    """The restore target of a loop checkpoint: the (checkpointed) abstract TrainState and the base RNG."""
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return {"train": abstract,
             "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=mesh_lib.replicated(mesh))}
+
+
+def restore_state(manager, step: int, *, abstract: nnx.State, mesh: jax.sharding.Mesh, wrt, constants,
+                  rebuild: Callable[[], nnx.State], data_iterator=None) -> tuple[nnx.State, jax.Array]:
+    """(TrainState state, base RNG key data) of checkpoint `step`: the saved variables over the state
+    `rebuild()` makes afresh (`fresh_state`), which supplies what `checkpointed` leaves out.
+
+    A checkpoint written before checkpoints left that out holds every variable, and is restored whole.
+    """
+    saved = checkpointed(abstract, wrt, constants)
+    if checkpointing.leaf_count(manager, step, "train") > len(jax.tree.leaves(saved)):
+        restored = checkpointing.restore(manager, step, checkpoint_target(abstract, mesh), data_iterator)
+        return restored["train"], restored["rng"]
+    restored = checkpointing.restore(manager, step, checkpoint_target(saved, mesh), data_iterator)
+    return nnx.merge_state(rebuild(), restored["train"]), restored["rng"]
 
 
 def build_step(*, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules, make_model: Callable[[], nnx.Module],
@@ -152,18 +181,26 @@ def fresh_state(*, abstract: nnx.State, mesh: jax.sharding.Mesh, rules: mesh_lib
 
 def load_train_state(*, workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules,
                      make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, wrt,
+                     init_fn: Callable[[nnx.Module], None] | None = None, constants=nnx.Nothing,
                      step: int | None = None) -> TrainState:
-    """The TrainState saved by `run_loop` in `workdir` (the latest checkpoint unless `step` is given)."""
+    """The TrainState saved by `run_loop` in `workdir` (the latest checkpoint unless `step` is given).
+
+    `init_fn` and `constants` as the run gave them: `init_fn` rebuilds what the checkpoint left out (it
+    may leave the `constants` unset when the caller does not read them).
+    """
+    model_args = dict(mesh=mesh, rules=rules, make_model=make_model, tx=tx, wrt=wrt)
     graphdef, abstract = mesh_lib.abstract_state(lambda: TrainState(make_model(), tx, wrt), mesh, rules)
     manager = checkpointing.make_manager(pathlib.Path(workdir) / "checkpoints", max_to_keep=1)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
-        restored = checkpointing.restore(manager, step, checkpoint_target(abstract, mesh))
+        state, _ = restore_state(
+            manager, step, abstract=abstract, mesh=mesh, wrt=wrt, constants=constants,
+            rebuild=lambda: fresh_state(abstract=abstract, init_fn=init_fn, seed=0, **model_args)[0])
     finally:
         manager.close()
-    return nnx.merge(graphdef, restored["train"])
+    return nnx.merge(graphdef, state)
 
 
 def _host_metrics(step: int, metrics, last_checkpoint: int | None) -> dict[str, float]:
@@ -184,7 +221,7 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
              rules: mesh_lib.Rules, make_model: Callable[[], nnx.Module],
              tx: optax.GradientTransformation, wrt, loss_fn: LossFn, data_iterator: Iterator,
              num_steps: int, seed: int, eval_fn: EvalFn | None = None, desc: str = "train",
-             init_fn: Callable[[nnx.Module], None] | None = None) -> LoopResult:
+             init_fn: Callable[[nnx.Module], None] | None = None, constants=nnx.Nothing) -> LoopResult:
     """Trains `make_model()` for `num_steps` steps, resuming from the latest checkpoint in `workdir`.
 
     Args:
@@ -199,8 +236,11 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
       seed: seeds the step RNG of a fresh run (a resumed run restores it).
       eval_fn: called every `train_config.eval_every` steps.
       desc: the progress-bar label.
-      init_fn: called once on a fresh model (never on resume) before training, to set state that is
-        not a random init: an earlier stage's weights, per-item constant tables.
+      init_fn: called on a fresh model before training, to set state that is not a random init: an
+        earlier stage's weights, a pretrained base, per-item constant tables. A resume calls it too,
+        for what the checkpoint leaves out (`checkpointed`), so it must give the same values each time.
+      constants: nnx filter of the non-parameter variables that `init_fn` sets and no step changes;
+        checkpoints leave them out, with the frozen parameters.
     """
     workdir = pathlib.Path(workdir)
     is_main = distributed.is_main_process()
@@ -216,8 +256,10 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
         start = 0
         state, rng_data = fresh_state(abstract=abstract, init_fn=init_fn, seed=seed, **model_args)
     else:
-        restored = checkpointing.restore(manager, start, checkpoint_target(abstract, mesh), data_iterator)
-        state, rng_data = restored["train"], restored["rng"]
+        state, rng_data = restore_state(
+            manager, start, abstract=abstract, mesh=mesh, wrt=wrt, constants=constants,
+            rebuild=lambda: fresh_state(abstract=abstract, init_fn=init_fn, seed=seed, **model_args)[0],
+            data_iterator=data_iterator)
         if is_main:
             tqdm.tqdm.write(f"resuming {desc} from checkpoint step {start}")
 
@@ -268,7 +310,8 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
 
                 if step % train_config.checkpoint_every == 0 or step == num_steps:
                     _host_metrics(step, metrics, last_checkpoint)
-                    checkpointing.save(manager, step, {"train": state, "rng": rng_data}, data_iterator)
+                    checkpointing.save(manager, step, {"train": checkpointed(state, wrt, constants), "rng": rng_data},
+                                       data_iterator)
                     last_checkpoint = step
     finally:
         # Lets an in-flight save of the last good state complete, even when a step failed.

@@ -104,7 +104,8 @@ def run_spec(inputs: StageInputs, spec: StageSpec) -> tpad_lib.TPAD:
         workdir=directory, train_config=inputs.config.train,
         mesh=inputs.mesh, rules=inputs.rules, make_model=inputs.make_model, init_fn=spec.init_fn,
         tx=spec.tx, wrt=spec.wrt, loss_fn=spec.loss_fn, data_iterator=spec.batches,
-        num_steps=spec.num_steps, seed=spec.seed, eval_fn=probe_eval(inputs), desc=spec.desc)
+        num_steps=spec.num_steps, seed=spec.seed, eval_fn=probe_eval(inputs), desc=spec.desc,
+        constants=tpad_lib.ItemTable)
     return result.state.model
 
 
