@@ -241,6 +241,17 @@ def step_flops(config, tpad_cfg, all_leaves):
     return total
 
 
+def checkpoint_bytes(all_leaves):
+    """Bytes of one stage-2 checkpoint in all (over every device): `saved`, what `loop.checkpointed` keeps
+    (trainable parameters and their AdamW state), and `whole`, the whole state that checkpoints held
+    before it (plus the frozen base and the item tables). Scalars (step, counts, RNG) left out."""
+    trainable = sum(math.prod(leaf.shape) for leaf in all_leaves if leaf.trainable)
+    saved = sum(math.prod(leaf.shape) * leaf.itemsize for leaf in all_leaves if leaf.trainable)
+    saved += trainable * OPTIMIZER_BYTES
+    frozen = sum(math.prod(leaf.shape) * leaf.itemsize for leaf in all_leaves if not leaf.trainable)
+    return {"saved": saved, "whole": saved + frozen}
+
+
 def plan_row(config, tpad_cfg, all_leaves, mesh_shape):
     """One table row: the memory per device and FLOPs of a stage-2 step on `mesh_shape`."""
     mesh_sizes = dict(zip(config.mesh.axes, mesh_shape))
@@ -317,6 +328,10 @@ def main(argv):
     print(f"\nstage-2 step: LM passes (sequences x length) {passes}; rules {config.mesh.rules!r}; "
           f"{args.num_items} items in the tables; base stored in {config.model.base_param_dtype}\n")
     print(markdown(rows, config.mesh.axes))
+    checkpoint = checkpoint_bytes(all_leaves)
+    print(f"\none stage-2 checkpoint: {checkpoint['saved'] / GIB:.2f} GiB (trainable parameters and AdamW "
+          f"state); the whole state with the frozen base and the tables of {args.num_items} items, which "
+          f"checkpoints held before: {checkpoint['whole'] / GIB:.2f} GiB")
 
 
 if __name__ == "__main__":

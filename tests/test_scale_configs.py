@@ -110,6 +110,14 @@ def test_state_bytes_per_device_by_hand():
                        tables=5 * 7 * 4)
 
 
+def test_checkpoint_bytes_by_hand():
+    model_config = types.SimpleNamespace(full_finetune=False, train_projector=True)
+    got = scale_plan["checkpoint_bytes"](scale_plan["leaves"](_MadeUp(), model_config))
+    trainable = 8 * 4 + 3  # LoRA a and the head, float32, each with AdamW's mu and nu (8 B)
+    saved = trainable * 4 + trainable * 8
+    assert got == {"saved": saved, "whole": saved + 6 * 10 * 2 + 5 * 7 * 4}  # + bf16 base + int32 table
+
+
 def test_activations_split_over_batch_shards_and_flops_do_not():
     config = _config_module("tpad_base.py")["get_config"]("tiny")
     config.model.remat = True
