@@ -133,7 +133,8 @@ def test_checkpoints_hold_what_training_changes_and_a_restore_rebuilds_the_rest(
 
     # A checkpoint of the whole state (as written before this layout) still restores, whole.
     manager = checkpointing.make_manager(tmp_path / "whole" / "checkpoints", max_to_keep=1)
-    checkpointing.save(manager, 4, {"train": nnx.state(result.state), "rng": jax.random.key_data(jax.random.key(0))})
+    rng = jax.random.key_data(jax.random.key(0))
+    checkpointing.save(manager, 4, {"train": nnx.state(result.state), "rng": rng})
     manager.wait_until_finished()
     manager.close()
     whole = loop.load_train_state(workdir=tmp_path / "whole", **models)  # no init_fn: the kernel is read back

@@ -66,7 +66,8 @@ class StageInputs:
             self.config, self.data, self.tokenizer, self.tpad_cfg.item_visual_tokens, VISION_BATCH,
             shuffle=False, repeat=False, seed=0, process_index=0, process_count=1,
             prompts=self.item_prompts, rows=rows)
-        return tpad_lib.vision_features_of_batches(model.towers, pictures, rows, self.tpad_cfg.item_visual_tokens)
+        return tpad_lib.vision_features_of_batches(model.towers, pictures, rows,
+                                                   self.tpad_cfg.item_visual_tokens)
 
 
 def tpad_config(config, data, tokenizer) -> tpad_lib.TPADConfig:

@@ -310,8 +310,8 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
 
                 if step % train_config.checkpoint_every == 0 or step == num_steps:
                     _host_metrics(step, metrics, last_checkpoint)
-                    checkpointing.save(manager, step, {"train": checkpointed(state, wrt, constants), "rng": rng_data},
-                                       data_iterator)
+                    saved = {"train": checkpointed(state, wrt, constants), "rng": rng_data}
+                    checkpointing.save(manager, step, saved, data_iterator)
                     last_checkpoint = step
     finally:
         # Lets an in-flight save of the last good state complete, even when a step failed.
