@@ -62,3 +62,18 @@ def test_write_table_writes_the_text_one_csv_line_per_seed_and_the_bars(tmp_path
     assert lines[1:3] == ["tpad,all,HR,20,3,50.00,,", "tpad,all,HR,20,4,100.00,,"]
     assert len(lines) == 1 + 2 * 3 * 2  # models x columns x seeds
     assert (tmp_path / "pipeline_seeds.png").stat().st_size > 0
+
+
+def test_probe_table_means_and_spreads_of_every_export_in_every_seed():
+    def rows(model, hr, mrr, cold):
+        return [{"model": model, "slice": "all", "metric": "HR", "k": 20, "value": hr},
+                {"model": model, "slice": "all", "metric": "MRR", "k": 20, "value": mrr},
+                {"model": model, "slice": "all", "metric": "NDCG", "k": 20, "value": 99.0},  # not a column
+                {"model": model, "slice": "cold", "metric": "HR", "k": 20, "value": cold}]
+
+    seed0 = rows("probe:tpad", 10.0, 3.0, 12.0) + rows("probe:raw", 7.0, 2.0, 9.0)
+    seed1 = rows("probe:tpad", 12.0, 4.0, 14.0)  # raw missing: left out
+    text = significance.probe_markdown([seed0, seed1], [0, 1])
+    # mean 11, std with ddof=1: sqrt(((10-11)^2 + (12-11)^2) / 1) = 1.41; 3.5 +- 0.71; 13 +- 1.41.
+    assert "| probe:tpad | 11.00 +- 1.41 | 3.50 +- 0.71 | 13.00 +- 1.41 |" in text
+    assert "probe:raw" not in text and "99" not in text

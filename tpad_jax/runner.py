@@ -114,7 +114,7 @@ def write_exports(inputs, models: dict) -> None:
     if probe_rows:
         provenance.claim_results(inputs.workdir, inputs.data.fingerprint)  # every process: it synchronizes
     if probe_rows and distributed.is_main_process():
-        with workdir_lib.atomic_open(os.path.join(layout.results_dir(inputs.workdir), "probe.json")) as f:
+        with workdir_lib.atomic_open(os.path.join(layout.results_dir(inputs.workdir), report.PROBE_FILE)) as f:
             json.dump(probe_rows, f, indent=1)
         print(_probe_table(probe_rows), flush=True)
 
@@ -186,7 +186,7 @@ def run_seeds(config, workdir: str, seeds) -> str:
     (`data.synthetic.seed`, the split) stays the same, so every seed ranks the same test examples.
     Writes DIR/results/pipeline_seeds.md and .csv; returns the Markdown.
     """
-    runs, cold_mask, signature, times = [], None, None, {}
+    runs, probes, cold_mask, signature, times = [], [], None, None, {}
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
         seeded.seed = seed
@@ -201,9 +201,12 @@ def run_seeds(config, workdir: str, seeds) -> str:
                              f"than seed {seeds[0]}; whole-pipeline seeds must share one split")
         ranks, cold_mask = report.read_ranks(os.path.join(layout.results_dir(directory), report.RANKS_FILE))
         runs.append(ranks)
+        probe = workdir_lib.read_json(os.path.join(layout.results_dir(directory), report.PROBE_FILE))
+        probes.append(probe or [])
     table = significance.seed_table(runs, cold_mask)
-    text = significance.markdown(table, seeds) + "\nWall time of this command per seed (a resumed seed " \
-        "only re-evaluates): " + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n"
+    text = (significance.markdown(table, seeds) + "\n" + significance.probe_markdown(probes, seeds)
+            + "\nWall time of this command per seed (a resumed seed only re-evaluates): "
+            + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n")
     if distributed.is_main_process():
         significance.write_table(table, seeds, text, layout.results_dir(workdir))
     return text

@@ -110,6 +110,7 @@ def read_skipped(results_dir: str) -> dict:
 
 
 RANKS_FILE = "ranks.npz"
+PROBE_FILE = "probe.json"  # the retrieval probe of each export (runner.write_exports)
 _RANK_PREFIX = "model:"
 
 

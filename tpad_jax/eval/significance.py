@@ -89,7 +89,7 @@ def seed_table(runs: list[dict], cold_mask, reference: str = "tpad", num_resampl
 def markdown(table: dict, seeds, reference: str = "tpad") -> str:
     """The seed table: mean +- std per column and, for every other row, reference's lead and its p."""
     columns = list(next(iter(table.values())))
-    header = " | ".join(f"{metric}@{K}{' cold' if slice_name == 'cold' else ''}" for slice_name, metric in columns)
+    header = _header(columns)
     lines = [f"Whole-pipeline seeds {', '.join(str(s) for s in seeds)}: mean +- std over seeds, in %. "
              f"In brackets: {reference} minus the row (points) and the p-value of a paired bootstrap over "
              f"test sessions; * marks p < {SIGNIFICANCE_LEVEL}.", "",
@@ -103,6 +103,34 @@ def markdown(table: dict, seeds, reference: str = "tpad") -> str:
                 text += f" ({cell['diff']:+.2f}, p={cell['p']:.3f}{mark})"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _header(columns) -> str:
+    """The column titles of (slice, metric) columns: "HR@20 | MRR@20 | HR@20 cold"."""
+    return " | ".join(f"{metric}@{K}{' cold' if slice_name == 'cold' else ''}" for slice_name, metric in columns)
+
+
+def probe_markdown(runs: list[list[dict]], seeds) -> str:
+    """The retrieval probe of every export (rank by e_K cosine to the last click; each seed's
+    results/probe.json, rows of model, slice, metric, k, value) as mean +- std over the seeds of the
+    table's columns. A probe row missing from any seed is left out. No paired test: the probe keeps
+    its averages, not per-session ranks."""
+    values = {}
+    for rows in runs:
+        for row in rows:
+            column = (row["slice"], row["metric"])
+            if row["k"] == K and column in COLUMNS:
+                values.setdefault(row["model"], {}).setdefault(column, []).append(float(row["value"]))
+    header = _header(COLUMNS)
+    lines = [f"Retrieval probe of each export (e_K cosine to the last click), seeds "
+             f"{', '.join(str(s) for s in seeds)}: mean +- std, in %.", "",
+             f"| export | {header} |", "|---|" + "---:|" * len(COLUMNS)]
+    for name, columns in values.items():
+        if all(len(columns.get(column, ())) == len(runs) for column in COLUMNS):
+            spread = [np.std(columns[c], ddof=1) if len(runs) > 1 else 0.0 for c in COLUMNS]
+            cells = [f"{np.mean(columns[c]):.2f} +- {std:.2f}" for c, std in zip(COLUMNS, spread)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
