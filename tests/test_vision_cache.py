@@ -1,6 +1,7 @@
 """The frozen ViT's features on disk: shards read back across layouts, never for other inputs."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -34,14 +35,18 @@ def test_unfinished_shard_and_other_inputs_are_not_read(tmp_path):
     assert vision_cache.cache_dir(str(tmp_path), other) != directory
 
 
-def test_a_run_computes_the_features_once_and_reads_them_back(tmp_path, monkeypatch):
-    from configs import tpad_base
+def test_a_run_computes_the_features_once_and_reads_them_back(tiny_run, tmp_path, monkeypatch):
     from tpad_jax.models import tpad as tpad_lib
     from tpad_jax.parallel import mesh as mesh_lib
     from tpad_jax.train import inputs as inputs_lib
 
-    config = tpad_base.get_config("tiny")
-    inputs = inputs_lib.build_inputs(config, str(tmp_path))
+    config, shared = tiny_run
+    config = config.copy_and_resolve_references()
+    workdir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(shared, "data"), os.path.join(workdir, "data"))  # its prepared data
+    assert os.listdir(os.path.join(workdir, "data", vision_cache.DIRECTORY))  # the run kept its features
+    shutil.rmtree(os.path.join(workdir, "data", vision_cache.DIRECTORY))
+    inputs = inputs_lib.build_inputs(config, workdir)
     assert inputs.tpad_cfg.item_visual_tokens  # the tiny catalogue has pictures
 
     def initialized():
