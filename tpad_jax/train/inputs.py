@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from tpad_jax.data import pipeline, prepared, prompts, tokenizer as tokenizer_lib
-from tpad_jax import pretrained
+from tpad_jax import pretrained, rows
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
@@ -55,11 +55,11 @@ class StageInputs:
         nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision, vision_rows))
 
     def vision_record(self) -> dict:
-        """What shapes the frozen ViT's features: the data, the model (base, checkpoint, image size,
-        tokens per item) and the seed (of a random base): the record of the untrained towers."""
+        """What shapes the frozen ViT's features: the record of the untrained towers (the data, the model
+        with its base, checkpoint, image size and tokens per item, and the seed of a random base)."""
         from tpad_jax import provenance  # noqa: PLC0415  (provenance imports the stages, which import this)
 
-        return provenance.make_record(self.data.fingerprint, self.config, ("data", "model", "seed"))
+        return provenance.stage_record(self.config, self.data.fingerprint, rows.RAW)
 
     def _vision_features(self, model: tpad_lib.TPAD, rows: np.ndarray) -> np.ndarray:
         pictures = pipeline.item_batches(
