@@ -59,6 +59,15 @@ def test_every_configured_row_is_known(name):
 
 def test_the_default_rows_are_the_registry_in_report_order():
     assert tpad_base.get_config().eval.models == rows.names(rows.defaults())
+    # The default run: the method, the baselines and the three rows that say whether it pays.
+    assert rows.names(rows.defaults()) == ("oracle", "pop", "s-pop", "markov", "sknn", "transformer",
+                                           "transformer+raw", "transformer+stage1", "tpad")
+    # The full table adds every ablation and encoder; the test preset runs all of them.
+    full = tpad_base.get_config("full").eval.models
+    assert full == tpad_base.get_config("tiny").eval.models == rows.names(rows.full_table())
+    assert {"tpad-no-gen", "tpad-no-disentangle", "tpad-no-align", "gru4rec", "srgnn", "srgnn+tpad"} == (
+        set(full) - set(rows.names(rows.defaults())))
+    assert tpad_base.get_config("full").msbr.per_model == tpad_base.get_config().msbr.per_model
     assert rows.names(rows.ROWS)[:5] == ("oracle", "pop", "s-pop", "markov", "sknn")
 
 

@@ -42,7 +42,9 @@ class Row:
     """One row of the comparison.
 
     `encoder`: the session encoder of a neural row. `export`: the export variant whose features it reads
-    (None: item IDs only). `default`: run when `eval.models` is not given.
+    (None: item IDs only). `default`: run when `eval.models` is not given. The default run is the method
+    and what says whether it pays (the baselines, the ID-only transformer, the same transformer over the
+    untrained and the stage-1 towers); the other encoders and the ablations are the `full` preset's.
     """
 
     name: str
@@ -71,16 +73,16 @@ ROWS = (
     Row("s-pop", BASELINE),
     Row("markov", BASELINE),
     Row("sknn", BASELINE),
-    Row("gru4rec", NEURAL, "gru4rec"),
+    Row("gru4rec", NEURAL, "gru4rec", default=False),
     Row("transformer", NEURAL, "transformer"),
-    Row("srgnn", NEURAL, "srgnn"),
+    Row("srgnn", NEURAL, "srgnn", default=False),
     Row("transformer+raw", NEURAL, "transformer", RAW),
     Row("transformer+stage1", NEURAL, "transformer", STAGE1),
     Row("tpad", NEURAL, "transformer", MAIN_VARIANT),
-    Row("srgnn+tpad", NEURAL, "srgnn", MAIN_VARIANT),
-    Row("tpad-no-gen", NEURAL, "transformer", "no-gen"),
-    Row("tpad-no-disentangle", NEURAL, "transformer", "no-disentangle"),
-    Row("tpad-no-align", NEURAL, "transformer", "no-align"),
+    Row("srgnn+tpad", NEURAL, "srgnn", MAIN_VARIANT, default=False),
+    Row("tpad-no-gen", NEURAL, "transformer", "no-gen", default=False),
+    Row("tpad-no-disentangle", NEURAL, "transformer", "no-disentangle", default=False),
+    Row("tpad-no-align", NEURAL, "transformer", "no-align", default=False),
     # The classic MSBR recipe (frozen sentence embeddings): run on request, it loads a wheel.
     Row("transformer+minilm", NEURAL, "transformer", MINILM, default=False),
 )
@@ -113,6 +115,11 @@ def neural() -> tuple[Row, ...]:
 def defaults() -> tuple[Row, ...]:
     """The rows a run evaluates unless `eval.models` says otherwise."""
     return tuple(row for row in ROWS if row.default)
+
+
+def full_table() -> tuple[Row, ...]:
+    """Every row but the MiniLM recipe (it loads an extra wheel; name it in `eval.models` to add it)."""
+    return tuple(row for row in ROWS if row.export != MINILM)
 
 
 def names(rows) -> tuple[str, ...]:
