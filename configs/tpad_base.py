@@ -9,9 +9,9 @@ Usage:
 
 `arg` selects a preset: `base` (default: the method, the baselines and the transformer over IDs, the
 untrained towers and stage 1), `full` (base with every row of `rows.full_table()`: the ablations,
-GRU4Rec, SR-GNN and SR-GNN over TPAD; about 2.5x the default run's time) or `tiny` (test-sized, every
-row of the full table). Every field below can be overridden with
-`--config.<path>=value`; unknown keys fail (the config is locked).
+GRU4Rec, SR-GNN and SR-GNN over TPAD; about 2.2x the default run's time, benchmarks/RESULTS.md
+"Default run speed") or `tiny` (test-sized, every row of the full table). Every field below can be
+overridden with `--config.<path>=value`; unknown keys fail (the config is locked).
 """
 
 import ml_collections
@@ -192,7 +192,7 @@ def get_config(arg=None):
     c.msbr.length_buckets = (3, 8)
     # Per-row settings over the msbr.* above, e.g. `--config.msbr.per_model.gru4rec.learning_rate=0.01`
     # (`--config.msbr.per_model["srgnn+tpad"].dropout=0.3` for a name that is not an identifier); the
-    # base preset's are TUNED_ROWS. The tiny preset keeps one small setting for every row.
+    # base and full presets' are TUNED_ROWS. The tiny preset keeps one small setting for every row.
     c.msbr.per_model = _per_model({} if preset == "tiny" else TUNED_ROWS)
 
     # ----------------------------------------------------------------------------------- eval

@@ -57,7 +57,7 @@ def infonce(scores, *, mask=None):
     log_norm = jax.nn.logsumexp(masked, axis=1)
     cross_entropy = log_norm - jnp.diagonal(scores)
     num_candidates = jnp.sum(col_valid)
-    return jnp.log(num_candidates) - _masked_mean(cross_entropy, row_valid)
+    return jnp.log(num_candidates) - masked_mean(cross_entropy, row_valid)
 
 
 def infonce_accuracy(scores, *, mask=None):
@@ -69,7 +69,7 @@ def infonce_accuracy(scores, *, mask=None):
     positive = jnp.diagonal(scores)
     # A positive tied with a negative does not count as correct: no credit from ties.
     beaten = jnp.sum(masked >= positive[:, None], axis=1) - 1
-    return _masked_mean((beaten == 0).astype(jnp.float32), row_valid)
+    return masked_mean((beaten == 0).astype(jnp.float32), row_valid)
 
 
 def club(mu, logvar, y, *, mask=None):
@@ -94,7 +94,7 @@ def club(mu, logvar, y, *, mask=None):
     y_sq_mean = weights @ jnp.square(y)
     mean_sq_dist = y_sq_mean[None, :] - 2.0 * mu * y_mean[None, :] + jnp.square(mu)
     negative = -0.5 * jnp.sum(mean_sq_dist * jnp.exp(-logvar), axis=-1)
-    return _masked_mean(positive - negative, row_valid)
+    return masked_mean(positive - negative, row_valid)
 
 
 def club_q_loss(mu, logvar, y, *, mask=None):
@@ -103,7 +103,7 @@ def club_q_loss(mu, logvar, y, *, mask=None):
     log_density = _gaussian_log_density_core(mu, logvar, y) - 0.5 * jnp.sum(
         logvar + math.log(2.0 * math.pi), axis=-1
     )
-    return -_masked_mean(log_density, row_valid)
+    return -masked_mean(log_density, row_valid)
 
 
 def joint_and_marginal(scores, *, mask=None):
@@ -130,7 +130,7 @@ def nwj(t_joint, t_marginal, *, joint_valid=None, marginal_valid=None):
 
     `joint_valid` / `marginal_valid` (bool, shaped like the values) leave entries out of the means.
     """
-    return (_masked_mean(t_joint, _valid(joint_valid, t_joint))
+    return (masked_mean(t_joint, _valid(joint_valid, t_joint))
             - jnp.exp(_log_mean_exp(t_marginal, marginal_valid) - 1.0))
 
 
@@ -146,8 +146,8 @@ def jsd(t_joint, t_marginal, *, joint_valid=None, marginal_valid=None):
     """
     joint_valid, marginal_valid = _valid(joint_valid, t_joint), _valid(marginal_valid, t_marginal)
     safe_marginal = jnp.where(marginal_valid, t_marginal, 0.0)  # -inf pairs: no NaN through softplus
-    objective = (_masked_mean(-jax.nn.softplus(-t_joint), joint_valid)
-                 - _masked_mean(jax.nn.softplus(safe_marginal), marginal_valid))
+    objective = (masked_mean(-jax.nn.softplus(-t_joint), joint_valid)
+                 - masked_mean(jax.nn.softplus(safe_marginal), marginal_valid))
     bound = nwj(t_joint + 1.0, t_marginal + 1.0, joint_valid=joint_valid, marginal_valid=marginal_valid)
     return objective, bound
 
@@ -232,5 +232,6 @@ def _row_mask(mask, num_rows):
     return jnp.ones((num_rows,), bool) if mask is None else mask.astype(bool)
 
 
-def _masked_mean(values, valid):
+def masked_mean(values, valid):
+    """Mean of `values` over the rows where `valid` is True (0 when none is)."""
     return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tpad_jax.models.mi import masked_mean
+
 ENCODERS = ("transformer", "srgnn", "gru4rec")
 CONTENT_PROJECTIONS = ("linear", "mlp")
 # Transformer block layouts: "pre" normalises each sublayer's input and the final states (GPT-2); "post"
@@ -377,7 +379,7 @@ def chunked_softmax_cross_entropy(session_vecs, item_table, targets, chunk, *, m
         # One block: the plain logsumexp. A scan of one rematerialised chunk computes the same value but
         # runs its forward matmul twice (about 2x the loss's time at the default run's shapes).
         log_partition = jax.nn.logsumexp(session_vecs @ item_table.T, axis=1)
-        return _masked_mean(log_partition - target_logits, valid_rows)
+        return masked_mean(log_partition - target_logits, valid_rows)
     num_chunks = -(-num_items // chunk)
     padded = jnp.pad(item_table, ((0, num_chunks * chunk - num_items), (0, 0)))
     chunks = padded.reshape(num_chunks, chunk, dim)
@@ -398,8 +400,4 @@ def chunked_softmax_cross_entropy(session_vecs, item_table, targets, chunk, *, m
     initial = (jnp.full((batch,), -jnp.inf, session_vecs.dtype), jnp.zeros((batch,), session_vecs.dtype))
     (running_max, running_sum), _ = jax.lax.scan(accumulate, initial, (chunks, jnp.asarray(real_item)))
     log_partition = running_max + jnp.log(running_sum)
-    return _masked_mean(log_partition - target_logits, valid_rows)
-
-
-def _masked_mean(values, valid_rows):
-    return jnp.sum(jnp.where(valid_rows, values, 0.0)) / jnp.maximum(jnp.sum(valid_rows), 1)
+    return masked_mean(log_partition - target_logits, valid_rows)
