@@ -122,7 +122,7 @@ def run_trial(row: str, settings: dict, config, source: str, out: str, data) -> 
     selection = selection_lib.read_selection(layout.row_dir(directory, row))
     prefixes, targets = data.examples(selection_lib.VALID_SPLIT)
     ranks = scoring.rank_examples(model, prefixes, targets, tables.prefix_width(trial_config),
-                                  trial_config.msbr.eval_batch_size)
+                                  trial_config.msbr.eval_batch_size, trial_config.msbr.length_buckets)
     valid = metrics.metrics_from_ranks(ranks, (20,))
     result = {"model": row, **settings, "valid MRR@20": round(valid[("MRR", 20)], 2),
               "valid HR@20": round(valid[("HR", 20)], 2), "best epoch": selection["best_epoch"],

@@ -164,17 +164,24 @@ def test_model_selection_reads_validation_never_test(tiny):
     # The returned parameters are the selected epoch's: they reproduce its validation metric.
     prefixes, targets = data.examples("valid")
     width, batch_size = tables.prefix_width(config), config.msbr.eval_batch_size
-    ranks = scoring.rank_examples(model, prefixes, targets, width, batch_size)
+    ranks = scoring.rank_examples(model, prefixes, targets, width, batch_size, config.msbr.length_buckets)
     assert metrics.metrics_from_ranks(ranks, (20,))[("MRR", 20)] == pytest.approx(selection["best_metric"],
                                                                                  abs=1e-6)
 
 
 def test_rank_examples_equals_ranking_the_full_score_matrix(tiny):
+    """Length buckets and chunking change only how prefixes are batched: every rank equals the one read
+    off the full [n, N] score matrix of prefixes padded to the full width."""
     config, _, data, _, model = tiny
     prefixes, targets = data.examples("valid")
     width = tables.prefix_width(config)
     dense = metrics.rank_targets(scoring.prefix_scorer(model, width, 32), prefixes, targets, 32)
-    np.testing.assert_array_equal(scoring.rank_examples(model, prefixes, targets, width, 32), dense)
+    lengths = np.array([len(prefix) for prefix in prefixes])
+    buckets = (1, 2)
+    assert len(set(np.searchsorted(tables.bucket_widths(buckets, width), np.minimum(lengths, width)))) == 3
+    for batch_size, chunk_buckets in [(32, ()), (32, buckets), (5, buckets)]:
+        ranks = scoring.rank_examples(model, prefixes, targets, width, batch_size, chunk_buckets)
+        np.testing.assert_array_equal(ranks, dense)
 
 
 def test_rerun_on_a_finished_workdir_does_not_train(tiny, monkeypatch):

@@ -3,7 +3,7 @@
 import numpy as np
 from flax import nnx
 
-from tpad_jax.downstream.tables import pad_prefixes
+from tpad_jax.downstream.tables import bucket_widths, pad_prefixes
 from tpad_jax.eval import metrics as metrics_lib
 
 
@@ -39,20 +39,38 @@ def prefix_scorer(model, width: int, batch_size: int):
     return score_fn
 
 
-def rank_examples(model, prefixes, targets, width: int, batch_size: int) -> np.ndarray:
+def _padded_rows(rows: int, batch_size: int) -> int:
+    """Rows a chunk of `rows` prefixes is padded to: a multiple of batch_size / 8, at most batch_size, so
+    a bucket's last chunk is not run at the full batch and each ranking sees a few compiled shapes."""
+    quantum = max(batch_size // 8, 1)
+    return min(batch_size, -(-rows // quantum) * quantum)
+
+
+def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets=()) -> np.ndarray:
     """0-based ranks [n] of `targets` after `prefixes` (dropout off), `batch_size` prefixes at a time.
 
-    Scores are session vectors times item vectors, so targets are ranked item chunk by item chunk
-    (`metrics.rank_by_dot`): memory stays bounded by the chunk sizes, not by the catalogue.
+    Prefixes are grouped by length into the widths `buckets` (then `width`), as training batches are
+    (`msbr.length_buckets`): most prefixes are short, and an encoder reads right-padded prefixes the same
+    at any width, so a short one is not run at the full width. Scores are session vectors times item
+    vectors, so targets are ranked item chunk by item chunk (`metrics.rank_by_dot`): memory stays bounded
+    by the chunk sizes, not by the catalogue.
     """
     targets = np.asarray(targets, np.int32)
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     eval_model = nnx.view(model, deterministic=True)
     table = _item_table(eval_model)
-    ranks = []
-    for start in range(0, len(targets), batch_size):
-        chunk = prefixes[start:start + batch_size]
-        vectors = _session_vectors(eval_model, *_padded_chunk(chunk, width, batch_size))[:len(chunk)]
-        ranks.append(np.asarray(metrics_lib.rank_by_dot(vectors, table, targets[start:start + batch_size])))
-    return np.concatenate(ranks) if ranks else np.zeros((0,), np.int32)
+    widths = bucket_widths(buckets, width)
+    lengths = np.array([min(len(prefix), width) for prefix in prefixes], np.int64)
+    bucket_of = np.searchsorted(np.asarray(widths), lengths)
+    ranks = np.zeros(len(targets), np.int32)
+    for bucket, bucket_width in enumerate(widths):
+        members = np.flatnonzero(bucket_of == bucket)
+        for start in range(0, len(members), batch_size):
+            rows = members[start:start + batch_size]
+            padded = _padded_rows(len(rows), batch_size)
+            vectors = _session_vectors(eval_model, *_padded_chunk([prefixes[i] for i in rows], bucket_width, padded))
+            # Filler rows rank item 0 and are dropped: one compiled shape per padded chunk size.
+            chunk_targets = np.pad(targets[rows], (0, padded - len(rows)))
+            ranks[rows] = np.asarray(metrics_lib.rank_by_dot(vectors, table, chunk_targets))[:len(rows)]
+    return ranks

@@ -20,6 +20,11 @@ def prefix_width(config) -> int:
     return config.data.max_session_length - 1
 
 
+def bucket_widths(buckets, full_width: int) -> list[int]:
+    """The widths of the length buckets: those of `buckets` below `full_width`, then `full_width`."""
+    return sorted({w for w in buckets if w < full_width} | {full_width})
+
+
 def padded_examples(examples: pipeline.SessionExamples, width: int):
     """Right-padded prefixes (their last `width` items) of `examples`.
 
@@ -164,9 +169,7 @@ def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int,
     msbr = config.msbr
     if batch_size % jax.process_count():
         raise UserError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes")
-    full_width = table.items.shape[1]
-    widths = sorted({w for w in msbr.length_buckets if w < full_width} | {full_width})
-    source = BucketedBatches(table, widths, batch_size, config.seed, num_epochs,
+    source = BucketedBatches(table, bucket_widths(msbr.length_buckets, table.items.shape[1]), batch_size, config.seed, num_epochs,
                              jax.process_index(), jax.process_count())
     threads = config.data.read_threads
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)

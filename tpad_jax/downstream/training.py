@@ -84,7 +84,8 @@ def train_msbr(name: str, config, workdir: str, data):
 
     def validate(model, step):
         epoch = step // steps_per_epoch
-        ranks = rank_examples(model, valid_prefixes, valid_targets, width, msbr.eval_batch_size)
+        ranks = rank_examples(model, valid_prefixes, valid_targets, width, msbr.eval_batch_size,
+                              msbr.length_buckets)
         values = metrics_lib.metrics_from_ranks(ranks, (SELECTION_METRIC[1],))
         # Epochs after this one belong to a run that was interrupted before its checkpoint: redone now.
         for stale in [e for e in history if e >= epoch]:
@@ -126,5 +127,6 @@ def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
     """
     model = train_msbr(name, config, workdir, data)
     prefixes, targets = data.examples(TEST_SPLIT)
-    ranks = rank_examples(model, prefixes, targets, prefix_width(config), config.msbr.eval_batch_size)
+    ranks = rank_examples(model, prefixes, targets, prefix_width(config), config.msbr.eval_batch_size,
+                          config.msbr.length_buckets)
     return ranks.astype(np.int32)
