@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tpad_jax.data import pipeline, prompts, tfds_builder, tokenizer as tokenizer_lib
+from tpad_jax.data import pipeline, prepared, prompts, tfds_builder, tokenizer as tokenizer_lib
 
 N_IMG = 2
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), None, (10, 20, 30), (200, 200, 0), None]
@@ -209,3 +209,19 @@ def test_eval_session_batches_read_the_split_examples(setup):
     assert batch["rows"].tolist() == [[2, 3], [6, 0]]
     assert batch["next_rows"].tolist() == [[3, 4], [5, 0]]
     assert batch["target"].tolist() == [4, 5] and batch["valid"].all()
+
+
+def test_ragged_rows_read_as_the_sessions_they_store_and_give_every_position():
+    sessions = [[3, 1, 4], [1], [5, 9, 2, 6]]
+    rows = prepared.RaggedRows(np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int32), np.array([0, 3, 4, 8], np.int64))
+    assert len(rows) == 3 and [row.tolist() for row in rows] == sessions
+    assert rows[-1].tolist() == [5, 9, 2, 6] and [row.tolist() for row in rows[1:]] == sessions[1:]
+    with pytest.raises(IndexError):
+        rows[3]
+    # Position j >= 1 of each session: (3) -> 1, (3 1) -> 4, then (5) -> 9, (5 9) -> 2, (5 9 2) -> 6.
+    for source in (rows, sessions):
+        examples = pipeline.SessionExamples.every_position(source)
+        assert examples.targets.tolist() == [1, 4, 9, 2, 6]
+        assert examples.lengths.tolist() == [1, 2, 1, 2, 3]
+        assert examples.starts.tolist() == [0, 0, 4, 4, 4]
+        assert examples.flat_rows.tolist() == [3, 1, 4, 1, 5, 9, 2, 6]

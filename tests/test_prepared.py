@@ -120,7 +120,7 @@ def test_amazon_source(tmp_path):
     data = prepared.load_or_prepare(config, str(tmp_path))
     # Sessions of length >= 2: A1V6..._2013-11-14 (train) and A3CI..._2016-09-01 (test, unseen items dropped).
     assert [[data.item_ids[r] for r in s] for s in data.train] == [["B00006L9LC", "B00004U9UY"]]
-    assert data.test == [] and data.stats["filtering"]["test_clicks_unseen_in_train"] == 2
+    assert len(data.test) == 0 and data.stats["filtering"]["test_clicks_unseen_in_train"] == 2
     assert data.has_image.tolist() == [item == "B00004U9UY" for item in data.item_ids]
     assert data.stats["source"] == "amazon2018"
 

@@ -72,3 +72,12 @@ def test_bad_protocol_settings():
     with pytest.raises(ValueError, match="min_session_length"):
         protocol.split_sessions(SESSIONS, min_item_count=1, min_session_length=1, max_session_length=3,
                                 test_fraction=0.1, valid_fraction=0.1)
+
+
+def test_time_order_is_timestamp_then_natural_id_with_untimed_last():
+    sessions = [Session("s10", ["a"], 5), Session("s9", ["a"], None), Session("s2", ["a"], 5),
+                Session("a", ["a"], -1), Session("s1", ["a"], None), Session("s11", ["a"], 5)]
+    assert [s.session_id for s in protocol.time_ordered(sessions)] == ["a", "s2", "s10", "s11", "s1", "s9"]
+    # A timestamp beyond int64 still sorts (the plain sort path).
+    sessions.append(Session("b", ["a"], 2**70))
+    assert [s.session_id for s in protocol.time_ordered(sessions)] == ["a", "s2", "s10", "s11", "b", "s1", "s9"]

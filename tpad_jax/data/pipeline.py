@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tpad_jax.data import prompts, tfds_builder, tokenizer as tokenizer_lib
+from tpad_jax.data import prepared, prompts, tfds_builder, tokenizer as tokenizer_lib
 
 # Arrays smaller than this travel from Grain workers pickled, larger ones (pixels) in shared memory.
 MIN_SHARED_MEMORY_BYTES = 1 << 20
@@ -143,18 +143,21 @@ class SessionExamples:
     @classmethod
     def every_position(cls, sessions):
         """One example per position j >= 1 of each session: (session[:j], session[j])."""
-        flat_rows = _concatenate(sessions)
-        offsets = np.cumsum([0] + [len(s) for s in sessions])
-        pairs = [(offset, j) for offset, s in zip(offsets, sessions) for j in range(1, len(s))]
-        starts, lengths = np.array(pairs, np.int64).reshape(-1, 2).T
+        flat_rows, session_lengths = _concatenate(sessions)
+        offsets = np.cumsum(session_lengths) - session_lengths
+        per_session = np.maximum(session_lengths - 1, 0)
+        # Example k of a session starts at its first click and shows k + 1 clicks (arrays, not a Python
+        # pair per click).
+        first = np.cumsum(per_session) - per_session
+        lengths = np.arange(int(per_session.sum()), dtype=np.int64) - np.repeat(first, per_session) + 1
+        starts = np.repeat(offsets, per_session)
         return cls(flat_rows, starts, lengths, flat_rows[starts + lengths])
 
     @classmethod
     def from_prefixes(cls, prefixes, targets):
         """Examples from explicit prefixes and targets (PreparedData.examples)."""
-        lengths = np.array([len(p) for p in prefixes], np.int64)
-        return cls(_concatenate(prefixes), np.cumsum(lengths) - lengths, lengths,
-                   np.asarray(targets, np.int32))
+        flat_rows, lengths = _concatenate(prefixes)
+        return cls(flat_rows, np.cumsum(lengths) - lengths, lengths, np.asarray(targets, np.int32))
 
     def __len__(self):
         return len(self.targets)
@@ -245,7 +248,12 @@ def _index_and_valid(positions, length):
 
 
 def _concatenate(row_lists):
-    return np.concatenate([np.zeros(0, np.int32)] + [np.asarray(rows, np.int32) for rows in row_lists])
+    """(flat int32 rows, int64 lengths) of a sequence of row lists; a RaggedRows gives its own arrays."""
+    if isinstance(row_lists, prepared.RaggedRows):
+        return row_lists.flat.astype(np.int32, copy=False), row_lists.lengths
+    lengths = np.fromiter(map(len, row_lists), np.int64, count=len(row_lists))
+    flat = np.concatenate([np.zeros(0, np.int32)] + [np.asarray(rows, np.int32) for rows in row_lists])
+    return flat, lengths
 
 
 def _item_texts(data, tokenizer):

@@ -11,6 +11,7 @@ A canonical catalogue with a split.json is split as listed (`protocol.split_give
 (`protocol.split_sessions`). stats.json says which (`"split"`).
 """
 
+import collections.abc
 import hashlib
 import json
 import logging
@@ -133,14 +134,20 @@ def _pickled_splits(config, raw_dir):
     return items, sessions, examples, filtering, "as given by the SR-GNN pickles"
 
 
-def _session_splits(config, raw_dir, items, sessions, given):
+def _session_splits(config, raw_dir, raw_data):
     """Protocol splits of raw sessions, by time or as `given` ({name: sessions} of split.json, or None);
     the item table keeps only items that occur in some split.
 
+    Args:
+      raw_data: the list [items, sessions, given] of `_read_raw`; emptied here, so that the raw sessions
+        (a Python object per session and a pointer per click) are freed once the protocol has split them,
+        not held beside the splits and their examples.
     Returns:
       (items, {split: sessions}, {split: examples}, filtering stats, a one-line description of the split).
     """
     d = config.data
+    items, sessions, given = raw_data
+    raw_data.clear()
     filters = dict(min_item_count=d.min_item_count, min_session_length=d.min_session_length,
                    max_session_length=d.max_session_length, valid_fraction=d.valid_fraction,
                    train_fraction=d.train_fraction)
@@ -157,6 +164,7 @@ def _session_splits(config, raw_dir, items, sessions, given):
         counts = " / ".join(f"{n} {name}" for name, n in listed.items())
         description = f"given by {raw.SPLIT_FILE}: {counts} sessions listed{carved}"
         read = f"{listed['train']} train sessions listed in {raw.SPLIT_FILE}"
+    del sessions, given  # the splits hold what is kept
     if not splits.train:
         # Nothing downstream can train on an empty split (TFDS would only say "No examples were yielded").
         stats = splits.stats
@@ -174,13 +182,41 @@ def _session_splits(config, raw_dir, items, sessions, given):
 
 def _ragged(sequences, row):
     """Concatenated int32 rows and int64 offsets of a list of item-id sequences."""
-    lengths = [len(s) for s in sequences]
-    flat = np.array([row[i] for s in sequences for i in s], np.int32)
-    return flat, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    lengths = np.fromiter(map(len, sequences), np.int64, count=len(sequences))
+    # fromiter, not array(list): no Python list of one entry per click on the way.
+    flat = np.fromiter((row[i] for s in sequences for i in s), np.int32, count=int(lengths.sum()))
+    return flat, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def _unragged(flat, offsets):
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+class RaggedRows(collections.abc.Sequence):
+    """The rows of a ragged int32 array (flat values + int64 offsets) as a read-only sequence of views.
+
+    A row's view is made when it is read, not stored: a split costs its two arrays, not a Python object
+    per session (about 100 bytes each, which made a loaded catalogue grow with its sessions).
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        return self.flat[self.offsets[index]:self.offsets[index + 1]]
+
+    def __repr__(self):
+        return f"RaggedRows({len(self)} rows, {len(self.flat)} values)"
 
 
 def _statistics(source, config, items, sessions, examples, report, filtering, split):
@@ -221,7 +257,7 @@ def prepare(config, workdir):
         items, sessions, examples, filtering, split = _pickled_splits(config, raw_dir)
     else:
         items, sessions, examples, filtering, split = _session_splits(
-            config, raw_dir, *_read_raw(source, config, raw_dir, report))
+            config, raw_dir, list(_read_raw(source, config, raw_dir, report)))
     row = {item.item_id: r for r, item in enumerate(items)}
     arrays = {}
     for name in SPLITS:
@@ -285,8 +321,8 @@ class PreparedData:
         self.num_items = len(self.item_ids)
         self._sessions, self._examples = {}, {}
         for name in SPLITS:
-            sessions = _unragged(arrays[f"{name}_session_items"], arrays[f"{name}_session_offsets"])
-            prefixes = _unragged(arrays[f"{name}_prefix_items"], arrays[f"{name}_prefix_offsets"])
+            sessions = RaggedRows(arrays[f"{name}_session_items"], arrays[f"{name}_session_offsets"])
+            prefixes = RaggedRows(arrays[f"{name}_prefix_items"], arrays[f"{name}_prefix_offsets"])
             self._sessions[name], self._examples[name] = sessions, (prefixes, arrays[f"{name}_targets"])
         self.train, self.valid, self.test = (self._sessions[name] for name in SPLITS)
         self.train_item_counts = np.bincount(arrays["train_session_items"], minlength=self.num_items)
@@ -299,7 +335,7 @@ class PreparedData:
         return bool(self.has_title.any() or self.has_image.any())
 
     def examples(self, split):
-        """(prefixes: list of int32 arrays, targets: int32 [n]) of `split`, as the protocol defines them."""
+        """(prefixes: RaggedRows of int32 rows, targets: int32 [n]) of `split`, as the protocol defines them."""
         return self._examples[split]
 
     def cold_mask(self, targets):
