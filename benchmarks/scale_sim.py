@@ -14,6 +14,8 @@ items that walk between neighbouring rows (so the similarity probe has something
 Phases, each in fresh processes so its peak RSS is its own:
 - generate: the raw catalogue (the user's data, not the pipeline; reported for scale only);
 - prepare:  `prepared.load_or_prepare` (read, validate, protocol), the tokenizer, the TFDS item table;
+- load:     the prepared splits loaded back and the train examples of every position, which every
+            later phase starts with;
 - export:   the tiny TPAD towers with random weights on the mesh: item tables split by rows over the
             devices, the frozen ViT's streamed pass, `export.item_embeddings` (data-parallel), the export
             files. Run on 8 virtual CPU devices in one process, and as 2 processes x 4 devices over
@@ -117,6 +119,20 @@ def phase_prepare(workdir: str, raw_dir: str) -> dict:
     return {"items": data.num_items, "test_examples": len(data.examples("test")[1]), "detail": clock.summary()}
 
 
+def phase_load(workdir: str, raw_dir: str) -> dict:
+    """What every later phase starts with: the prepared splits loaded, then the train examples of every
+    position (the input of stage 2 and of the downstream rows)."""
+    from tpad_jax.data import pipeline, prepared  # noqa: PLC0415
+
+    config = sim_config(raw_dir)
+    clock = Clock()
+    data = prepared.load_or_prepare(config, workdir)
+    clock.lap("load")
+    examples = pipeline.SessionExamples.every_position(data.train)
+    clock.lap("train examples")
+    return {"items": data.num_items, "detail": f"{clock.summary()}; {len(examples)} train examples"}
+
+
 def device_item_bytes(model) -> int:
     """Bytes of the item tables held by the first local device (its shards of every table)."""
     import jax  # noqa: PLC0415 (workers import JAX after setting their device count)
@@ -190,7 +206,7 @@ def phase_evaluate(workdir: str, raw_dir: str) -> dict:
                       f"{100 * np.mean(np.where(ranks < 20, 1.0 / (ranks + 1), 0.0)):.2f}"}
 
 
-PHASES = {"prepare": phase_prepare, "export": phase_export, "evaluate": phase_evaluate}
+PHASES = {"prepare": phase_prepare, "load": phase_load, "export": phase_export, "evaluate": phase_evaluate}
 
 
 def worker(args) -> None:
@@ -258,7 +274,7 @@ def main():
     parser.add_argument("--pictures", type=int, default=4096)
     parser.add_argument("--layouts", default="1x4,1x8,2x4",
                         help="the export's runs: PROCESSES x CPU devices per process")
-    parser.add_argument("--phases", default="prepare,export,evaluate", help="which phases to run")
+    parser.add_argument("--phases", default="prepare,load,export,evaluate", help="which phases to run")
     # Worker arguments (set by run_phase).
     parser.add_argument("--phase", choices=sorted(PHASES))
     parser.add_argument("--devices", type=int, default=1, help="CPU devices of each process")
@@ -281,7 +297,7 @@ def main():
                          "wall_s": round(time.perf_counter() - clock, 1), "peak_rss_mb": round(peak_rss_mb()),
                          "detail": f"{sessions} sessions"})
             log(rows[-1])
-        plan = [("prepare", (1, 1))] + [("export", tuple(map(int, layout.split("x"))))
+        plan = [("prepare", (1, 1)), ("load", (1, 1))] + [("export", tuple(map(int, layout.split("x"))))
                                         for layout in args.layouts.split(",")]
         plan.append(("evaluate", (1, 1)))
         for phase, (processes, devices) in [step for step in plan if step[0] in args.phases.split(",")]:
