@@ -182,6 +182,10 @@ def get_config(arg=None):
     # epoch / epochs run: results.md). The base preset's rows take their own budget (TUNED_ROWS).
     c.msbr.max_epochs = 40
     c.msbr.patience = 3  # epochs without a better validation MRR@20 before training stops
+    # A row validates every epoch but saves its training state every this many epochs (and at the end):
+    # a save holds up the 2 cores for a moment, and an interrupted row redoes at most this many epochs
+    # (they come out the same). Changes no result, so it is not in a row's record.
+    c.msbr.checkpoint_every_epochs = 4
     # Items per block of the full-softmax loss. A catalogue up to this size is one block (the fastest
     # on CPU: no rematerialised scan); at 8192 items and the full width that block is [2432, 8192] fp32,
     # 80 MB. Larger catalogues are scanned in blocks of this size.

@@ -4,9 +4,11 @@ import importlib.util
 import os
 import types
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from configs import tpad_base
@@ -17,7 +19,7 @@ from tpad_jax.downstream import scoring, serving, tables, training
 from tpad_jax.downstream import selection as selection_lib
 from tpad_jax.downstream import settings as settings_lib
 from tpad_jax.eval import baselines, metrics
-from tpad_jax.train import loop, metrics_log as logging
+from tpad_jax.train import checkpointing, loop, metrics_log as logging
 
 
 class RecordingData:
@@ -196,6 +198,43 @@ def test_rerun_on_a_finished_workdir_does_not_train(tiny, monkeypatch):
     again = training.train_msbr("transformer", config, workdir, data)
     assert open(metrics_file).read() == before
     np.testing.assert_array_equal(again.id_embedding.embedding[...], model.id_embedding.embedding[...])
+
+
+def test_a_row_interrupted_between_checkpoints_redoes_its_epochs_and_ends_the_same(tiny, tmp_path, monkeypatch):
+    """Saved every 2 epochs, a row that fails after validating epoch 3 (before its save) resumes from
+    epoch 2 and redoes epoch 3: its history, selected epoch and parameters are an uninterrupted run's."""
+    _, _, data, _, _ = tiny
+    config = tpad_base.get_config("tiny")
+    config.msbr.max_epochs, config.msbr.patience, config.msbr.checkpoint_every_epochs = 3, 3, 2
+    table = tables.SessionTable.every_session(data.train, tables.prefix_width(config))
+    steps_per_epoch = tables.training_batches(config, table, 1, config.msbr.sessions_per_batch)[1]
+    whole_dir, interrupted_dir = str(tmp_path / "whole"), str(tmp_path / "interrupted")
+    reference = training.train_msbr("transformer", config, whole_dir, data)
+    whole = selection_lib.read_selection(layout.row_dir(whole_dir, "transformer"))
+
+    saved_steps, real_save = [], checkpointing.save
+
+    def save_or_crash(manager, step, *args, **kwargs):
+        if step == 3 * steps_per_epoch:
+            raise RuntimeError("simulated crash before the last save")
+        saved_steps.append(step)
+        return real_save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save", save_or_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        training.train_msbr("transformer", config, interrupted_dir, data)
+    assert saved_steps == [2 * steps_per_epoch]  # epoch 1 is not saved, epoch 2 is
+    crashed = selection_lib.read_selection(layout.row_dir(interrupted_dir, "transformer"))
+    assert sorted(crashed["history"]) == ["1", "2", "3"] and not crashed["finished"]
+
+    monkeypatch.setattr(checkpointing, "save", real_save)
+    resumed = training.train_msbr("transformer", config, interrupted_dir, data)
+    again = selection_lib.read_selection(layout.row_dir(interrupted_dir, "transformer"))
+    assert again["finished"] and again["history"] == whole["history"]
+    assert again["best_epoch"] == whole["best_epoch"]
+    params = [jax.tree.leaves(nnx.state(model, nnx.Param)) for model in (resumed, reference)]
+    for a, b in zip(*params):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_early_stop_after_patience_epochs_without_improvement(tiny):

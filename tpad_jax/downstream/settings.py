@@ -50,6 +50,9 @@ def _checked(name: str, config):
     if config.msbr.lr_decay not in optim.DECAYS:
         raise UserError(f"{name}: msbr.lr_decay must be one of {', '.join(optim.DECAYS)}, "
                         f"got {config.msbr.lr_decay!r}")
+    every = config.msbr.checkpoint_every_epochs
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(f"msbr.checkpoint_every_epochs must be a whole number >= 1, got {every!r}")
     return config
 
 

@@ -102,8 +102,11 @@ def train_msbr(name: str, config, workdir: str, data):
         return {f"valid_{m.lower()}{k}": v for (m, k), v in values.items()}
 
     # ------------------------------------------------------------------------------------ loop
-    train_config = ml_collections.ConfigDict(
-        dict(config.train.to_dict(), eval_every=steps_per_epoch, checkpoint_every=steps_per_epoch))
+    # Validation every epoch; the state is saved less often. A run interrupted between saves resumes
+    # from the last one and redoes the epochs after it, their validations included (`validate` above).
+    train_config = ml_collections.ConfigDict(dict(
+        config.train.to_dict(), eval_every=steps_per_epoch,
+        checkpoint_every=steps_per_epoch * msbr.checkpoint_every_epochs))
     groups = {"all": optim.GroupSchedule(".*", msbr.learning_rate, 0, num_steps, msbr.lr_decay)}
     try:
         loop.run_loop(
