@@ -69,7 +69,8 @@ def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets
         for start in range(0, len(members), batch_size):
             rows = members[start:start + batch_size]
             padded = _padded_rows(len(rows), batch_size)
-            vectors = _session_vectors(eval_model, *_padded_chunk([prefixes[i] for i in rows], bucket_width, padded))
+            items, mask = _padded_chunk([prefixes[i] for i in rows], bucket_width, padded)
+            vectors = _session_vectors(eval_model, items, mask)
             # Filler rows rank item 0 and are dropped: one compiled shape per padded chunk size.
             chunk_targets = np.pad(targets[rows], (0, padded - len(rows)))
             ranks[rows] = np.asarray(metrics_lib.rank_by_dot(vectors, table, chunk_targets))[:len(rows)]

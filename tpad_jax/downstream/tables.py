@@ -169,7 +169,8 @@ def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int,
     msbr = config.msbr
     if batch_size % jax.process_count():
         raise UserError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes")
-    source = BucketedBatches(table, bucket_widths(msbr.length_buckets, table.items.shape[1]), batch_size, config.seed, num_epochs,
+    widths = bucket_widths(msbr.length_buckets, table.items.shape[1])
+    source = BucketedBatches(table, widths, batch_size, config.seed, num_epochs,
                              jax.process_index(), jax.process_count())
     threads = config.data.read_threads
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
