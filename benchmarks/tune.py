@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from tpad_jax import cli, evaluate, layout, provenance, rows, seeds
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.data import readonly
-from tpad_jax.downstream import scoring, tables, training
+from tpad_jax.downstream import scoring, training
 from tpad_jax.downstream import selection as selection_lib
 from tpad_jax.eval import metrics
 
@@ -121,8 +121,7 @@ def run_trial(row: str, settings: dict, config, source: str, out: str, data) -> 
     wall = time.perf_counter() - clock
     selection = selection_lib.read_selection(layout.row_dir(directory, row))
     prefixes, targets = data.examples(selection_lib.VALID_SPLIT)
-    ranks = scoring.rank_examples(model, prefixes, targets, tables.prefix_width(trial_config),
-                                  trial_config.msbr.eval_batch_size, trial_config.msbr.length_buckets)
+    ranks = scoring.rank_split(model, trial_config, prefixes, targets)
     valid = metrics.metrics_from_ranks(ranks, (20,))
     result = {"model": row, **settings, "valid MRR@20": round(valid[("MRR", 20)], 2),
               "valid HR@20": round(valid[("HR", 20)], 2), "best epoch": selection["best_epoch"],

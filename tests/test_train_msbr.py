@@ -165,8 +165,7 @@ def test_model_selection_reads_validation_never_test(tiny):
     assert selection["best_metric"] == max(history.values())
     # The returned parameters are the selected epoch's: they reproduce its validation metric.
     prefixes, targets = data.examples("valid")
-    width, batch_size = tables.prefix_width(config), config.msbr.eval_batch_size
-    ranks = scoring.rank_examples(model, prefixes, targets, width, batch_size, config.msbr.length_buckets)
+    ranks = scoring.rank_split(model, config, prefixes, targets)
     assert metrics.metrics_from_ranks(ranks, (20,))[("MRR", 20)] == pytest.approx(selection["best_metric"],
                                                                                  abs=1e-6)
 

@@ -3,7 +3,7 @@
 import numpy as np
 from flax import nnx
 
-from tpad_jax.downstream.tables import bucket_widths, pad_prefixes
+from tpad_jax.downstream.tables import bucket_widths, pad_prefixes, prefix_width
 from tpad_jax.eval import metrics as metrics_lib
 
 
@@ -75,3 +75,11 @@ def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets
             chunk_targets = np.pad(targets[rows], (0, padded - len(rows)))
             ranks[rows] = np.asarray(metrics_lib.rank_by_dot(vectors, table, chunk_targets))[:len(rows)]
     return ranks
+
+
+def rank_split(model, config, prefixes, targets) -> np.ndarray:
+    """`rank_examples` as validation and testing run it: the row's width, `msbr.eval_batch_size` and
+    `msbr.length_buckets` of `config`."""
+    msbr = config.msbr
+    return rank_examples(model, prefixes, targets, prefix_width(config), msbr.eval_batch_size,
+                         msbr.length_buckets)

@@ -14,7 +14,7 @@ from flax import nnx
 from tpad_jax import layout, provenance, rows
 from tpad_jax.downstream.features import load_features
 from tpad_jax.downstream.params import save_params
-from tpad_jax.downstream.scoring import rank_examples
+from tpad_jax.downstream.scoring import rank_split
 from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
                                            selection_state, write_selection)
 from tpad_jax.downstream.serving import load_selected
@@ -84,8 +84,7 @@ def train_msbr(name: str, config, workdir: str, data):
 
     def validate(model, step):
         epoch = step // steps_per_epoch
-        ranks = rank_examples(model, valid_prefixes, valid_targets, width, msbr.eval_batch_size,
-                              msbr.length_buckets)
+        ranks = rank_split(model, config, valid_prefixes, valid_targets)
         values = metrics_lib.metrics_from_ranks(ranks, (SELECTION_METRIC[1],))
         # Epochs after this one belong to a run that was interrupted before its checkpoint: redone now.
         for stale in [e for e in history if e >= epoch]:
@@ -130,6 +129,5 @@ def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
     """
     model = train_msbr(name, config, workdir, data)
     prefixes, targets = data.examples(TEST_SPLIT)
-    ranks = rank_examples(model, prefixes, targets, prefix_width(config), config.msbr.eval_batch_size,
-                          config.msbr.length_buckets)
+    ranks = rank_split(model, config, prefixes, targets)
     return ranks.astype(np.int32)
