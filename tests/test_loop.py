@@ -1,5 +1,6 @@
 """The training loop: resume after SIGKILL, the non-finite guard, mesh equivalence, optimizer groups."""
 
+import json
 import pathlib
 import signal
 import subprocess
@@ -140,6 +141,51 @@ def test_checkpoints_hold_what_training_changes_and_a_restore_rebuilds_the_rest(
     whole = loop.load_train_state(workdir=tmp_path / "whole", **models)  # no init_fn: the kernel is read back
     jax.tree.map(np.testing.assert_array_equal, trained,
                  jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(whole))))
+
+
+def _select_run(workdir, num_steps, script, select_on="score", **overrides):
+    """The toy loop over 8 steps' schedule for `num_steps` steps; eval_fn reads `script[step]`."""
+    mesh = mesh_lib.make_mesh(toy.mesh_config((-1, 1, 1)))
+    config = toy.train_config(**{"eval_every": 2, "checkpoint_every": 2, **overrides})
+    return loop.run_loop(workdir=workdir, train_config=config, mesh=mesh, rules=toy.RULES,
+                         make_model=toy.make_model, tx=toy.make_tx(8), wrt=toy.TRAINABLE, loss_fn=toy.loss_fn,
+                         data_iterator=iter(toy.dataset(8)), num_steps=num_steps, seed=0,
+                         eval_fn=lambda model, step: {"score": script[step]}, select_on=select_on)
+
+
+def _assert_same_params(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("script, best", [({0: 1.0, 2: 3.0, 4: 7.0, 6: 2.0, 8: 5.0}, 4),
+                                          ({0: 9.0, 2: 3.0, 4: 7.0, 6: 2.0, 8: 5.0}, 0)])
+def test_select_on_ends_with_the_best_evaluated_state_the_starting_one_included(tmp_path, script, best):
+    # The reference: a plain run stopped at the best step, on the same 8-step schedule and data.
+    expected = toy.trained_params(_select_run(tmp_path / "reference", best, script, select_on=None))
+    result = _select_run(tmp_path / "run", 8, script)
+    assert result.step == 8
+    _assert_same_params(toy.trained_params(result), expected)
+    assert json.loads((tmp_path / "run" / loop.SELECTED_FILE).read_text()) == {
+        "step": best, "last_step": 8, "metric": "score", "value": script[best]}
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "eval/score" in r] == [0, 2, 4, 6, 8]
+    # What reads the stage later (exports, new items) gets the selected state too, and so does a rerun.
+    assert loop.final_step(tmp_path / "run") == best
+    models = dict(mesh=mesh_lib.make_mesh(toy.mesh_config((-1, 1, 1))), rules=toy.RULES,
+                  make_model=toy.make_model, tx=toy.make_tx(8), wrt=toy.TRAINABLE)
+    loaded = loop.load_train_state(workdir=tmp_path / "run", **models)
+    _assert_same_params(toy.trained_params(loop.LoopResult(loaded, best, {}, 0)), expected)
+    _assert_same_params(toy.trained_params(_select_run(tmp_path / "run", 8, script)), expected)
+
+
+def test_select_on_survives_a_resume(tmp_path):
+    script = {0: 1.0, 2: 6.0, 4: 3.0, 6: 2.0, 8: 5.0}  # the best state is in the first part
+    expected = toy.trained_params(_select_run(tmp_path / "reference", 2, script, select_on=None))
+    _select_run(tmp_path / "run", 4, script)  # stops at step 4, as an interrupted run does
+    result = _select_run(tmp_path / "run", 8, script)
+    _assert_same_params(toy.trained_params(result), expected)
+    assert json.loads((tmp_path / "run" / loop.SELECTED_FILE).read_text())["step"] == 2
 
 
 def _batches_of_sizes(sizes):

@@ -20,7 +20,7 @@ from tpad_jax.eval import compare, plots, report, significance
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.parallel import distributed
 from tpad_jax.train import inputs as inputs_lib
-from tpad_jax.train import stages
+from tpad_jax.train import loop, stages
 
 def run(config, workdir: str, stage: str = "all") -> None:
     """Runs `stage` (prepare, 1, 2, export, msbr or all) of TPAD in `workdir`."""
@@ -144,9 +144,7 @@ def write_minilm_export(inputs, variant: str) -> None:
 def _checkpoint_step(workdir: str, variant: str):
     if layout.stage_name(variant) is None:
         return 0
-    entries = os.listdir(os.path.join(layout.stage_dir(workdir, variant), "checkpoints"))
-    steps = [int(entry) for entry in entries if entry.isdigit()]
-    return max(steps) if steps else None
+    return loop.final_step(layout.stage_dir(workdir, variant))
 
 
 def _probe_table(probe_rows) -> str:

@@ -14,22 +14,27 @@ STATE = "state"
 DATA = "data"
 
 
-def make_manager(directory: str | pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
-    """One manager per stage directory; keeps the newest `max_to_keep` checkpoints."""
+def make_manager(directory: str | pathlib.Path, max_to_keep: int,
+                 best_metric: str | None = None) -> ocp.CheckpointManager:
+    """One manager per stage directory; keeps the newest `max_to_keep` checkpoints or, with
+    `best_metric`, the `max_to_keep` whose saved metrics hold the highest `best_metric` (Orbax's
+    `best_fn`; a tie keeps the later step)."""
+    best = {} if best_metric is None else dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True, **best)
     # Handlers named up front, so that a fresh manager can read a checkpoint's metadata before restoring.
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                  item_handlers={STATE: ocp.StandardCheckpointHandler(),
                                                 DATA: grain.checkpoint.CheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
-    """Starts saving `state` (a pytree of jax.Arrays) and the data iterator's position at `step`."""
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None, metrics=None) -> None:
+    """Starts saving `state` (a pytree of jax.Arrays) and the data iterator's position at `step`;
+    `metrics` ({name: float}) are what a `best_metric` manager ranks by."""
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    manager.save(step, args=ocp.args.Composite(**items))
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
 
 def leaf_count(manager: ocp.CheckpointManager, step: int, key: str) -> int:

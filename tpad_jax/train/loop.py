@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -13,6 +14,7 @@ import optax
 import tqdm
 from flax import nnx
 
+from tpad_jax import workdir as workdir_lib
 from tpad_jax.parallel import distributed
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import checkpointing
@@ -179,22 +181,43 @@ def fresh_state(*, abstract: nnx.State, mesh: jax.sharding.Mesh, rules: mesh_lib
     return state, rng_data
 
 
+# With `select_on`, the run keeps its best evaluated state here (one checkpoint) and names its step in
+# SELECTED_FILE; the latest checkpoints stay in checkpoints/ for resuming.
+BEST_DIR = "checkpoints_best"
+SELECTED_FILE = "selected.json"
+
+
+def final_step(workdir: str | pathlib.Path) -> int | None:
+    """The step of the state `run_loop` ended with in `workdir`: its selected step (`select_on`), else its
+    latest checkpoint; None before any checkpoint."""
+    selected = pathlib.Path(workdir) / SELECTED_FILE
+    if selected.is_file():
+        return json.loads(selected.read_text())["step"]
+    directory = pathlib.Path(workdir) / "checkpoints"
+    steps = [int(entry.name) for entry in directory.iterdir() if entry.name.isdigit()] if directory.is_dir() else []
+    return max(steps) if steps else None
+
+
 def load_train_state(*, workdir: str | pathlib.Path, mesh: jax.sharding.Mesh, rules: mesh_lib.Rules,
                      make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, wrt,
                      init_fn: Callable[[nnx.Module], None] | None = None, constants=nnx.Nothing,
                      step: int | None = None) -> TrainState:
-    """The TrainState saved by `run_loop` in `workdir` (the latest checkpoint unless `step` is given).
+    """The TrainState saved by `run_loop` in `workdir`: the one it ended with (`final_step`) unless `step`
+    is given.
 
     `init_fn` and `constants` as the run gave them: `init_fn` rebuilds what the checkpoint left out (it
     may leave the `constants` unset when the caller does not read them).
     """
     model_args = dict(mesh=mesh, rules=rules, make_model=make_model, tx=tx, wrt=wrt)
     graphdef, abstract = mesh_lib.abstract_state(lambda: TrainState(make_model(), tx, wrt), mesh, rules)
+    step = final_step(workdir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
     manager = checkpointing.make_manager(pathlib.Path(workdir) / "checkpoints", max_to_keep=1)
+    if step not in manager.all_steps() and (pathlib.Path(workdir) / BEST_DIR).is_dir():
+        manager.close()  # the step is the selected one (`select_on`), kept apart from the latest
+        manager = checkpointing.make_manager(pathlib.Path(workdir) / BEST_DIR, max_to_keep=1)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
         state, _ = restore_state(
             manager, step, abstract=abstract, mesh=mesh, wrt=wrt, constants=constants,
             rebuild=lambda: fresh_state(abstract=abstract, init_fn=init_fn, seed=0, **model_args)[0])
@@ -221,7 +244,8 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
              rules: mesh_lib.Rules, make_model: Callable[[], nnx.Module],
              tx: optax.GradientTransformation, wrt, loss_fn: LossFn, data_iterator: Iterator,
              num_steps: int, seed: int, eval_fn: EvalFn | None = None, desc: str = "train",
-             init_fn: Callable[[nnx.Module], None] | None = None, constants=nnx.Nothing) -> LoopResult:
+             init_fn: Callable[[nnx.Module], None] | None = None, constants=nnx.Nothing,
+             select_on: str | None = None) -> LoopResult:
     """Trains `make_model()` for `num_steps` steps, resuming from the latest checkpoint in `workdir`.
 
     Args:
@@ -241,8 +265,14 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
         for what the checkpoint leaves out (`checkpointed`), so it must give the same values each time.
       constants: nnx filter of the non-parameter variables that `init_fn` sets and no step changes;
         checkpoints leave them out, with the frozen parameters.
+      select_on: a key of `eval_fn`'s results: the run then also evaluates its starting state (step 0)
+        and ends with, and returns, the evaluated state where that value was highest (early stopping
+        on validation, the starting state included), kept in BEST_DIR with its step in SELECTED_FILE.
+        None ends with the last step's state.
     """
     workdir = pathlib.Path(workdir)
+    if select_on is not None and eval_fn is None:
+        raise ValueError("select_on needs an eval_fn to select by")
     is_main = distributed.is_main_process()
 
     # ------------------------------------------------------------------------------------ step
@@ -251,6 +281,7 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
 
     # ------------------------------------------------------------------------------ checkpoint
     manager = checkpointing.make_manager(workdir / "checkpoints", train_config.max_to_keep)
+    selector = None if select_on is None else checkpointing.make_manager(workdir / BEST_DIR, 1, select_on)
     start = manager.latest_step()
     if start is None:
         start = 0
@@ -272,8 +303,23 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
     examples, clock = 0, time.perf_counter()
     compiles = CompileCounter()
     eval_compiles = []  # compilations during each eval call
+
+    def evaluate(step: int, state) -> None:
+        before = compiles.total()
+        with mesh_lib.activate(mesh, rules):
+            results = eval_fn(nnx.merge(graphdef, state).model, step)
+        eval_compiles.append(compiles.total() - before)
+        writer.write(step, {**{f"eval/{name}": value for name, value in results.items()},
+                            "eval/compiles": eval_compiles[-1]})
+        # A step redone after a resume is kept already when it is the best so far.
+        if selector is not None and step not in selector.all_steps():
+            saved = {"train": checkpointed(state, wrt, constants), "rng": rng_data}
+            checkpointing.save(selector, step, saved, metrics={select_on: float(results[select_on])})
+
     try:
         with compiles:
+            if selector is not None and start == 0:
+                evaluate(0, state)
             for step in range(start + 1, num_steps + 1):
                 try:
                     local_batch = next(data_iterator)
@@ -301,27 +347,39 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
                                          ex_s=f"{logged['examples_per_s']:.1f}")
 
                 if eval_fn is not None and step % train_config.eval_every == 0:
-                    before = compiles.total()
-                    with mesh_lib.activate(mesh, rules):
-                        results = eval_fn(nnx.merge(graphdef, state).model, step)
-                    eval_compiles.append(compiles.total() - before)
-                    writer.write(step, {**{f"eval/{name}": value for name, value in results.items()},
-                                        "eval/compiles": eval_compiles[-1]})
+                    evaluate(step, state)
 
                 if step % train_config.checkpoint_every == 0 or step == num_steps:
                     _host_metrics(step, metrics, last_checkpoint)
                     saved = {"train": checkpointed(state, wrt, constants), "rng": rng_data}
                     checkpointing.save(manager, step, saved, data_iterator)
                     last_checkpoint = step
+        last = max(start, num_steps)
+        if selector is not None:
+            selector.wait_until_finished()
+            selected = selector.best_step()
+            if selected != last:
+                # Over the live state, which holds what no step changes (a rebuild could read buffers
+                # that init_fn shares with a state the steps have donated since).
+                target = checkpoint_target(checkpointed(abstract, wrt, constants), mesh)
+                state = nnx.merge_state(state, checkpointing.restore(selector, selected, target)["train"])
+            value = selector.metrics(selected)[select_on]
+            if is_main:
+                with workdir_lib.atomic_open(workdir / SELECTED_FILE) as f:
+                    json.dump({"step": selected, "last_step": last, "metric": select_on, "value": value}, f)
+                tqdm.tqdm.write(f"{desc}: ends with step {selected} of {last}, its best {select_on} on "
+                                f"validation ({value:.4g})")
     finally:
         # Lets an in-flight save of the last good state complete, even when a step failed.
-        manager.wait_until_finished()
-        manager.close()
+        for open_manager in (manager, selector):
+            if open_manager is not None:
+                open_manager.wait_until_finished()
+                open_manager.close()
         progress.close()
         writer.close()
     if is_main and start < num_steps:
         tqdm.tqdm.write(_compile_summary(desc, compiles.of(train_step), eval_compiles))
-    return LoopResult(state=nnx.merge(graphdef, state), step=max(start, num_steps), metrics=logged,
+    return LoopResult(state=nnx.merge(graphdef, state), step=last, metrics=logged,
                       train_step_compiles=compiles.of(train_step))
 
 

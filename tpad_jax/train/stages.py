@@ -25,6 +25,9 @@ from tpad_jax.train.inputs import StageInputs
 
 # The parameter groups stage 2 trains (the base trains too only under model.full_finetune).
 STAGE2_GROUPS = (tpad_lib.KNOWLEDGE, tpad_lib.TRANSFER, "critic")
+# What `keep_best` selects a stage's state by: the probe's validation MRR@20, the measure downstream
+# rows select their epoch by (it counts every rank up to 20, so it is steadier than HR@20).
+SELECT_ON = "probe_mrr20"
 
 
 def _optimizer(config, rates: dict, warmup: int, steps: int):
@@ -72,6 +75,7 @@ class StageSpec:
     num_steps: int
     seed: int
     init_fn: Callable[[nnx.Module], None]
+    keep_best: bool = False  # end with the probed state of best validation MRR@20, step 0 included
 
 
 def stage1_spec(inputs: StageInputs) -> StageSpec:
@@ -93,7 +97,7 @@ def stage1_spec(inputs: StageInputs) -> StageSpec:
         wrt=optim.trainable_filter(
             [tpad_lib.KNOWLEDGE], full_finetune=config.model.full_finetune,
             train_projector=config.model.train_projector), batches=batches, num_steps=s1.steps, seed=config.seed,
-        init_fn=inputs.initialize)
+        init_fn=inputs.initialize, keep_best=s1.keep_best)
 
 
 def run_spec(inputs: StageInputs, spec: StageSpec) -> tpad_lib.TPAD:
@@ -105,7 +109,7 @@ def run_spec(inputs: StageInputs, spec: StageSpec) -> tpad_lib.TPAD:
         mesh=inputs.mesh, rules=inputs.rules, make_model=inputs.make_model, init_fn=spec.init_fn,
         tx=spec.tx, wrt=spec.wrt, loss_fn=spec.loss_fn, data_iterator=spec.batches,
         num_steps=spec.num_steps, seed=spec.seed, eval_fn=probe_eval(inputs), desc=spec.desc,
-        constants=tpad_lib.ItemTable)
+        constants=tpad_lib.ItemTable, select_on=SELECT_ON if spec.keep_best else None)
     return result.state.model
 
 
@@ -180,7 +184,7 @@ def stage2_spec(inputs: StageInputs, stage1_model: tpad_lib.TPAD | None,
         tx=_optimizer(config, rates, s2.warmup_steps, s2.steps),
         wrt=optim.trainable_filter(STAGE2_GROUPS, full_finetune=config.model.full_finetune,
                                    train_projector=config.model.train_projector),
-        batches=batches, num_steps=s2.steps, seed=config.seed + 1, init_fn=init_fn)
+        batches=batches, num_steps=s2.steps, seed=config.seed + 1, init_fn=init_fn, keep_best=s2.keep_best)
 
 
 def run_stage2(inputs: StageInputs, stage1_model: tpad_lib.TPAD,
