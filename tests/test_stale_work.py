@@ -110,6 +110,15 @@ def test_which_work_a_config_change_reaches():
     assert not changed("tpad", stage2__align_estimator="infonce", model__base_param_dtype="float32")
     assert changed("tpad", stage2__align_estimator="nwj") and not changed("stage1", stage2__align_estimator="nwj")
     assert "stage2.align_estimator" not in provenance.stage_record(base, "f", "tpad")["config"]
+    # The probe's schedule shapes a stage only where the stage ends with its best probed state.
+    assert not any(changed(v, train__eval_every=7) for v in ("stage1", "tpad", "row"))
+
+    def kept(variant, **overrides):
+        return provenance.identity(provenance.stage_record(tiny_config(**overrides), "f", variant))
+
+    assert kept("stage1", stage1__keep_best=True) != kept("stage1", stage1__keep_best=True, train__eval_every=7)
+    assert kept("stage1", stage2__keep_best=True) == kept("stage1", stage2__keep_best=True, train__eval_every=7)
+    assert kept("tpad", stage2__keep_best=True) != kept("tpad", stage2__keep_best=True, train__eval_every=7)
     why = provenance.differences(provenance.stage_record(base, "f", "tpad"),
                                  provenance.stage_record(tiny_config(stage2__align_weight=0.0), "g", "tpad"))
     assert why == "data fingerprint f -> g; stage2.align_weight 1.0 -> 0.0"

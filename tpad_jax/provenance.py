@@ -79,10 +79,18 @@ def stage_record(config, data_fingerprint: str, variant: str) -> dict:
     if source == rows.RAW:
         return make_record(data_fingerprint, config, ("data", "model", "seed"), variant=variant)
     if source == rows.STAGE1:
-        return make_record(data_fingerprint, config, ("data", "model", "stage1", *TRAINING_KEYS),
+        return make_record(data_fingerprint, config,
+                           ("data", "model", "stage1", *TRAINING_KEYS, *_probe_keys(config, "stage1")),
                            variant=variant)
     return make_record(data_fingerprint, stages.stage2_config(config, variant),
-                       ("data", "model", "stage1", "stage2", *TRAINING_KEYS), variant=variant)
+                       ("data", "model", "stage1", "stage2", *TRAINING_KEYS,
+                        *_probe_keys(config, "stage1", "stage2")), variant=variant)
+
+
+def _probe_keys(config, *stage_names) -> tuple:
+    """("train.eval_every",) where one of the stages ends with its best probed state (`keep_best`): the
+    probe's schedule then decides which state it hands on. Elsewhere it only decides what is logged."""
+    return ("train.eval_every",) if any(config[name].keep_best for name in stage_names) else ()
 
 
 def export_record(config, data_fingerprint: str, variant: str) -> dict:
