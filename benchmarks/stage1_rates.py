@@ -71,6 +71,7 @@ def main():
     args = parser.parse_args()
     config = apply_overrides(load_config(args.config, args.preset), args.set)
     config.train.eval_every = args.eval_every
+    config.stage1.keep_best = False  # the columns after the last step are the last step's, whatever the preset keeps
     data = prepared.load_or_prepare(config, args.workdir)
     batch = config.eval.batch_size
     steps = list(range(args.eval_every, config.stage1.steps + 1, args.eval_every))
