@@ -304,6 +304,9 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
     compiles = CompileCounter()
     eval_compiles = []  # compilations during each eval call
 
+    def saved(state) -> dict:  # what a checkpoint of `state` holds
+        return {"train": checkpointed(state, wrt, constants), "rng": rng_data}
+
     def evaluate(step: int, state) -> None:
         before = compiles.total()
         with mesh_lib.activate(mesh, rules):
@@ -313,8 +316,7 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
                             "eval/compiles": eval_compiles[-1]})
         # A step redone after a resume is kept already when it is the best so far.
         if selector is not None and step not in selector.all_steps():
-            saved = {"train": checkpointed(state, wrt, constants), "rng": rng_data}
-            checkpointing.save(selector, step, saved, metrics={select_on: float(results[select_on])})
+            checkpointing.save(selector, step, saved(state), metrics={select_on: float(results[select_on])})
 
     try:
         with compiles:
@@ -351,8 +353,7 @@ def run_loop(*, workdir: str | pathlib.Path, train_config, mesh: jax.sharding.Me
 
                 if step % train_config.checkpoint_every == 0 or step == num_steps:
                     _host_metrics(step, metrics, last_checkpoint)
-                    saved = {"train": checkpointed(state, wrt, constants), "rng": rng_data}
-                    checkpointing.save(manager, step, saved, data_iterator)
+                    checkpointing.save(manager, step, saved(state), data_iterator)
                     last_checkpoint = step
         last = max(start, num_steps)
         if selector is not None:
