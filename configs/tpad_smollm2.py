@@ -78,7 +78,7 @@ def get_config(arg=None):
     # Each stage ends with its probed state of best validation MRR@20, the starting state included: on
     # Amazon Beauty every stage-1 rate tried ends below the pretrained LM on the validation probe. Over 3
     # whole-pipeline seeds the probe's test HR@20 goes 4.08 +- 0.17 -> 6.11 +- 0.43 and the tpad row's
-    # 11.74 +- 0.16 -> 12.14 +- 0.25 (p = 0.19, not significant); benchmarks/RESULTS.md, "keep_best".
+    # 11.74 +- 0.16 -> 12.14 +- 0.25 (p = 0.20, not significant); benchmarks/RESULTS.md, "keep_best".
     c.stage1.keep_best = True
     c.stage2.keep_best = True
     c.train.log_every = 10
