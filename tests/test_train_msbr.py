@@ -19,6 +19,7 @@ from tpad_jax.downstream import scoring, serving, tables, training
 from tpad_jax.downstream import selection as selection_lib
 from tpad_jax.downstream import settings as settings_lib
 from tpad_jax.eval import baselines, metrics
+from tpad_jax.models import session_encoders
 from tpad_jax.train import checkpointing, loop, metrics_log as logging
 
 
@@ -130,6 +131,61 @@ def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width
         np.testing.assert_array_equal(again[index]["items"], batches[index]["items"])
         np.testing.assert_array_equal(np.concatenate([h[index]["target"] for h in halves]),
                                       batches[index]["target"])
+
+
+def test_session_batches_list_each_counted_example_once_per_epoch_in_its_own_shard():
+    """Over 2 processes x 2 shards, the listed positions of an epoch's batches are exactly the
+    (prefix, target) pairs of every prefix (the PrefixTable's), each read inside its own shard's rows;
+    every batch of a width has that width's one capacity, and filler is never valid."""
+    rng = np.random.default_rng(4)
+    sessions = [rng.integers(1, 40, size=rng.integers(2, 11)).astype(np.int32) for _ in range(50)]
+    width, batch_size, shards, processes = 6, 8, 2, 2
+    table = tables.SessionTable.every_session(sessions, width)
+    sources = [tables.BucketedBatches(table, (3, width), batch_size, 2, 2, p, processes, shards)
+               for p in range(processes)]
+    assert sources[0].capacity == sources[1].capacity
+    assert set(sources[0].capacity) == {3, width} and all(c % 8 == 0 for c in sources[0].capacity.values())
+    rows_per_shard = batch_size // processes // shards
+    for epoch in range(2):
+        seen = []
+        for position in range(sources[0].batches_per_epoch):
+            for source in sources:
+                batch = source[epoch * source.batches_per_epoch + position]
+                w = batch["items"].shape[1]
+                assert batch["positions"].shape == (shards, source.capacity[w])
+                for shard in range(shards):
+                    for flat, target, valid in zip(batch["positions"][shard], batch["target"][shard],
+                                                   batch["valid"][shard]):
+                        if not valid:
+                            assert flat == 0
+                            continue
+                        row, column = shard * rows_per_shard + flat // w, flat % w
+                        assert batch["mask"][row, :column + 1].all()
+                        seen.append((tuple(batch["items"][row, :column + 1]), int(target)))
+        assert sorted(seen) == _pairs_of_prefix_table(tables.PrefixTable.every_prefix(sessions, width))
+
+
+def test_the_loss_over_listed_positions_is_the_softmax_cross_entropy_of_the_counted_examples():
+    rng = np.random.default_rng(5)
+    sessions = [rng.integers(1, 30, size=rng.integers(2, 9)).astype(np.int32) for _ in range(12)]
+    width, shards, num_items, dim = 5, 4, 30, 6
+    table = tables.SessionTable.every_session(sessions, width)
+    rows = np.arange(8)
+    valid = np.arange(8) < 7  # the last row is filler
+    batch = table.batch(rows, width, valid, shards, capacity=16)
+    vectors = rng.normal(size=(8, width, dim)).astype(np.float32)
+    items = rng.normal(size=(num_items, dim)).astype(np.float32)
+    got = session_encoders.chunked_softmax_cross_entropy(
+        tables.counted_vectors(vectors, batch["positions"]), items, batch["target"].reshape(-1), 8192,
+        mask=batch["valid"].reshape(-1))
+    # Reference: every counted position of the valid rows, read off the table directly.
+    losses = []
+    for row in rows[valid]:
+        for column in np.flatnonzero(table.target_mask[row]):
+            logits = items.astype(np.float64) @ vectors[row, column]
+            losses.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+                          - logits[table.targets[row, column]])
+    assert float(got) == pytest.approx(np.mean(losses), rel=1e-5)
 
 
 def test_selection_state_keeps_the_earliest_best_and_counts_patience():

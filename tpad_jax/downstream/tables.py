@@ -9,6 +9,7 @@ import dataclasses
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tpad_jax.cli import UserError
@@ -108,10 +109,48 @@ class SessionTable:
     def __len__(self):
         return len(self.items)
 
-    def batch(self, rows, width: int, valid):
-        """{items, mask, target, valid} all [b, width]: one example per counted position of a valid row."""
-        return dict(items=self.items[rows, :width], mask=self.mask[rows, :width],
-                    target=self.targets[rows, :width], valid=self.target_mask[rows, :width] & valid[:, None])
+    def counts(self) -> np.ndarray:
+        """Counted positions int64 [n] of each row."""
+        return self.target_mask.sum(axis=1)
+
+    def batch(self, rows, width: int, valid, shards: int = 1, capacity: int | None = None):
+        """{items, mask [b, width]; positions, target, valid [shards, capacity]}: the counted positions of
+        the valid rows, listed per shard.
+
+        Why listed: a row counts its filled positions only (about 60 % of a batch's b x width on the
+        synthetic catalogue), and the full-softmax loss, the largest cost of a step, need score no
+        other. The b rows are `shards` consecutive blocks (the devices a process splits its batch
+        over); shard s lists the flat positions (row x width + column, within its block) of its counted
+        examples, their targets and valid=True, then filler (position 0, valid=False) up to `capacity`
+        (default: this batch's own largest shard). `counted_vectors` reads them back.
+        """
+        counted = self.target_mask[rows, :width] & valid[:, None]
+        blocks = counted.reshape(shards, -1)
+        capacity = int(blocks.sum(axis=1).max()) if capacity is None else capacity
+        positions = np.zeros((shards, capacity), np.int32)
+        keep = np.zeros((shards, capacity), bool)
+        for shard, block in enumerate(blocks):
+            flat = np.flatnonzero(block)
+            if len(flat) > capacity:
+                raise ValueError(f"{len(flat)} counted positions in a shard over its capacity {capacity}")
+            positions[shard, :len(flat)], keep[shard, :len(flat)] = flat, True
+        targets = self.targets[rows, :width].reshape(shards, -1)
+        return dict(items=self.items[rows, :width], mask=self.mask[rows, :width], positions=positions,
+                    target=np.take_along_axis(targets, positions, axis=1), valid=keep)
+
+
+def counted_vectors(vectors, positions):
+    """The position vectors [shards * capacity, d] of a `SessionTable.batch`'s listed positions.
+
+    Args:
+      vectors: [b, width, d] of every position of the batch's rows.
+      positions: int32 [shards, capacity] per-shard flat positions (`SessionTable.batch`); under a mesh,
+        both arrays are split over the same devices along their leading axis, so each device gathers
+        from its own block.
+    """
+    shards = positions.shape[0]
+    blocks = vectors.reshape(shards, -1, vectors.shape[-1])
+    return jnp.take_along_axis(blocks, positions[..., None], axis=1).reshape(-1, vectors.shape[-1])
 
 
 class BucketedBatches:
@@ -122,20 +161,38 @@ class BucketedBatches:
     prefixes (most of them) are not padded to the full width. A group's last batch is filled with
     `valid=False` rows, which keeps the number of batches per epoch fixed. Element i is this process's
     slice of global batch i: `table.batch(...)` (for a PrefixTable: items int32 [b, w], mask bool
-    [b, w], target int32 [b], valid bool [b]).
+    [b, w], target int32 [b], valid bool [b]; for a SessionTable, its counted positions listed over
+    `shards` blocks, the devices this process splits a batch over).
     """
 
     def __init__(self, table: PrefixTable | SessionTable, widths, batch_size: int, seed: int, num_epochs: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, shards: int = 1):
         self.table, self.widths, self.batch_size, self.seed = table, tuple(widths), batch_size, seed
         self.num_epochs, self.process_index, self.process_count = num_epochs, process_index, process_count
+        self.shards = shards
         if list(self.widths) != sorted(self.widths) or self.widths[-1] != table.items.shape[1]:
             raise ValueError(f"bucket widths {self.widths} must increase up to the full width "
                              f"{table.items.shape[1]}")
+        if batch_size % (process_count * shards):
+            raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes x "
+                             f"{shards} shards")
         self.bucket_of_example = np.searchsorted(np.asarray(self.widths), table.mask.sum(axis=1))
         counts = np.bincount(self.bucket_of_example, minlength=len(self.widths))
         self.batches_per_epoch = int(np.sum(-(-counts // batch_size)))
         self._plans = {}
+        self.capacity = self._capacities() if isinstance(table, SessionTable) else None
+
+    def _capacities(self) -> dict[int, int]:
+        """{width: listed positions per shard}: the most counted positions any shard of any batch of that
+        width holds over all epochs (every process plans all batches, so all agree), rounded up to a
+        multiple of 8 so that nearby maxima share a compiled shape. One shape per width: one compile."""
+        counts = np.append(self.table.counts(), 0)  # index -1 (filler) counts 0
+        most = {width: 0 for width in self.widths}
+        for epoch in range(self.num_epochs):
+            for width, rows in self.plan(epoch):
+                per_shard = counts[rows].reshape(self.process_count * self.shards, -1).sum(axis=1)
+                most[width] = max(most[width], int(per_shard.max()))
+        return {width: max(8, -(-value // 8) * 8) for width, value in most.items()}
 
     def plan(self, epoch: int) -> list:
         """[(width, example indices [batch_size], -1 on filler rows)] of one epoch, in training order."""
@@ -161,17 +218,22 @@ class BucketedBatches:
         local = self.batch_size // self.process_count
         rows = rows[self.process_index * local:(self.process_index + 1) * local]
         valid = rows >= 0
-        return self.table.batch(np.where(valid, rows, 0), width, valid)
+        if self.capacity is None:
+            return self.table.batch(np.where(valid, rows, 0), width, valid)
+        return self.table.batch(np.where(valid, rows, 0), width, valid, self.shards, self.capacity[width])
 
 
-def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int, batch_size: int):
-    """The grain iterator over this process's `BucketedBatches` (checkpointable) and batches per epoch."""
+def training_batches(config, table: PrefixTable | SessionTable, num_epochs: int, batch_size: int,
+                     shards: int = 1):
+    """The grain iterator over this process's `BucketedBatches` (checkpointable) and batches per epoch;
+    `shards`: the blocks this process's devices split a batch into (`mesh.local_batch_shards`)."""
     msbr = config.msbr
-    if batch_size % jax.process_count():
-        raise UserError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes")
+    if batch_size % (jax.process_count() * shards):
+        raise UserError(f"msbr batch size {batch_size} is not divisible by {jax.process_count()} processes "
+                        f"x {shards} devices each")
     widths = bucket_widths(msbr.length_buckets, table.items.shape[1])
     source = BucketedBatches(table, widths, batch_size, config.seed, num_epochs,
-                             jax.process_index(), jax.process_count())
+                             jax.process_index(), jax.process_count(), shards)
     threads = config.data.read_threads
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
     return iter(grain.MapDataset.source(source).to_iter_dataset(read_options)), source.batches_per_epoch

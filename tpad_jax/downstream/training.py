@@ -19,7 +19,8 @@ from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs
                                            selection_state, write_selection)
 from tpad_jax.downstream.serving import load_selected
 from tpad_jax.downstream.settings import encoder_config, model_factory, row_config
-from tpad_jax.downstream.tables import PrefixTable, SessionTable, prefix_width, training_batches
+from tpad_jax.downstream.tables import (PrefixTable, SessionTable, counted_vectors, prefix_width,
+                                        training_batches)
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import session_encoders
 from tpad_jax.parallel import mesh as mesh_lib
@@ -54,12 +55,14 @@ def train_msbr(name: str, config, workdir: str, data):
     make_model = model_factory(name, config, data.num_items, features)
 
     # ----------------------------------------------------------------------------------- input
+    mesh = mesh_lib.make_mesh(config.mesh)
     whole_sessions = msbr.whole_sessions and encoder_config(name, config).reads_every_position
     if whole_sessions:
         table, batch_size = SessionTable.every_session(data.train, width), msbr.sessions_per_batch
     else:
         table, batch_size = PrefixTable.every_prefix(data.train, width), msbr.batch_size
-    batches, steps_per_epoch = training_batches(config, table, msbr.max_epochs, batch_size)
+    batches, steps_per_epoch = training_batches(config, table, msbr.max_epochs, batch_size,
+                                                mesh_lib.local_batch_shards(mesh))
     num_steps = msbr.max_epochs * steps_per_epoch
 
     def loss_fn(model, batch, rng):
@@ -67,9 +70,8 @@ def train_msbr(name: str, config, workdir: str, data):
         # is (the loop's model variables belong to an outer trace), and a resumed run draws the same masks.
         model = nnx.clone(model)
         nnx.reseed(model, default=rng)
-        if whole_sessions:
-            vecs = model.position_vectors(batch["items"], batch["mask"])
-            vecs = vecs.reshape(-1, vecs.shape[-1])
+        if whole_sessions:  # the loss scores the counted positions only (`SessionTable.batch`)
+            vecs = counted_vectors(model.position_vectors(batch["items"], batch["mask"]), batch["positions"])
         else:
             vecs = model(batch["items"], batch["mask"])
         loss = session_encoders.chunked_softmax_cross_entropy(
@@ -109,7 +111,7 @@ def train_msbr(name: str, config, workdir: str, data):
     groups = {"all": optim.GroupSchedule(".*", msbr.learning_rate, 0, num_steps, msbr.lr_decay)}
     try:
         loop.run_loop(
-            workdir=directory, train_config=train_config, mesh=mesh_lib.make_mesh(config.mesh),
+            workdir=directory, train_config=train_config, mesh=mesh,
             rules=rules_lib.get_rules(config.mesh.rules), make_model=make_model,
             tx=optim.make_optimizer(groups, config.train.grad_clip, config.train.weight_decay),
             wrt=nnx.Param, loss_fn=loss_fn, data_iterator=batches, num_steps=num_steps, seed=config.seed,

@@ -96,6 +96,14 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
+def local_batch_shards(mesh: Mesh) -> int:
+    """The blocks this process's devices split its slice of a batch into (`data_sharding`): one per
+    distinct part of the leading axis they hold."""
+    total = math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
+    held = data_sharding(mesh).addressable_devices_indices_map((total,)).values()
+    return len({index[0].start for index in held})
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of a value every device holds whole (RNG keys, metrics)."""
     return NamedSharding(mesh, P())
