@@ -1,0 +1,99 @@
+"""What cold-target HR@20 costs: a trained row's scores fused with e_K similarity for cold items (issue 15).
+
+    python benchmarks/cold_fusion.py --workdir RUN [--config configs/tpad_base.py] [--preset base]
+        [--weights 0,0.5,1,2,4,8] [--no-record]
+
+RUN is a finished run (read only). For each trained content row, every validation and test prefix is
+scored as the row scores it plus w * cos(e[last click], e[v]) for the items v with fewer than
+`data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each weight w. This is
+score fusion that leans on the export exactly where IDs are weak. Printed per row and weight: validation
+and test HR@20, MRR@20 and cold-target HR@20, and the weight validation MRR@20 would choose; appended
+to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
+export of TPAD buys more of it than the others' at the same weight.
+"""
+
+import argparse
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common import ROOT, emit_row, record_rows
+from train_step import load_config
+from tpad_jax import layout, rows
+from tpad_jax.data import readonly
+from tpad_jax.downstream import features, serving, tables
+from tpad_jax.eval import metrics
+
+COLUMNS = ["run", "row", "weight", "valid HR@20", "valid MRR@20", "valid cold HR@20", "test HR@20",
+           "test MRR@20", "test cold HR@20", "chosen on valid", "machine"]
+SECTION = "Cold-item score fusion"
+NOTE = ("`python benchmarks/cold_fusion.py --config configs/tpad_base.py --workdir RUN`: a finished run's "
+        "content rows, scores + weight x cos(e[last click], e[v]) for cold items v (< `data.cold_threshold` "
+        "train clicks), e the row's export; `chosen on valid`: the weight of best validation MRR@20.")
+
+
+def session_vectors(model, prefixes, width: int, batch: int) -> np.ndarray:
+    """Session vectors [n, d] of `prefixes` (dropout off), `batch` at a time at the full width."""
+    eval_model = nnx.view(model, deterministic=True)
+    call = nnx.jit(lambda m, items, mask: m(items, mask))
+    chunks = [np.asarray(call(eval_model, *tables.pad_prefixes(prefixes[start:start + batch], width)))
+              for start in range(0, len(prefixes), batch)]
+    return np.concatenate(chunks)
+
+
+def fused_metrics(vectors, table, unit, cold_items, prefixes, targets, cold_targets, weight: float):
+    """(HR@20, MRR@20, cold HR@20) of scores vectors @ table.T + weight * cold_v * cos(last, v), ranked as
+    one dot product: [h ; weight * u_last] . [x_v ; cold_v * u_v]."""
+    last = np.array([prefix[-1] for prefix in prefixes])
+    queries = np.concatenate([vectors, weight * unit[last]], axis=1)
+    items = np.concatenate([table, cold_items[:, None] * unit], axis=1)
+    ranks = np.asarray(metrics.rank_by_dot(jnp.asarray(queries), jnp.asarray(items), jnp.asarray(targets)))
+    every, cold = metrics.metrics_from_ranks(ranks, (20,)), metrics.metrics_from_ranks(ranks[cold_targets], (20,))
+    return every[("HR", 20)], every[("MRR", 20)], cold[("HR", 20)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tpad_base.py"))
+    parser.add_argument("--preset", default=None, help="the config file's argument (e.g. full)")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--weights", default="0,0.5,1,2,4,8")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    config = load_config(args.config, args.preset)
+    data = readonly.load(config, args.workdir)
+    weights = [float(w) for w in args.weights.split(",")]
+    cold_items = (data.train_item_counts < data.cold_threshold).astype(np.float32)
+    width, batch = tables.prefix_width(config), config.msbr.eval_batch_size
+    results = []
+    for row in rows.neural():
+        if row.export is None or not os.path.exists(layout.best_params_file(args.workdir, row.name)):
+            continue
+        model = serving.load_selected(row.name, config, args.workdir, data)
+        table = np.asarray(nnx.view(model, deterministic=True).item_table())
+        unit = features.normalise_content(features.load_features(args.workdir, row.export, data), "l2")
+        measured = {}
+        for split in ("valid", "test"):
+            prefixes, targets = data.examples(split)
+            vectors = session_vectors(model, prefixes, width, batch)
+            for weight in weights:
+                measured[split, weight] = fused_metrics(vectors, table, unit, cold_items, prefixes, targets,
+                                                        data.cold_mask(targets), weight)
+        chosen = max(weights, key=lambda w: measured["valid", w][1])
+        for weight in weights:
+            values = measured["valid", weight] + measured["test", weight]
+            results.append(emit_row("cold_fusion", {
+                "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name, "weight": weight,
+                **{column: round(v, 2) for column, v in zip(COLUMNS[3:9], values)},
+                "chosen on valid": weight == chosen}))
+    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS[:-1]) + " |" for r in results]
+    print("\n".join(lines))
+    if not args.no_record:
+        record_rows(SECTION, COLUMNS, results, note=NOTE)
+
+
+if __name__ == "__main__":
+    main()
