@@ -75,3 +75,34 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(tmp_path):
         "process_0-of-2.json", "process_1-of-2.json"]
     for name in params:
         np.testing.assert_array_equal(got[f"restored/{name}"], got[f"trained/{name}"])
+
+
+MSBR_WORKER = pathlib.Path(__file__).with_name("multihost_msbr_worker.py")
+
+
+def test_two_processes_score_the_downstream_loss_of_whole_sessions_like_one(tmp_path):
+    """2 processes x 2 devices list each batch's counted positions per device shard; the loss they
+    compute equals the masked loss over every position of the same global batches in one process."""
+    import multihost_msbr_worker as msbr_worker
+    from tpad_jax.models import session_encoders
+
+    local_processes.run_workers(MSBR_WORKER, msbr_worker.NUM_PROCESSES, tmp_path / "losses.npy", timeout=180)
+    got = np.load(tmp_path / "losses.npy")
+
+    # Reference: one process, one device, the whole [b, width] grid of each global batch, masked.
+    source = msbr_worker.batches(0, 1, 1)
+    table = source.table
+    model = msbr_worker.make_model()
+    expected = []
+    for index in range(msbr_worker.NUM_BATCHES):
+        width, rows = source.plan(0)[index]
+        valid = rows >= 0
+        rows = np.where(valid, rows, 0)
+        items, mask = table.items[rows, :width], table.mask[rows, :width]
+        counted = table.target_mask[rows, :width] & valid[:, None]
+        vectors = model.position_vectors(items, mask).reshape(-1, msbr_worker.ENCODER.hidden_dim)
+        expected.append(float(session_encoders.chunked_softmax_cross_entropy(
+            vectors, model.item_table(), table.targets[rows, :width].reshape(-1), 8192,
+            mask=counted.reshape(-1))))
+    assert len(set(source.plan(0)[i][0] for i in range(msbr_worker.NUM_BATCHES))) == 2  # both widths
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
