@@ -9,7 +9,7 @@ Usage:
 
 `arg` selects a preset: `base` (default: the method, the baselines and the transformer over IDs, the
 untrained towers and stage 1), `full` (base with every row of `rows.full_table()`: the ablations,
-GRU4Rec, SR-GNN and SR-GNN over TPAD; about 2.2x the default run's time, benchmarks/RESULTS.md
+GRU4Rec, SR-GNN and SR-GNN over TPAD; about 2.4x the default run's time, benchmarks/RESULTS.md
 "Default run speed") or `tiny` (test-sized, every row of the full table). Every field below can be
 overridden with `--config.<path>=value`; unknown keys fail (the config is locked).
 """
