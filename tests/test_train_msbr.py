@@ -136,7 +136,8 @@ def test_bucketed_batches_cover_every_example_once_per_epoch_at_its_bucket_width
 def test_session_batches_list_each_counted_example_once_per_epoch_in_its_own_shard():
     """Over 2 processes x 2 shards, the listed positions of an epoch's batches are exactly the
     (prefix, target) pairs of every prefix (the PrefixTable's), each read inside its own shard's rows;
-    every batch of a width has that width's one capacity, and filler is never valid."""
+    every batch of a width has that width's one capacity (the fullest shard's count, rounded up to 8),
+    and filler is never valid."""
     rng = np.random.default_rng(4)
     sessions = [rng.integers(1, 40, size=rng.integers(2, 11)).astype(np.int32) for _ in range(50)]
     width, batch_size, shards, processes = 6, 8, 2, 2
@@ -146,6 +147,7 @@ def test_session_batches_list_each_counted_example_once_per_epoch_in_its_own_sha
     assert sources[0].capacity == sources[1].capacity
     assert set(sources[0].capacity) == {3, width} and all(c % 8 == 0 for c in sources[0].capacity.values())
     rows_per_shard = batch_size // processes // shards
+    most = {3: 0, width: 0}  # counted examples in one shard, the most over both epochs
     for epoch in range(2):
         seen = []
         for position in range(sources[0].batches_per_epoch):
@@ -154,6 +156,7 @@ def test_session_batches_list_each_counted_example_once_per_epoch_in_its_own_sha
                 w = batch["items"].shape[1]
                 assert batch["positions"].shape == (shards, source.capacity[w])
                 for shard in range(shards):
+                    most[w] = max(most[w], int(batch["valid"][shard].sum()))
                     for flat, target, valid in zip(batch["positions"][shard], batch["target"][shard],
                                                    batch["valid"][shard]):
                         if not valid:
@@ -163,6 +166,8 @@ def test_session_batches_list_each_counted_example_once_per_epoch_in_its_own_sha
                         assert batch["mask"][row, :column + 1].all()
                         seen.append((tuple(batch["items"][row, :column + 1]), int(target)))
         assert sorted(seen) == _pairs_of_prefix_table(tables.PrefixTable.every_prefix(sessions, width))
+    # The capacity is the fullest shard's count rounded up to 8, not more.
+    assert sources[0].capacity == {w: max(8, -(-most[w] // 8) * 8) for w in most}
 
 
 def test_the_loss_over_listed_positions_is_the_softmax_cross_entropy_of_the_counted_examples():

@@ -117,9 +117,9 @@ class SessionTable:
         """{items, mask [b, width]; positions, target, valid [shards, capacity]}: the counted positions of
         the valid rows, listed per shard.
 
-        Why listed: a row counts its filled positions only (about 60 % of a batch's b x width on the
-        synthetic catalogue), and the full-softmax loss, the largest cost of a step, need score no
-        other. The b rows are `shards` consecutive blocks (the devices a process splits its batch
+        Why listed: only the positions followed by a click count as examples (about 60 % of a batch's
+        b x width on the synthetic catalogue), and the full-softmax loss, the largest cost of a step,
+        need score no other. The b rows are `shards` consecutive blocks (the devices a process splits its batch
         over); shard s lists the flat positions (row x width + column, within its block) of its counted
         examples, their targets and valid=True, then filler (position 0, valid=False) up to `capacity`
         (default: this batch's own largest shard). `counted_vectors` reads them back.
