@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common import ROOT, emit_row, record_rows
+from common import ROOT, emit_row, print_and_record
 from train_step import load_config
 from tpad_jax import layout, rows
 from tpad_jax.data import readonly
@@ -88,11 +88,7 @@ def main():
                 "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name, "weight": weight,
                 **{column: round(v, 2) for column, v in zip(COLUMNS[3:9], values)},
                 "chosen on valid": weight == chosen}))
-    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS[:-1]) + " |" for r in results]
-    print("\n".join(lines))
-    if not args.no_record:
-        record_rows(SECTION, COLUMNS, results, note=NOTE)
+    print_and_record(SECTION, COLUMNS, results, NOTE, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,17 @@ def record_rows(section: str, columns: list[str], rows: list[dict], note: str | 
     append_results(section, columns, rows, note=note)
 
 
+def print_and_record(section: str, columns: list[str], rows: list[dict], note: str | None, record: bool) -> None:
+    """Prints `rows` as a Markdown table of `columns` but the last (`machine`), then `record_rows` them
+    when `record`."""
+    shown = columns[:-1]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(str(row[c]) for c in shown) + " |" for row in rows]
+    print("\n".join(lines))
+    if record:
+        record_rows(section, columns, rows, note=note)
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"

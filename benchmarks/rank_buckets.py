@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, emit_row, record_rows
+from common import ROOT, emit_row, print_and_record
 from train_step import load_config
 from tpad_jax import layout, rows
 from tpad_jax.data import readonly
@@ -62,11 +62,7 @@ def main():
                 "examples": len(targets), "full width s": round(full_s, 3), "buckets s": round(bucket_s, 3),
                 "ratio": round(full_s / bucket_s, 2), "same ranks": bool(np.array_equal(full, bucketed)),
                 "load avg": round(os.getloadavg()[0], 2)}))
-    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS[:-1]) + " |" for r in results]
-    print("\n".join(lines))
-    if not args.no_record:
-        record_rows(SECTION, COLUMNS, results, note=NOTE)
+    print_and_record(SECTION, COLUMNS, results, NOTE, record=not args.no_record)
 
 
 if __name__ == "__main__":
