@@ -113,20 +113,18 @@ class SessionTable:
         """Counted positions int64 [n] of each row."""
         return self.target_mask.sum(axis=1)
 
-    def batch(self, rows, width: int, valid, shards: int = 1, capacity: int | None = None):
+    def batch(self, rows, width: int, valid, shards: int, capacity: int):
         """{items, mask [b, width]; positions, target, valid [shards, capacity]}: the counted positions of
         the valid rows, listed per shard.
 
         Why listed: only the positions followed by a click count as examples (about 60 % of a batch's
         b x width on the synthetic catalogue), and the full-softmax loss, the largest cost of a step,
-        need score no other. The b rows are `shards` consecutive blocks (the devices a process splits its batch
-        over); shard s lists the flat positions (row x width + column, within its block) of its counted
-        examples, their targets and valid=True, then filler (position 0, valid=False) up to `capacity`
-        (default: this batch's own largest shard). `counted_vectors` reads them back.
+        need score no other. The b rows are `shards` consecutive blocks (the devices a process splits
+        its batch over); shard s lists the flat positions (row x width + column, within its block) of
+        its counted examples, their targets and valid=True, then filler (position 0, valid=False) up to
+        `capacity` (`BucketedBatches.capacity`). `counted_vectors` reads them back.
         """
-        counted = self.target_mask[rows, :width] & valid[:, None]
-        blocks = counted.reshape(shards, -1)
-        capacity = int(blocks.sum(axis=1).max()) if capacity is None else capacity
+        blocks = (self.target_mask[rows, :width] & valid[:, None]).reshape(shards, -1)
         positions = np.zeros((shards, capacity), np.int32)
         keep = np.zeros((shards, capacity), bool)
         for shard, block in enumerate(blocks):
