@@ -174,6 +174,13 @@ def get_config(arg=None):
     c.msbr.content_projection = "linear"  # linear | mlp
     # Content rows add g * cos(e[last click], e[v]) to the score of v (g learned; models/session_encoders.py).
     c.msbr.last_item_similarity = False
+    # How content rows use item IDs (models/session_encoders.py). id_embedding=False: items are their
+    # content alone. id_shrinkage k > 0: an item's ID embedding counts n / (n + k) (n its train clicks).
+    # item_bias: a learned score bias per item. Off as shipped: with them the rows read their features
+    # differently (benchmarks/RESULTS.md, "What caps cold-target HR@20").
+    c.msbr.id_embedding = True
+    c.msbr.id_shrinkage = 0.0
+    c.msbr.item_bias = False
     c.msbr.gnn_steps = 1  # gated GNN propagation steps of srgnn
     c.msbr.batch_size = 512  # prefixes per batch (encoders that read one prefix per row: srgnn)
     # Causal encoders (gru4rec, the causal transformer) read every prefix of a session in one pass: the

@@ -171,6 +171,48 @@ def test_id_dropout_drops_whole_items_in_training_only():
     np.testing.assert_array_equal(id_only.item_table(), id_only.id_embedding.embedding[...])
 
 
+def test_shrunk_ids_count_in_proportion_to_their_train_clicks():
+    """x_v = n_v / (n_v + k) E_id[v] + W c_v, against the hand-computed factors n / (n + 4)."""
+    counts = np.array([0, 1, 4, 12, 2, 3, 4, 5, 6, 7, 8, 100])
+    factors = np.array([0, 1 / 5, 1 / 2, 3 / 4, 2 / 6, 3 / 7, 1 / 2, 5 / 9, 6 / 10, 7 / 11, 8 / 12, 100 / 104])
+    cfg = dataclasses.replace(_config("transformer"), id_shrinkage=4.0)
+    model = session_encoders.SessionEncoder(cfg, NUM_ITEMS, _content(), item_counts=counts, rngs=nnx.Rngs(0))
+    content_part = np.asarray(model.content_projection(model.content[...]))
+    ids = np.asarray(model.id_embedding.embedding[...])
+    np.testing.assert_allclose(model.item_table(), content_part + factors[:, None] * ids, atol=1e-6)
+    # An item never clicked in train is its content alone.
+    np.testing.assert_allclose(model.item_table()[0], content_part[0], atol=1e-7)
+    with pytest.raises(ValueError, match="train click counts"):
+        session_encoders.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
+    # ID-only rows have nothing to shrink toward: their IDs stay whole.
+    id_only = session_encoders.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(id_only.item_table(), id_only.id_embedding.embedding[...])
+
+
+def test_content_item_tower_and_item_bias_score_as_written():
+    """id_embedding=False, item_bias: score(v) = h . W c_v + b_v, checked in numpy over the parts."""
+    cfg = dataclasses.replace(_config("transformer"), id_embedding=False, item_bias=True)
+    model = nnx.view(session_encoders.SessionEncoder(cfg, NUM_ITEMS, _content(), rngs=nnx.Rngs(0)),
+                     deterministic=True)
+    assert model.id_embedding is None
+    bias = np.linspace(-1.0, 1.0, NUM_ITEMS, dtype=np.float32)[:, None]
+    model.item_bias[...] = jnp.asarray(bias)
+    items, mask = _sessions()
+    hidden = np.asarray(model.body(model.item_vectors()[items], items, mask))
+    content_part = np.asarray(model.content_projection(model.content[...]))
+    np.testing.assert_allclose(model.scores(items, mask), hidden @ content_part.T + bias.T, rtol=1e-5, atol=1e-5)
+    # Every position of a whole session carries the bias's constant column.
+    positions = np.asarray(model.position_vectors(items, mask))
+    np.testing.assert_array_equal(positions[..., -1], 1.0)
+    # The other parameters start as they would with the ID table (the table's draw is made either way).
+    with_ids = session_encoders.SessionEncoder(_config("transformer"), NUM_ITEMS, _content(), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(model.content_projection.kernel[...], with_ids.content_projection.kernel[...])
+    # The bias is trained (a Param); an ID-only row keeps its IDs whatever id_embedding says.
+    assert isinstance(model.item_bias, nnx.Param)
+    id_only = session_encoders.SessionEncoder(cfg, NUM_ITEMS, None, rngs=nnx.Rngs(0))
+    assert id_only.id_embedding is not None and id_only.item_table().shape == (NUM_ITEMS, 17)
+
+
 def test_content_is_frozen_not_a_parameter():
     model = _encoder("srgnn")
     params = nnx.state(model, nnx.Param)

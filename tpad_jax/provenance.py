@@ -97,6 +97,8 @@ def export_record(config, data_fingerprint: str, variant: str) -> dict:
     """The record an export of `variant` (towers or the MiniLM encoder) made under `config` carries."""
     if rows.export_variant(variant).source == rows.MINILM:
         return make_record(data_fingerprint, config, ("data",), variant=variant, encoder=rows.MINILM_ENCODER)
+    if rows.export_variant(variant).source == rows.ATTRIBUTES:
+        return make_record(data_fingerprint, config, ("data",), variant=variant)
     return stage_record(config, data_fingerprint, variant)
 
 

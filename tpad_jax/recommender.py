@@ -227,11 +227,23 @@ class Recommender:
         if self._content_norm is None:  # fitted on the catalogue export once, whatever is added later
             norm = self.config.msbr.content_norm
             self._content_norm = features_lib.content_transform(self._features, norm)
-        ids = model.id_embedding.embedding
-        _append(ids, np.zeros((len(embeddings), ids.get_value().shape[1]), np.float32))
+        if model.id_embedding is not None:
+            ids = model.id_embedding.embedding
+            _append(ids, np.zeros((len(embeddings), ids.get_value().shape[1]), np.float32))
+        if model.id_scale is not None:  # no train clicks: the ID (zero anyway) counts nothing
+            _append(model.id_scale, np.zeros((len(embeddings), 1), np.float32))
+        if model.item_bias is not None:
+            _append(model.item_bias, np.full((len(embeddings), 1), self._new_item_bias(), np.float32))
         _append(model.content, self._content_norm(embeddings))
         if model.similarity is not None:
             _append(model.similarity, features_lib.normalise_content(embeddings, "l2"))
+
+    def _new_item_bias(self) -> float:
+        """The score bias a new item starts with: the mean of the catalogue's cold items' (< cold_threshold
+        train clicks), the items whose evidence is closest to none; of all items when none is cold."""
+        bias = np.asarray(self._model.item_bias.get_value())[:self._data.num_items, 0]
+        cold = self._data.cold_mask(np.arange(self._data.num_items))
+        return float(bias[cold].mean() if cold.any() else bias.mean())
 
     def _compile(self) -> None:
         """Splits the model with dropout off and compiles the scorer for its item count (one call)."""

@@ -25,6 +25,11 @@ STAGE1 = "stage1"
 STAGE2 = "stage2"
 MINILM = "minilm"  # the frozen text encoder below, not a TPAD tower
 MINILM_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+# The synthetic generator's true item attributes, one-hot: what a perfect item representation knows, so
+# the row reading them bounds what any representation can give the downstream model (a diagnostic,
+# like the oracle; synthetic catalogues only).
+ATTRIBUTES = "attributes"
+TOWER_SOURCES = (RAW, STAGE1, STAGE2)
 MAIN_VARIANT = "tpad"  # the stage-2 variant of the method itself (the others are its ablations)
 
 
@@ -33,7 +38,7 @@ class ExportVariant:
     """Item embeddings of one kind: `source` made them; a stage-2 variant trains with `stage2_overrides`."""
 
     name: str
-    source: str  # RAW, STAGE1, STAGE2 or MINILM
+    source: str  # RAW, STAGE1, STAGE2, MINILM or ATTRIBUTES
     stage2_overrides: Mapping = dataclasses.field(default_factory=dict)
 
 
@@ -64,6 +69,7 @@ EXPORT_VARIANTS = (
     # The MMD term matches e_K's batch distribution to z_trans's: it is part of the alignment too.
     ExportVariant("no-align", STAGE2, {"align_weight": 0.0, "mmd_weight": 0.0}),
     ExportVariant(MINILM, MINILM),
+    ExportVariant(ATTRIBUTES, ATTRIBUTES),
 )
 
 # In report order.
@@ -85,6 +91,7 @@ ROWS = (
     Row("tpad-no-align", NEURAL, "transformer", "no-align", default=False),
     # The classic MSBR recipe (frozen sentence embeddings): run on request, it loads a wheel.
     Row("transformer+minilm", NEURAL, "transformer", MINILM, default=False),
+    Row("transformer+attributes", NEURAL, "transformer", ATTRIBUTES, default=False),
 )
 
 
@@ -118,8 +125,9 @@ def defaults() -> tuple[Row, ...]:
 
 
 def full_table() -> tuple[Row, ...]:
-    """Every row but the MiniLM recipe (it loads an extra wheel; name it in `eval.models` to add it)."""
-    return tuple(row for row in ROWS if row.export != MINILM)
+    """Every row but the MiniLM recipe (it loads an extra wheel) and the attribute bound (synthetic data
+    only); name them in `eval.models` to add them."""
+    return tuple(row for row in ROWS if row.export not in (MINILM, ATTRIBUTES))
 
 
 def names(rows) -> tuple[str, ...]:

@@ -11,12 +11,14 @@ import json
 import os
 import time
 
+import numpy as np
+
 from tpad_jax import evaluate, export, layout, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import prepared
 from tpad_jax.downstream import settings as row_settings
 from tpad_jax import workdir as workdir_lib
-from tpad_jax.eval import compare, plots, report, significance
+from tpad_jax.eval import compare, plots, probe, report, significance
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.parallel import distributed
 from tpad_jax.train import inputs as inputs_lib
@@ -57,12 +59,14 @@ def _run(config, workdir: str, stage: str) -> None:
     if stage == "prepare":
         return
     needed = rows.needed_exports(evaluate.configured_models(config))
-    models = train_towers(inputs, stage, [variant.name for variant in needed if variant.source != rows.MINILM])
+    models = train_towers(inputs, stage, [variant.name for variant in needed if variant.source in rows.TOWER_SOURCES])
     if stage in ("all", "export"):
         write_exports(inputs, models)
         for variant in needed:
             if variant.source == rows.MINILM:
                 write_minilm_export(inputs, variant.name)
+            elif variant.source == rows.ATTRIBUTES:
+                write_attribute_export(inputs, variant.name)
     if stage in ("all", "msbr"):
         evaluate_all(config, workdir)
     print(f"done in {time.perf_counter() - clock:.0f} s; workdir {os.path.abspath(workdir)}", flush=True)
@@ -139,6 +143,32 @@ def write_minilm_export(inputs, variant: str) -> None:
         export.write_export(out_dir, embeddings, inputs.data.item_ids,
                             {"variant": variant, "encoder": rows.MINILM_ENCODER,
                              "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
+
+
+def attribute_features(data) -> np.ndarray:
+    """The true attributes of a synthetic catalogue's items (category, colour, material, style), one-hot,
+    [N, 30] float32 in the prepared item order (UserError for a catalogue that is not synthetic)."""
+    from tpad_jax.data import synthetic  # noqa: PLC0415  (only for the attribute vocabularies)
+
+    if not probe.is_synthetic_catalogue(data.raw_dir):
+        raise UserError(f"{data.raw_dir}: not a synthetic catalogue, so its items' true attributes are "
+                        "unknown; the transformer+attributes row needs data.source=synthetic")
+    item_ids, attributes = probe.synthetic_attributes(data.raw_dir)
+    row_of = {item_id: row for row, item_id in enumerate(item_ids)}
+    rows_ = np.array([row_of[item_id] for item_id in data.item_ids])
+    sizes = {"category": len(synthetic.CATEGORIES), "colour": len(synthetic.COLOURS),
+             "material": len(synthetic.MATERIALS), "style": len(synthetic.STYLES)}
+    return np.concatenate([np.eye(size, dtype=np.float32)[attributes[name][rows_]]
+                           for name, size in sizes.items()], axis=1)
+
+
+def write_attribute_export(inputs, variant: str) -> None:
+    """The export of `variant`: the true attributes (`attribute_features`), an upper bound, not a model."""
+    out_dir = layout.export_dir(inputs.workdir, variant)
+    record = provenance.export_record(inputs.config, inputs.data.fingerprint, variant)
+    if distributed.is_main_process():
+        export.write_export(out_dir, attribute_features(inputs.data), inputs.data.item_ids,
+                            {"variant": variant, "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
 
 
 def _checkpoint_step(workdir: str, variant: str):

@@ -41,6 +41,6 @@ def load_selected(name: str, config, workdir: str, data, features=_UNREAD):
                         "trains it again")
     if features is _UNREAD:
         features = load_features(workdir, rows.neural_row(name).export, data)
-    model = model_factory(name, config, data.num_items, features)()
+    model = model_factory(name, config, data.num_items, features, data.train_item_counts)()
     load_params(layout.best_params_file(workdir, name), model)
     return model

@@ -79,11 +79,12 @@ def check_rows(names, config) -> None:
             encoder_config(name, config)
 
 
-def model_factory(name: str, config, num_items: int, features):
+def model_factory(name: str, config, num_items: int, features, item_counts=None):
     """A deterministic `make_model()` for the neural model `name` over exported `features` (or None).
 
     The item vectors read the features normalised per `msbr.content_norm`; the last-item similarity
-    term reads their unit rows, so that it is the cosine the retrieval probe ranks by.
+    term reads their unit rows, so that it is the cosine the retrieval probe ranks by. `item_counts`
+    (train clicks per item) shrink the ID embeddings under `msbr.id_shrinkage`.
     """
     config = row_config(name, config)
     cfg = encoder_config(name, config)
@@ -92,4 +93,5 @@ def model_factory(name: str, config, num_items: int, features):
         content = normalise_content(features, config.msbr.content_norm)
         if cfg.last_item_similarity:
             similarity = normalise_content(features, "l2")
-    return lambda: session_encoders.SessionEncoder(cfg, num_items, content, similarity, rngs=nnx.Rngs(config.seed))
+    return lambda: session_encoders.SessionEncoder(cfg, num_items, content, similarity, item_counts,
+                                                   rngs=nnx.Rngs(config.seed))

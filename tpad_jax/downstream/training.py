@@ -52,7 +52,7 @@ def train_msbr(name: str, config, workdir: str, data):
     msbr = config.msbr
     width = prefix_width(config)
     features = load_features(workdir, variant, data)
-    make_model = model_factory(name, config, data.num_items, features)
+    make_model = model_factory(name, config, data.num_items, features, data.train_item_counts)
 
     # ----------------------------------------------------------------------------------- input
     mesh = mesh_lib.make_mesh(config.mesh)

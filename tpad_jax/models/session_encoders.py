@@ -5,7 +5,13 @@ clicks of a session fill positions 0..len-1 (left-aligned, as in the session bat
 and padding follows with row 0 and mask False. Positions count from the session start, so appending
 padding never changes a session vector.
 
-Item vectors: x_v = E_id[v] + W e_content[v] (training may drop E_id[v] of whole items: `id_dropout`).
+Item vectors: x_v = a_v E_id[v] + W e_content[v] (training may drop E_id[v] of whole items: `id_dropout`).
+a_v = 1 unless `id_shrinkage` = k > 0, then a_v = n_v / (n_v + k) with n_v the item's train clicks: an
+ID seen a few times is a noisy estimate, so it counts in proportion to its evidence and the content
+carries the rest (a rarely clicked item is scored mostly by its content). `id_embedding=False` drops
+E_id from content rows altogether: items are their content alone (a content item tower). `item_bias`
+adds a learned scalar b_v to the score of v (popularity, which content cannot tell), written as one
+more column: session vectors [h ; 1], item vectors [x_v ; b_v].
 This is the concatenation [E_id[v] ; W e_content[v]] seen through the fixed projection [I I]: the
 encoder inputs and the scoring table share one width, and an item whose ID embedding never trained (a
 cold item) still scores through its content. `content` is frozen (a `FrozenFeatures` variable, not a
@@ -61,6 +67,9 @@ class EncoderConfig:
     max_length: int = 20
     content_projection: str = "linear"  # linear | mlp: how content features become item-vector space
     last_item_similarity: bool = False  # content models: score += g * cos(e[last], e[v]) (module docstring)
+    id_embedding: bool = True  # content models: False scores items by their content alone
+    id_shrinkage: float = 0.0  # content models: k of a_v = n_v / (n_v + k) (module docstring); 0: a_v = 1
+    item_bias: bool = False  # a learned score bias per item (module docstring)
 
     @classmethod
     def from_config(cls, config):
@@ -81,6 +90,9 @@ class EncoderConfig:
             max_length=config.data.max_session_length,
             content_projection=msbr.content_projection,
             last_item_similarity=msbr.last_item_similarity,
+            id_embedding=msbr.id_embedding,
+            id_shrinkage=msbr.id_shrinkage,
+            item_bias=msbr.item_bias,
         )
 
     @property
@@ -97,20 +109,34 @@ class EncoderConfig:
         if self.transformer_norm not in TRANSFORMER_NORMS:
             raise ValueError(f"msbr.transformer_norm must be one of {TRANSFORMER_NORMS}, "
                              f"got {self.transformer_norm!r}")
+        if self.id_shrinkage < 0:
+            raise ValueError(f"msbr.id_shrinkage must be >= 0, got {self.id_shrinkage}")
 
 
 class SessionEncoder(nnx.Module):
     """Item inputs + one encoder body; `__call__` gives session vectors, `item_table` the item vectors."""
 
-    def __init__(self, cfg: EncoderConfig, num_items: int, content=None, similarity=None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: EncoderConfig, num_items: int, content=None, similarity=None, item_counts=None,
+                 *, rngs: nnx.Rngs):
         """Args:
           content: frozen content features [N, d_c] the item vectors project (None: ID only).
           similarity: unit rows [N, d_s] whose cosine to the last click is a score term; used when
             `cfg.last_item_similarity` and content is given.
+          item_counts: train clicks [N] per item; needed when `cfg.id_shrinkage` > 0 and content is given.
         """
         self.cfg = cfg
         dim = cfg.hidden_dim
-        self.id_embedding = nnx.Embed(num_items, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        # The same draw whether or not a content row uses it, so the other parameters start alike.
+        id_embedding = nnx.Embed(num_items, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.id_embedding = id_embedding if content is None or cfg.id_embedding else None
+        id_scale = None
+        if content is not None and cfg.id_embedding and cfg.id_shrinkage > 0:
+            if item_counts is None or len(item_counts) != num_items:
+                raise ValueError(f"id_shrinkage needs train click counts for {num_items} items")
+            counts = np.asarray(item_counts, np.float64)
+            id_scale = FrozenFeatures(jnp.asarray(counts / (counts + cfg.id_shrinkage), jnp.float32)[:, None])
+        self.id_scale = id_scale
+        self.item_bias = nnx.Param(jnp.zeros((num_items, 1), jnp.float32)) if cfg.item_bias else None
         if content is None:
             self.content = None
             self.content_projection = None
@@ -142,23 +168,32 @@ class SessionEncoder(nnx.Module):
             self.similarity = None
 
     def item_vectors(self):
-        """Item input vectors [N, d] = ID embedding + projected content."""
-        table = self.id_dropout(self.id_embedding.embedding[...])
-        if self.content is not None:
-            table = table + self.content_projection(self.content[...])
-        return table
+        """Item input vectors [N, d] = (shrunk) ID embedding + projected content (module docstring)."""
+        if self.content is None:
+            return self.id_embedding.embedding[...]
+        table = self.content_projection(self.content[...])
+        if self.id_embedding is None:
+            return table
+        ids = self.id_dropout(self.id_embedding.embedding[...])
+        return table + (ids if self.id_scale is None else self.id_scale[...] * ids)
 
     def item_table(self):
-        """Item scoring vectors: the input vectors, with the unit similarity rows appended when used."""
-        if self.similarity is None:
-            return self.item_vectors()
-        return jnp.concatenate([self.item_vectors(), self.similarity[...]], axis=-1)
+        """Item scoring vectors: the input vectors, then the unit similarity rows and the bias when used."""
+        columns = [self.item_vectors()]
+        if self.similarity is not None:
+            columns.append(self.similarity[...])
+        if self.item_bias is not None:
+            columns.append(self.item_bias[...])
+        return columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
 
     def _with_similarity(self, vectors, last_items):
-        """Session vectors with g * u[last click] appended (the score term of the module docstring)."""
-        if self.similarity is None:
-            return vectors
-        return jnp.concatenate([vectors, self.similarity_weight[...] * self.similarity[...][last_items]], axis=-1)
+        """Session vectors with g * u[last click] and the bias's 1 appended when used (module docstring)."""
+        columns = [vectors]
+        if self.similarity is not None:
+            columns.append(self.similarity_weight[...] * self.similarity[...][last_items])
+        if self.item_bias is not None:
+            columns.append(jnp.ones(vectors.shape[:-1] + (1,), vectors.dtype))
+        return columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
 
     def __call__(self, items, mask):
         """Session vectors [B, d] for right-padded `items` [B, S] with valid-click `mask` [B, S]."""
