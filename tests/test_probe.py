@@ -263,3 +263,41 @@ def test_launcher_probes_the_frozen_vit_input_beside_the_exports(tmp_path):
     chance = float(table["chance"]["probe_colour"])
     assert float(table["frozen-vit"]["probe_colour"]) > 2 * chance
     assert float(table["tpad"]["probe_colour"]) < 1.5 * chance
+
+
+def test_attribute_export_is_the_one_hot_attributes_in_prepared_item_order(tmp_path):
+    """runner.attribute_features against the catalogue's own records: the category field, the title's
+    style and material words, and the colour `synthetic_attributes` reads (checked against the images
+    above), item by item in the prepared order, which differs from the generator's."""
+    from tpad_jax import runner  # noqa: PLC0415
+
+    config = tpad_base.get_config("tiny")
+    config.data.synthetic.num_items = 60
+    config.data.synthetic.num_sessions = 300
+    config.data.image_size = 16
+    config.data.min_item_count = 12
+    workdir = str(tmp_path / "run")
+    data = prepared.load_or_prepare(config, workdir)
+    features = runner.attribute_features(data)
+    blocks = np.split(features, np.cumsum([len(synthetic.CATEGORIES), len(synthetic.COLOURS),
+                                           len(synthetic.MATERIALS)]), axis=1)
+    assert features.shape == (data.num_items, 30) and set(np.unique(features)) == {0.0, 1.0}
+    assert all(np.all(block.sum(axis=1) == 1) for block in blocks)
+    with open(os.path.join(data.raw_dir, "items.jsonl"), encoding="utf-8") as f:
+        records = {item["item_id"]: item for item in map(json.loads, f)}
+    generator_ids, attributes = probe.synthetic_attributes(data.raw_dir)
+    # The protocol dropped rare items, so prepared rows are not generator rows: a mix-up would fail below.
+    assert 0 < data.num_items < len(generator_ids) and list(data.item_ids) != generator_ids[:data.num_items]
+    colour_of = dict(zip(generator_ids, attributes["colour"]))
+    for row, item_id in enumerate(data.item_ids):
+        words = records[item_id]["title"].lower().split()
+        assert synthetic.CATEGORIES[blocks[0][row].argmax()] == records[item_id]["category"]
+        assert blocks[1][row].argmax() == colour_of[item_id]
+        assert synthetic.MATERIALS[blocks[2][row].argmax()] == words[1]
+        assert synthetic.STYLES[blocks[3][row].argmax()] == words[0]
+
+    other = tpad_base.get_config("tiny")
+    other.data.raw_dir = os.path.join(ROOT, "tests", "fixtures", "text_catalogue")
+    text_data = prepared.load_or_prepare(other, str(tmp_path / "text_run"))
+    with pytest.raises(cli.UserError, match="not a synthetic catalogue"):
+        runner.attribute_features(text_data)
