@@ -22,7 +22,9 @@ def test_names_are_unique_and_kinds_known():
     assert len(set(rows.names(rows.ROWS))) == len(rows.ROWS)
     assert len(set(rows.names(rows.EXPORT_VARIANTS))) == len(rows.EXPORT_VARIANTS)
     assert {row.kind for row in rows.ROWS} == {rows.BASELINE, rows.NEURAL}
-    assert {v.source for v in rows.EXPORT_VARIANTS} == {rows.RAW, rows.STAGE1, rows.STAGE2, rows.MINILM}
+    assert {v.source for v in rows.EXPORT_VARIANTS} == {rows.RAW, rows.STAGE1, rows.STAGE2, rows.MINILM,
+                                                        rows.ATTRIBUTES}
+    assert set(rows.TOWER_SOURCES) == {rows.RAW, rows.STAGE1, rows.STAGE2}
 
 
 def test_every_neural_row_has_a_known_encoder_and_export():
@@ -86,6 +88,7 @@ def test_needed_exports_follow_the_rows():
     assert rows.names(rows.needed_exports(["tpad-no-align", "transformer+raw", "srgnn+tpad", "tpad"])) == (
         "raw", "tpad", "no-align")
     assert rows.names(rows.needed_exports(["transformer+minilm"])) == ("minilm",)
+    assert rows.names(rows.needed_exports(["transformer+attributes", "tpad"])) == ("tpad", "attributes")
 
 
 def test_every_export_and_stage_has_its_own_directory():
