@@ -190,3 +190,12 @@ def test_bad_records_fail_with_file_line_and_field(tiny_run, tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"embed_items.py: error: {tmp_path / '0' / 'items.jsonl'}:2: field 'title': missing"]
+
+
+@pytest.mark.parametrize("variant, made_by", [("minilm", "all-MiniLM-L6-v2"), ("attributes", "true attributes")])
+def test_exports_not_made_by_a_tower_cannot_embed_new_items(tmp_path, variant, made_by):
+    """Only the Knowledge-MLLM embeds new items: the MiniLM and true-attribute exports say so in one line."""
+    export.write_export(str(tmp_path / f"export_{variant}"), np.eye(3, dtype=np.float32), ["a", "b", "c"],
+                        {"variant": variant})
+    with pytest.raises(UserError, match=f"exported by .*{made_by}, not by a TPAD tower"):
+        new_items.KnowledgeEmbedder(None, str(tmp_path), None, variant)

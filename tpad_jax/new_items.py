@@ -74,8 +74,10 @@ class KnowledgeEmbedder:
                             "features first")
         self.export_dir, self.meta = directory, export.load_meta(directory)
         variant = self.meta.get("variant")
-        if rows.export_variant(variant).source == rows.MINILM:
-            raise UserError(f"{directory}: exported by all-MiniLM-L6-v2, not by a TPAD tower; new items "
+        source = rows.export_variant(variant).source
+        if source not in rows.TOWER_SOURCES:  # MiniLM's embeddings, or the synthetic true attributes
+            made_by = rows.MINILM_ENCODER if source == rows.MINILM else "the synthetic catalogue's true attributes"
+            raise UserError(f"{directory}: exported by {made_by}, not by a TPAD tower; new items "
                             "are embedded by the Knowledge-MLLM only")
         provenance.check_export(directory, config, data.fingerprint)
         tokenizer_path = layout.tokenizer_file(workdir)
