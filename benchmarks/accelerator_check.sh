@@ -14,14 +14,14 @@ elif [ -e /dev/accel0 ] || [ -e /dev/vfio/0 ] || [ -n "${TPU_NAME:-}" ]; then
 else
   EXTRA=""
 fi
-backend() { python -c "import jax; print(jax.default_backend())" 2>/dev/null || echo none; }
+backend() { python3 -c "import jax; print(jax.default_backend())" 2>/dev/null || echo none; }
 if [ -n "$EXTRA" ] && [ "$(backend)" = cpu ]; then
   echo "installing jax[$EXTRA]==$JAX_VERSION" >&2
-  pip install -q "jax[$EXTRA]==$JAX_VERSION"
+  python3 -m pip install -q "jax[$EXTRA]==$JAX_VERSION"
 fi
 ARGS=("$@")
 if [ "$(backend)" = cpu ]; then
   echo "no accelerator visible to JAX: CPU dry run" >&2
   ARGS+=(--dry_run)
 fi
-PYTHONPATH=. timeout 480 python benchmarks/accelerator_check.py "${ARGS[@]}"
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout 480 python3 benchmarks/accelerator_check.py "${ARGS[@]}"

@@ -210,6 +210,21 @@ def test_train_step_compiles_once_per_batch_shape(tmp_path, sizes, expected):
     assert [r["eval/compiles"] for r in records if "eval/compiles" in r] == [0, 0, 0]
 
 
+def test_compile_counter_times_first_calls_and_not_cached_ones():
+    """Its seconds grow by the first call's lowering + compile, bounded by that call's wall time, and
+    not at all on a second call of the same shapes (the cache answers)."""
+    matmul = jax.jit(lambda a: jnp.tanh(a @ a.T).sum())
+    x = jnp.ones((64, 64))
+    with loop.CompileCounter() as first:
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(x))
+        wall = time.perf_counter() - start
+    with loop.CompileCounter() as again:
+        jax.block_until_ready(matmul(x))
+    assert 0 < first.seconds <= wall and first.total() == 1
+    assert again.seconds == 0 and again.total() == 0
+
+
 def _one_step(mesh):
     """Loss and updated parameters after one jitted step on `mesh` from the same init and batch."""
     make = lambda: loop.TrainState(toy.make_model(), toy.make_tx(), toy.TRAINABLE)  # noqa: E731
