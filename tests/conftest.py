@@ -1,4 +1,5 @@
-"""Test set-up: 8 virtual CPU devices and parsed absl flags, before anything imports JAX."""
+"""Test set-up: 8 virtual CPU devices, before anything imports JAX. absl flags stay unparsed, as under
+any entry point without absl.app: the code must work so (grain's workers read them)."""
 
 import fcntl
 import os
@@ -8,9 +9,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
-from absl import flags  # noqa: E402
-
-flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
 
 
 @pytest.fixture(scope="session")

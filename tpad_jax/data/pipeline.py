@@ -15,6 +15,7 @@ exactly once, every batch is full and every process gets the same number of batc
 import dataclasses
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 from PIL import Image
@@ -233,6 +234,10 @@ def _batches(config, to_batch, batch_size, *, shuffle, repeat, seed, process_ind
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
     iterable = dataset.to_iter_dataset(read_options)
     if config.data.worker_count > 0:
+        # Grain's workers read absl flags; an entry point without absl.app (benchmarks, notebooks) has
+        # not parsed them, and the first batch raises UnparsedFlagAccessError. Their defaults are meant.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         # Workers pass each array in its own shared-memory block by default; for the many small arrays of
         # a batch that costs more than pickling them (session batches came twice as fast).
         options = grain.experimental.DatasetOptions(min_shm_size=MIN_SHARED_MEMORY_BYTES)
