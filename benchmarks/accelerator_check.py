@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import peak as peak_lib
 import train_step
+from common import apply_overrides
 from tpad_jax import export
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
@@ -89,6 +90,29 @@ def tiled_tables(model: tpad_lib.TPAD, num_items: int):
     return state
 
 
+def time_export(inputs, num_items: int, batch: int) -> str:
+    """Embeds `num_items` items (the tables tiled) with the production export; its table cell."""
+    model = inputs.make_model()
+    inputs.initialize(model)
+    nnx.update(model, tiled_tables(model, num_items))
+    # On the run's mesh as a trained stage's state is: weights replicated, item tables split by rows
+    # (when the devices divide them), and the export splits every chunk of items over the devices.
+    graphdef, tables, rest = nnx.split(model, tpad_lib.ItemTable, ...)
+    devices = inputs.mesh.size
+    rows = PartitionSpec(mesh_lib.batch_axes(inputs.mesh)) if num_items % devices == 0 else PartitionSpec()
+    tables = jax.device_put(tables, NamedSharding(inputs.mesh, rows))
+    model = nnx.merge(graphdef, tables, jax.device_put(rest, NamedSharding(inputs.mesh, PartitionSpec())))
+    # One call, its compile seconds taken out: a second, warm call would embed every item again,
+    # which on a lent machine costs minutes of its short lease.
+    with loop.CompileCounter() as compiles:
+        clock = time.perf_counter()
+        embeddings = export.item_embeddings(model, batch, num_items)
+        call_s = time.perf_counter() - clock
+    assert embeddings.shape[0] == num_items and np.isfinite(embeddings).all()
+    run_s = call_s - compiles.seconds
+    return f"{run_s:.1f} s ({num_items / run_s:,.0f} items/s), after {compiles.seconds:.1f} s compiling"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry_run", action="store_true", help="CPU: the tiny preset, same code path")
@@ -96,6 +120,9 @@ def main():
     parser.add_argument("--export_items", type=int, default=100_000)
     parser.add_argument("--export_batch", type=int, default=256, help="items per export chunk")
     parser.add_argument("--workdir", default=None, help="synthetic data (default: a temporary directory)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="config override after the check's own, e.g. --set model.preset=llava_1_5_7b "
+                             "(repeatable)")
     args = parser.parse_args()
 
     devices = jax.devices()
@@ -104,7 +131,7 @@ def main():
     if jax.default_backend() == "cpu" and not args.dry_run:
         sys.exit("accelerator_check: JAX sees no accelerator; install its jax build "
                  "(benchmarks/accelerator_check.sh does) or pass --dry_run")
-    config = check_config(args.dry_run, len(devices))
+    config = apply_overrides(check_config(args.dry_run, len(devices)), args.set)
     with tempfile.TemporaryDirectory() as scratch:
         clock = time.perf_counter()
         inputs = inputs_lib.build_inputs(config, args.workdir or scratch)
@@ -114,30 +141,14 @@ def main():
         row = train_step.measure_stage(inputs, spec, train_step.stage2_workload, args.steps, warmup=2)
         step_memory = peak_memory_gib()
 
-        model = inputs.make_model()
-        inputs.initialize(model)
-        nnx.update(model, tiled_tables(model, args.export_items))
-        # On the run's mesh as a trained stage's state is: weights replicated, item tables split by rows
-        # (when the devices divide them), and the export splits every chunk of items over the devices.
-        graphdef, tables, rest = nnx.split(model, tpad_lib.ItemTable, ...)
-        rows = PartitionSpec(mesh_lib.batch_axes(inputs.mesh)) if args.export_items % len(devices) == 0 \
-            else PartitionSpec()
-        tables = jax.device_put(tables, NamedSharding(inputs.mesh, rows))
-        model = nnx.merge(graphdef, tables, jax.device_put(rest, NamedSharding(inputs.mesh, PartitionSpec())))
-        # One call, its compile seconds taken out: a second, warm call would embed every item again,
-        # which on a lent machine costs minutes of its short lease.
-        with loop.CompileCounter() as export_compiles:
-            clock = time.perf_counter()
-            embeddings = export.item_embeddings(model, args.export_batch, args.export_items)
-            export_call_s = time.perf_counter() - clock
-        export_s = export_call_s - export_compiles.seconds
-    assert embeddings.shape[0] == args.export_items and np.isfinite(embeddings).all()
+        export_cell = time_export(inputs, args.export_items, args.export_batch) if args.export_items else None
 
     measured_peak = (peak_lib.measure_peak() * 1e9 if args.dry_run else
                      max(peak_lib.matmul_gflops(n, jnp.bfloat16, 5)[1] for n in (4096, 8192)) * 1e9)
     flops_per_s = row["model GFLOP"] * 1e9 / row["step s"]
     spec_tflops = spec_peak(kind)
-    parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    abstract = nnx.eval_shape(inputs.make_model)
+    parameters = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     cells = {
         "devices": f"{len(devices)} x {kind}", "preset": config.model.preset,
         "parameters": f"{parameters / 1e6:,.1f} M", "batch (sessions)": row["batch"],
@@ -146,8 +157,7 @@ def main():
         "MFU (spec bf16 peak)": f"{100 * flops_per_s / spec_tflops:.1f} %" if spec_tflops else "unknown kind",
         "MFU (measured matmul peak)": f"{100 * flops_per_s / measured_peak:.1f} %",
         "peak device memory GiB": "n/a (backend keeps none)" if step_memory is None else f"{step_memory:.2f}",
-        f"export {args.export_items:,} items": f"{export_s:.1f} s ({args.export_items / export_s:,.0f} items/s), "
-                                               f"after {export_compiles.seconds:.1f} s compiling",
+        f"export {args.export_items:,} items": export_cell or "not run (--export_items 0)",
         "compiles of the step": row["compiles"],
     }
     print("\n| measure | value |\n|---|---|")
