@@ -16,12 +16,14 @@ def test_accelerator_config_is_the_7b_layout_at_1b_with_the_bf16_policy():
 
 def test_dry_run_times_a_step_and_exports_every_item(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["accelerator_check.py", "--dry_run", "--steps", "1",
-                                      "--export_items", "1000", "--export_batch", "64"])
+                                      "--export_items", "1000", "--export_batch", "64",
+                                      "--set", "stage2.batch_size=16"])
     accelerator_check.main()
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     table = dict(rows[1:])  # after the header
     assert table["compiles of the step"] == "1"  # the timed steps reuse one executable
+    assert table["batch (sessions)"] == "16"  # --set applies after the check's own config (tiny: 8)
     assert table["devices"].startswith("8 x")  # the test process's 8 virtual CPU devices, FSDP over all
     assert float(table["step s"]) > 0
     # One export call: its run time and the compile seconds taken out of it.
