@@ -3,6 +3,10 @@
 
     bash benchmarks/accelerator_check.sh               # a GPU or TPU host (installs the accelerator jax)
     python benchmarks/accelerator_check.py --dry_run   # CPU: the tiny preset through the same code
+    bash benchmarks/accelerator_check.sh --export_items 0 --set model.preset=llava_1_5_7b \
+        --set stage2.batch_size=64 --set stage2.keep_batch_size=32   # the 7B step alone
+
+Measured on one H200 (2026-12-04): benchmarks/RESULTS.md, "Accelerator check".
 
 The step is a run's own (`stages.stage2_spec` of the `tpad` variant, keep term included, built and timed by
 `benchmarks/train_step.py`'s `measure_stage`) on a synthetic catalogue, with random weights:
