@@ -1,9 +1,10 @@
 """What cold-target HR@20 costs: a trained row's scores fused with e_K similarity for cold items (issue 15).
 
     python benchmarks/cold_fusion.py --workdir RUN [--config configs/tpad_base.py] [--preset base]
-        [--weights 0,0.5,1,2,4,8] [--no-record]
+        [--weights 0,0.5,1,2,4,8] [--set KEY=VALUE ...] [--no-record]
 
-RUN is a finished run (read only). For each trained content row, every validation and test prefix is
+RUN is a finished run (read only); `--set` passes the run's own settings (e.g. `--set
+data.raw_dir=../shared/data/amazon2014_beauty --set data.source=canonical`). For each trained content row, every validation and test prefix is
 scored as the row scores it plus w * cos(e[last click], e[v]) for the items v with fewer than
 `data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each weight w. This is
 score fusion that leans on the export exactly where IDs are weak. Printed per row and weight: validation
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common import ROOT, emit_row, print_and_record
+from common import ROOT, apply_overrides, emit_row, print_and_record
 from train_step import load_config
 from tpad_jax import layout, rows
 from tpad_jax.data import readonly
@@ -60,9 +61,10 @@ def main():
     parser.add_argument("--preset", default=None, help="the config file's argument (e.g. full)")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--weights", default="0,0.5,1,2,4,8")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="the run's config overrides")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    config = load_config(args.config, args.preset)
+    config = apply_overrides(load_config(args.config, args.preset), args.set)
     data = readonly.load(config, args.workdir)
     weights = [float(w) for w in args.weights.split(",")]
     cold_items = (data.train_item_counts < data.cold_threshold).astype(np.float32)

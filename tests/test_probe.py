@@ -301,3 +301,69 @@ def test_attribute_export_is_the_one_hot_attributes_in_prepared_item_order(tmp_p
     text_data = prepared.load_or_prepare(other, str(tmp_path / "text_run"))
     with pytest.raises(cli.UserError, match="not a synthetic catalogue"):
         runner.attribute_features(text_data)
+
+
+class _Examples:
+    """The two things `export.retrieval_ranks` reads of prepared data: a split's prefixes and targets."""
+
+    def __init__(self, prefixes, targets):
+        self._split = (prefixes, np.asarray(targets, np.int32))
+
+    def examples(self, split):
+        assert split == "test"
+        return self._split
+
+
+def test_retrieval_probe_ranks_by_cosine_to_the_last_click_whatever_the_norms():
+    # Item angles 0, 10, 90, 200 degrees with radii 1, 5, 2, 3 (the norms must not matter).
+    angles, radii = np.deg2rad([0.0, 10.0, 90.0, 200.0]), np.array([1.0, 5.0, 2.0, 3.0])
+    embeddings = (radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
+    prefixes = [np.array([2, 0]), np.array([0]), np.array([3]), np.array([1, 2])]
+    # Hand-counted items at a smaller angle from the last click than the target (the last click counts):
+    # last 0 -> target 1 (10 deg): item 0; last 0 -> target 2 (90): items 0, 1; last 3 -> target 0 (160):
+    # items 3, 2 (110), not 1 (170); last 2 -> target 0 (90): items 2, 1 (80), not 3 (110).
+    ranks = export.retrieval_ranks(embeddings, _Examples(prefixes, [1, 2, 0, 0]), "test", batch_size=3)
+    np.testing.assert_array_equal(ranks, [1, 2, 2, 2])
+
+
+def test_probe_file_holds_every_export_given_frozen_encoders_too(tmp_path):
+    import types
+
+    from tpad_jax import runner
+
+    class Data(_Examples):
+        fingerprint = "f" * 16
+        cold = np.array([True, False, True, True])
+
+        def cold_mask(self, targets):
+            return self.cold
+
+    # Two exports over 3 items, one test example (last click 0, target 1). "tpad": item 1 nearest after
+    # item 0 (rank 1, in the top 20); "minilm": the target is its farthest item (still rank 2 < 20).
+    exports = {"tpad": np.array([[1, 0], [1, 0.1], [-1, 0]], np.float32),
+               "minilm": np.array([[1, 0], [-1, 0], [0, 1]], np.float32)}
+    data = Data([np.array([0])], [1])
+    data.cold = np.array([True])
+    config = types.SimpleNamespace(eval=types.SimpleNamespace(batch_size=8))
+    runner.write_probe(types.SimpleNamespace(data=data, config=config, workdir=str(tmp_path)), exports)
+    rows = json.load(open(tmp_path / "results" / "probe.json"))
+    assert {row["model"] for row in rows} == {"probe:tpad", "probe:minilm"}
+    mrr = {row["model"]: row["value"] for row in rows if row["metric"] == "MRR" and row["slice"] == "cold"}
+    assert mrr == pytest.approx({"probe:tpad": 50.0, "probe:minilm": 100.0 / 3})
+
+
+def test_knn_row_ranks_the_test_split_by_its_exports_cosine(tmp_path):
+    from tpad_jax import evaluate, layout
+
+    class Data(_Examples):
+        item_ids = ["a", "b", "c", "d"]
+
+    angles, radii = np.deg2rad([0.0, 10.0, 90.0, 200.0]), np.array([1.0, 5.0, 2.0, 3.0])
+    embeddings = (radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
+    export.write_export(layout.export_dir(str(tmp_path), "minilm"), embeddings, Data.item_ids, {"variant": "minilm"})
+    prefixes, targets = [np.array([2, 0]), np.array([3])], np.array([2, 0])
+    config = tpad_base.get_config("tiny")
+    ranks = evaluate.rank_model("minilm-knn", config, str(tmp_path), Data(prefixes, targets), prefixes, targets)
+    np.testing.assert_array_equal(ranks, [2, 2])  # as in the hand count of the probe test above
+    with pytest.raises(cli.UserError, match="export_tpad|export/"):
+        evaluate.rank_model("tpad-knn", config, str(tmp_path), Data(prefixes, targets), prefixes, targets)

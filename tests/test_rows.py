@@ -34,12 +34,17 @@ def test_every_neural_row_has_a_known_encoder_and_export():
             rows.export_variant(row.export)  # raises for a name the registry does not hold
 
 
-def test_every_baseline_row_but_the_oracle_is_made_by_eval_baselines():
+def test_every_baseline_row_but_the_oracle_is_made_by_eval_baselines_or_reads_an_export():
     config = tpad_base.get_config("tiny")
     for row in rows.baselines():
-        assert row.encoder is None and row.export is None
-        if row.name != rows.ORACLE:
+        assert row.encoder is None
+        if row.export is not None:  # a content item-kNN row
+            rows.export_variant(row.export)
+        elif row.name != rows.ORACLE:
             assert hasattr(baselines.make_baseline(row.name, config), "fit")
+    # The `baselines` group of --models is the session baselines: it needs no export stage.
+    assert set(rows.names(rows.session_baselines())) == {"oracle", "pop", "s-pop", "markov", "sknn"}
+    assert rows.names(rows.needed_exports(["minilm-knn", "tpad-knn"])) == ("tpad", "minilm")
 
 
 def test_stage2_overrides_are_stage2_keys_of_the_config():
@@ -67,7 +72,8 @@ def test_the_default_rows_are_the_registry_in_report_order():
     # The full table adds every ablation and encoder; the test preset runs all of them.
     full = tpad_base.get_config("full").eval.models
     assert full == tpad_base.get_config("tiny").eval.models == rows.names(rows.full_table())
-    assert {"tpad-no-gen", "tpad-no-disentangle", "tpad-no-align", "gru4rec", "srgnn", "srgnn+tpad"} == (
+    assert {"tpad-knn", "tpad-no-gen", "tpad-no-disentangle", "tpad-no-align", "gru4rec", "srgnn",
+            "srgnn+tpad"} == (
         set(full) - set(rows.names(rows.defaults())))
     assert tpad_base.get_config("full").msbr.per_model == tpad_base.get_config().msbr.per_model
     assert rows.names(rows.ROWS)[:5] == ("oracle", "pop", "s-pop", "markov", "sknn")

@@ -27,7 +27,7 @@ def expand_models(spec: str, config) -> list[str]:
     configured = configured_models(config)
     names = []
     for name in (n.strip() for n in spec.split(",") if n.strip()):
-        names.extend({"baselines": rows.names(rows.baselines()), "all": configured}.get(name, (name,)))
+        names.extend({"baselines": rows.names(rows.session_baselines()), "all": configured}.get(name, (name,)))
     known = set(rows.names(rows.baselines())) | set(configured)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -69,6 +69,11 @@ def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.n
         # The oracle's rows follow the examples, so its chunks are indexed by example position.
         oracle = baselines.Oracle(data.oracle_scores(TEST_SPLIT))
         return metrics.rank_targets(oracle.score, np.arange(len(targets)), targets, batch_size)
+    if name in rows.names(rows.baselines()) and rows.export_of(name) is not None:  # a content item-kNN row
+        from tpad_jax.downstream import features  # noqa: PLC0415
+
+        embeddings = features.load_features(workdir, rows.export_of(name), data)
+        return export.retrieval_ranks(embeddings, data, TEST_SPLIT, batch_size)
     if name in rows.names(rows.baselines()):
         model = baselines.make_baseline(name, config).fit(data.train, data.num_items)
         return metrics.rank_targets(model.score, prefixes, targets, batch_size)

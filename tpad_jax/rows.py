@@ -1,6 +1,7 @@
 """The rows of the comparison and the export variants they read: the one registry of both.
 
-A row is a baseline (fitted on the train sessions, `eval/baselines.py`) or a neural row: one session
+A row is a baseline (fitted on the train sessions, `eval/baselines.py`, or an export's item-to-item
+similarity: a `-knn` row ranks items by cosine to the last click, with no training) or a neural row: one session
 encoder (`models/session_encoders.py`) over item IDs, with the content features of one export variant
 when it names one. An export variant says where its item embeddings come from: the initialized towers
 (`raw`), stage 1, a stage-2 variant (the main run or an ablation, each a few `stage2.*` overrides away
@@ -79,6 +80,11 @@ ROWS = (
     Row("s-pop", BASELINE),
     Row("markov", BASELINE),
     Row("sknn", BASELINE),
+    # Content item-kNN (`export.retrieval_ranks`): the retrieval probe of an export as a row, so its
+    # difference from the neural rows gets the same significance test. On real titles the frozen MiniLM
+    # similarity alone is a strong row (benchmarks/RESULTS.md); `tpad-knn` is what e_K gives alone.
+    Row("minilm-knn", BASELINE, export=MINILM, default=False),
+    Row("tpad-knn", BASELINE, export=MAIN_VARIANT, default=False),
     Row("gru4rec", NEURAL, "gru4rec", default=False),
     Row("transformer", NEURAL, "transformer"),
     Row("srgnn", NEURAL, "srgnn", default=False),
@@ -115,6 +121,11 @@ def baselines() -> tuple[Row, ...]:
     return tuple(row for row in ROWS if row.kind == BASELINE)
 
 
+def session_baselines() -> tuple[Row, ...]:
+    """The baselines fitted on the train sessions alone (`eval/baselines.py`): those that read no export."""
+    return tuple(row for row in baselines() if row.export is None)
+
+
 def neural() -> tuple[Row, ...]:
     return tuple(row for row in ROWS if row.kind == NEURAL)
 
@@ -125,7 +136,7 @@ def defaults() -> tuple[Row, ...]:
 
 
 def full_table() -> tuple[Row, ...]:
-    """Every row but the MiniLM recipe (it loads an extra wheel) and the attribute bound (synthetic data
+    """Every row but those reading MiniLM (it loads an extra wheel) or the attribute bound (synthetic data
     only); name them in `eval.models` to add them."""
     return tuple(row for row in ROWS if row.export not in (MINILM, ATTRIBUTES))
 

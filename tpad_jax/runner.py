@@ -61,12 +61,13 @@ def _run(config, workdir: str, stage: str) -> None:
     needed = rows.needed_exports(evaluate.configured_models(config))
     models = train_towers(inputs, stage, [variant.name for variant in needed if variant.source in rows.TOWER_SOURCES])
     if stage in ("all", "export"):
-        write_exports(inputs, models)
+        embeddings = write_exports(inputs, models)
         for variant in needed:
             if variant.source == rows.MINILM:
-                write_minilm_export(inputs, variant.name)
+                embeddings[variant.name] = write_minilm_export(inputs, variant.name)
             elif variant.source == rows.ATTRIBUTES:
-                write_attribute_export(inputs, variant.name)
+                embeddings[variant.name] = write_attribute_export(inputs, variant.name)
+        write_probe(inputs, embeddings)
     if stage in ("all", "msbr"):
         evaluate_all(config, workdir)
     print(f"done in {time.perf_counter() - clock:.0f} s; workdir {os.path.abspath(workdir)}", flush=True)
@@ -100,9 +101,9 @@ def claim_stage(inputs, variant: str) -> None:
     provenance.claim(inputs.workdir, layout.stage_name(variant), record, label)
 
 
-def write_exports(inputs, models: dict) -> None:
-    """Writes one export per trained variant and prints the retrieval probe of each."""
-    probe_rows = []
+def write_exports(inputs, models: dict) -> dict:
+    """Writes one export per trained variant; returns {variant: item embeddings}."""
+    embeddings_of = {}
     for variant, model in models.items():
         embeddings = export.item_embeddings(model, inputs.config.eval.batch_size)
         if distributed.is_main_process():
@@ -112,6 +113,15 @@ def write_exports(inputs, models: dict) -> None:
                     "inputs": provenance.export_record(inputs.config, inputs.data.fingerprint, variant)}
             export.write_export(layout.export_dir(inputs.workdir, variant), embeddings,
                                 inputs.data.item_ids, meta)
+        embeddings_of[variant] = embeddings
+    return embeddings_of
+
+
+def write_probe(inputs, embeddings_of: dict) -> None:
+    """Writes and prints the retrieval probe of every export of this run, the towers' and the frozen
+    encoders' alike (MiniLM's is the bar a representation of real titles must pass, with no downstream)."""
+    probe_rows = []
+    for variant, embeddings in embeddings_of.items():
         ranks = export.retrieval_ranks(embeddings, inputs.data, "test", inputs.config.eval.batch_size)
         _, targets = inputs.data.examples("test")
         probe_rows += metrics_lib.slice_rows(f"probe:{variant}", ranks, inputs.data.cold_mask(targets), (20,))
@@ -129,20 +139,22 @@ def item_texts(data) -> list[str]:
             for title, category in zip(data.titles, data.categories)]
 
 
-def write_minilm_export(inputs, variant: str) -> None:
-    """The export of `variant`: frozen all-MiniLM-L6-v2 embeddings of the item texts (the classic MSBR recipe)."""
+def write_minilm_export(inputs, variant: str) -> np.ndarray:
+    """Writes (or keeps) the export of `variant`: frozen all-MiniLM-L6-v2 embeddings of the item texts (the
+    classic MSBR recipe); returns them."""
     from tpad_jax.models import bert  # noqa: PLC0415  (loads the wheel only when this row is requested)
 
     out_dir = layout.export_dir(inputs.workdir, variant)
     record = provenance.export_record(inputs.config, inputs.data.fingerprint, variant)
     if export.is_complete(out_dir) and provenance.identity(export.load_meta(out_dir).get("inputs")) == \
             provenance.identity(record):
-        return
+        return export.load_export(out_dir)[0]
     embeddings = bert.MiniLMEncoder.from_installed_wheel().encode(item_texts(inputs.data))
     if distributed.is_main_process():
         export.write_export(out_dir, embeddings, inputs.data.item_ids,
                             {"variant": variant, "encoder": rows.MINILM_ENCODER,
                              "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
+    return embeddings
 
 
 def attribute_features(data) -> np.ndarray:
@@ -162,13 +174,16 @@ def attribute_features(data) -> np.ndarray:
                            for name, size in sizes.items()], axis=1)
 
 
-def write_attribute_export(inputs, variant: str) -> None:
-    """The export of `variant`: the true attributes (`attribute_features`), an upper bound, not a model."""
+def write_attribute_export(inputs, variant: str) -> np.ndarray:
+    """Writes the export of `variant`, the true attributes (`attribute_features`), an upper bound, not a
+    model; returns them."""
     out_dir = layout.export_dir(inputs.workdir, variant)
     record = provenance.export_record(inputs.config, inputs.data.fingerprint, variant)
+    embeddings = attribute_features(inputs.data)
     if distributed.is_main_process():
-        export.write_export(out_dir, attribute_features(inputs.data), inputs.data.item_ids,
+        export.write_export(out_dir, embeddings, inputs.data.item_ids,
                             {"variant": variant, "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
+    return embeddings
 
 
 def _checkpoint_step(workdir: str, variant: str):
