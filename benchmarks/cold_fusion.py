@@ -1,12 +1,14 @@
 """What cold-target HR@20 costs: a trained row's scores fused with e_K similarity for cold items (issue 15).
 
     python benchmarks/cold_fusion.py --workdir RUN [--config configs/tpad_base.py] [--preset base]
-        [--weights 0,0.5,1,2,4,8] [--set KEY=VALUE ...] [--no-record]
+        [--weights 0,0.5,1,2,4,8] [--items cold|all] [--set KEY=VALUE ...] [--no-record]
 
 RUN is a finished run (read only); `--set` passes the run's own settings (e.g. `--set
 data.raw_dir=../shared/data/amazon2014_beauty --set data.source=canonical`). For each trained content row, every validation and test prefix is
 scored as the row scores it plus w * cos(e[last click], e[v]) for the items v with fewer than
-`data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each weight w. This is
+`data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each weight w.
+`--items all` fuses the cosine into every item's score instead: the row plus its own export's item-kNN.
+This is
 score fusion that leans on the export exactly where IDs are weak. Printed per row and weight: validation
 and test HR@20, MRR@20 and cold-target HR@20, and the weight validation MRR@20 would choose; appended
 to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
@@ -61,6 +63,8 @@ def main():
     parser.add_argument("--preset", default=None, help="the config file's argument (e.g. full)")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--weights", default="0,0.5,1,2,4,8")
+    parser.add_argument("--items", choices=("cold", "all"), default="cold",
+                        help="the items whose score gains the cosine term")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="the run's config overrides")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
@@ -68,6 +72,8 @@ def main():
     data = readonly.load(config, args.workdir)
     weights = [float(w) for w in args.weights.split(",")]
     cold_items = (data.train_item_counts < data.cold_threshold).astype(np.float32)
+    if args.items == "all":
+        cold_items = np.ones_like(cold_items)
     width, batch = tables.prefix_width(config), config.msbr.eval_batch_size
     results = []
     for row in rows.neural():
@@ -87,7 +93,8 @@ def main():
         for weight in weights:
             values = measured["valid", weight] + measured["test", weight]
             results.append(emit_row("cold_fusion", {
-                "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name, "weight": weight,
+                "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name,
+                "weight": weight if args.items == "cold" else f"{weight} (all items)",
                 **{column: round(v, 2) for column, v in zip(COLUMNS[3:9], values)},
                 "chosen on valid": weight == chosen}))
     print_and_record(SECTION, COLUMNS, results, NOTE, record=not args.no_record)
