@@ -3,20 +3,18 @@
     python benchmarks/probe_exports.py --workdir RUN [--config configs/tpad_base.py] [--set KEY=VALUE ...]
 
 RUN is read only; `--set` passes the run's own settings (e.g. `--set
-data.raw_dir=../shared/data/amazon2014_beauty`). For each export RUN/export* (towers, MiniLM, attributes),
+data.raw_dir=../shared/data/amazon2014_beauty`). For each export RUN/export* (towers, MiniLM, attributes; `export.read_exports`),
 items are ranked by the cosine of their vectors to the last click's (`export.retrieval_ranks`), and
 HR@20 / MRR@20 / cold-target HR@20 are printed per split. The run's own probe (results/probe.json) has the
 test split only; choices between stage-2 settings are made on the validation columns here.
 """
 
 import argparse
-import os
 
 from common import ROOT, apply_overrides
 from train_step import load_config
-from tpad_jax import export, layout
+from tpad_jax import export
 from tpad_jax.data import readonly
-from tpad_jax.downstream import features
 from tpad_jax.eval import metrics
 
 
@@ -38,14 +36,12 @@ def main():
     data = readonly.load(config, args.workdir)
     print("| export | valid HR@20 / MRR@20 / cold HR@20 | test HR@20 / MRR@20 / cold HR@20 |")
     print("|---|---|---|")
-    for name in sorted(os.listdir(args.workdir)):
-        if not (layout.is_export_name(name) and export.is_complete(os.path.join(args.workdir, name))):
+    for name, (embeddings, item_ids) in export.read_exports(args.workdir).items():
+        if list(item_ids) != list(data.item_ids):
+            print(f"| {name} | rows do not match the prepared catalogue: re-export | |")
             continue
-        embeddings = features.load_features(args.workdir, export.load_meta(os.path.join(args.workdir, name)).get(
-            "variant", name), data)
         print(f"| {name} | {probe_line(embeddings, data, 'valid')} | {probe_line(embeddings, data, 'test')} |",
               flush=True)
-
 
 if __name__ == "__main__":
     main()

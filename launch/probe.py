@@ -26,27 +26,6 @@ from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.train import inputs as inputs_lib
 
 
-def read_exports(workdir: str) -> dict:
-    """{variant: (embeddings, item_ids)} of DIR/export*; exports of other prepared data are skipped."""
-    fingerprint_path = os.path.join(layout.prepared_dir(workdir), "fingerprint.txt")
-    current = None
-    if os.path.exists(fingerprint_path):
-        with open(fingerprint_path, encoding="utf-8") as f:
-            current = f.read().strip()
-    exports = {}
-    for entry in sorted(os.listdir(workdir)):
-        directory = os.path.join(workdir, entry)
-        if not (layout.is_export_name(entry) and os.path.exists(os.path.join(directory, export.EMBEDDINGS_FILE))):
-            continue
-        embeddings, item_ids, meta = export.load_export(directory)
-        name = meta.get("variant") or os.path.basename(directory)
-        if current is not None and meta.get("dataset_fingerprint") not in (None, current):
-            print(f"skipped {directory}: exported from other prepared data than DIR/data/prepared")
-            continue
-        exports[name] = (embeddings, item_ids)
-    return exports
-
-
 def vision_input(config, workdir: str) -> dict:
     """{"frozen-vit": (features [N, tokens * width], item_ids)}: the frozen ViT features of the run's
     item tables, computed as a run computes them (same config and seed: the same ViT); {} without images."""
@@ -70,7 +49,7 @@ def run(config, workdir: str, *, k=10, folds=5, l2=1.0, seed=0, input_features=F
         print(f"attribute probe: item attributes are known only for the synthetic catalogue; {raw_dir} "
               "is not one, nothing to probe")
         return None
-    exports = read_exports(workdir)
+    exports = export.read_exports(workdir)
     if not exports:
         raise cli.UserError(f"no exports in {os.path.abspath(workdir)} "
                             "(DIR/export*/item_embeddings.npy); run launch/train.py first")

@@ -314,10 +314,14 @@ class _Examples:
         return self._split
 
 
-def test_retrieval_probe_ranks_by_cosine_to_the_last_click_whatever_the_norms():
-    # Item angles 0, 10, 90, 200 degrees with radii 1, 5, 2, 3 (the norms must not matter).
+def four_items():
+    """Four 2-D items at angles 0, 10, 90, 200 degrees with radii 1, 5, 2, 3 (the norms must not matter)."""
     angles, radii = np.deg2rad([0.0, 10.0, 90.0, 200.0]), np.array([1.0, 5.0, 2.0, 3.0])
-    embeddings = (radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
+    return (radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
+
+
+def test_retrieval_probe_ranks_by_cosine_to_the_last_click_whatever_the_norms():
+    embeddings = four_items()
     prefixes = [np.array([2, 0]), np.array([0]), np.array([3]), np.array([1, 2])]
     # Hand-counted items at a smaller angle from the last click than the target (the last click counts):
     # last 0 -> target 1 (10 deg): item 0; last 0 -> target 2 (90): items 0, 1; last 3 -> target 0 (160):
@@ -333,17 +337,15 @@ def test_probe_file_holds_every_export_given_frozen_encoders_too(tmp_path):
 
     class Data(_Examples):
         fingerprint = "f" * 16
-        cold = np.array([True, False, True, True])
 
         def cold_mask(self, targets):
-            return self.cold
+            return np.ones(len(targets), bool)  # the one test target is cold
 
     # Two exports over 3 items, one test example (last click 0, target 1). "tpad": item 1 nearest after
     # item 0 (rank 1, in the top 20); "minilm": the target is its farthest item (still rank 2 < 20).
     exports = {"tpad": np.array([[1, 0], [1, 0.1], [-1, 0]], np.float32),
                "minilm": np.array([[1, 0], [-1, 0], [0, 1]], np.float32)}
     data = Data([np.array([0])], [1])
-    data.cold = np.array([True])
     config = types.SimpleNamespace(eval=types.SimpleNamespace(batch_size=8))
     runner.write_probe(types.SimpleNamespace(data=data, config=config, workdir=str(tmp_path)), exports)
     rows = json.load(open(tmp_path / "results" / "probe.json"))
@@ -358,9 +360,8 @@ def test_knn_row_ranks_the_test_split_by_its_exports_cosine(tmp_path):
     class Data(_Examples):
         item_ids = ["a", "b", "c", "d"]
 
-    angles, radii = np.deg2rad([0.0, 10.0, 90.0, 200.0]), np.array([1.0, 5.0, 2.0, 3.0])
-    embeddings = (radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(np.float32)
-    export.write_export(layout.export_dir(str(tmp_path), "minilm"), embeddings, Data.item_ids, {"variant": "minilm"})
+    export.write_export(layout.export_dir(str(tmp_path), "minilm"), four_items(), Data.item_ids,
+                        {"variant": "minilm"})
     prefixes, targets = [np.array([2, 0]), np.array([3])], np.array([2, 0])
     config = tpad_base.get_config("tiny")
     ranks = evaluate.rank_model("minilm-knn", config, str(tmp_path), Data(prefixes, targets), prefixes, targets)

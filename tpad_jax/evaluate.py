@@ -69,12 +69,12 @@ def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.n
         # The oracle's rows follow the examples, so its chunks are indexed by example position.
         oracle = baselines.Oracle(data.oracle_scores(TEST_SPLIT))
         return metrics.rank_targets(oracle.score, np.arange(len(targets)), targets, batch_size)
-    if name in rows.names(rows.baselines()) and rows.export_of(name) is not None:  # a content item-kNN row
-        from tpad_jax.downstream import features  # noqa: PLC0415
-
-        embeddings = features.load_features(workdir, rows.export_of(name), data)
-        return export.retrieval_ranks(embeddings, data, TEST_SPLIT, batch_size)
     if name in rows.names(rows.baselines()):
+        if rows.export_of(name) is not None:  # a content item-kNN row: the export's retrieval probe
+            from tpad_jax.downstream import features  # noqa: PLC0415
+
+            embeddings = features.load_features(workdir, rows.export_of(name), data)
+            return export.retrieval_ranks(embeddings, data, TEST_SPLIT, batch_size)
         model = baselines.make_baseline(name, config).fit(data.train, data.num_items)
         return metrics.rank_targets(model.score, prefixes, targets, batch_size)
     from tpad_jax.downstream import training  # noqa: PLC0415 (only neural models need the training stack)

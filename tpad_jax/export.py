@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tpad_jax import layout
 from tpad_jax.eval import metrics as metrics_lib
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
@@ -183,3 +184,25 @@ def retrieval_ranks(embeddings: np.ndarray, data, split: str = "test", batch_siz
         return table[last] @ table.T
 
     return metrics_lib.rank_targets(score, prefixes, targets, batch_size)
+
+
+def read_exports(workdir: str) -> dict:
+    """{variant: (embeddings, item_ids)} of every export DIR/export* of a run; exports of other prepared data
+    than DIR/data/prepared are skipped, with a line saying so."""
+    fingerprint_path = os.path.join(layout.prepared_dir(workdir), "fingerprint.txt")
+    current = None
+    if os.path.exists(fingerprint_path):
+        with open(fingerprint_path, encoding="utf-8") as f:
+            current = f.read().strip()
+    exports = {}
+    for entry in sorted(os.listdir(workdir)):
+        directory = os.path.join(workdir, entry)
+        if not (layout.is_export_name(entry) and os.path.exists(os.path.join(directory, EMBEDDINGS_FILE))):
+            continue
+        embeddings, item_ids, meta = load_export(directory)
+        name = meta.get("variant") or os.path.basename(directory)
+        if current is not None and meta.get("dataset_fingerprint") not in (None, current):
+            print(f"skipped {directory}: exported from other prepared data than DIR/data/prepared")
+            continue
+        exports[name] = (embeddings, item_ids)
+    return exports
