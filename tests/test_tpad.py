@@ -30,14 +30,16 @@ def tiny_items(seed=0):
     return prompts, pixels
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, prior_dim=0):
     mllm_cfg = mllm.MLLMConfig.tiny(VOCAB, image_size=32)
     cfg = tpad_lib.TPADConfig(mllm=mllm_cfg, embed_dim=8, image_token_id=IMAGE_TOKEN, num_items=NUM_ITEMS,
-                              item_prompt_length=ITEM_LEN, item_visual_tokens=4)
+                              item_prompt_length=ITEM_LEN, item_visual_tokens=4, prior_dim=prior_dim)
     model = tpad_lib.TPAD(cfg, rngs=nnx.Rngs(seed))
     prompts, pixels = tiny_items(seed)
     vision = tpad_lib.vision_features(model.towers, pixels, 4, batch_size=4)
-    nnx.update(model, tpad_lib.table_state(model, prompts, np.ones(NUM_ITEMS, bool), vision))
+    prior = np.random.default_rng(seed).normal(size=(NUM_ITEMS, prior_dim)).astype(np.float32)
+    nnx.update(model, tpad_lib.table_state(model, prompts, np.ones(NUM_ITEMS, bool), vision,
+                                           prior=prior if prior_dim else None))
     # LoRA B starts at zero; perturb it so gradients into LoRA A are not trivially zero either.
     for path, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.LoRAParam):
@@ -121,7 +123,7 @@ def test_one_k_pass_over_several_row_sets_equals_separate_passes():
     np.testing.assert_allclose(float(joint), float(separate), rtol=1e-6)
 
 
-def _grad_norms(model, cfg):
+def _grad_norms(model, cfg, patterns=tpad_lib.GROUP_PATTERNS):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = jax.tree.map(jnp.asarray, session_batch())
 
@@ -130,7 +132,7 @@ def _grad_norms(model, cfg):
 
     grads = jax.grad(loss)(params)
     norms = {}
-    for group, pattern in tpad_lib.GROUP_PATTERNS.items():
+    for group, pattern in patterns.items():
         leaves = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
                   if __import__("re").search(pattern, "/".join(str(getattr(k, "key", k)) for k in path))]
         norms[group] = float(sum(jnp.sum(leaf ** 2) for leaf in leaves)) ** 0.5
@@ -332,6 +334,15 @@ def test_only_alignment_sends_sessions_into_k_at_every_variants_shipped_settings
         assert norms["knowledge"] == 0.0  # K is left to the keep term (stages.stage2_spec)
     else:
         assert norms["knowledge"] > 1e-6
+
+
+@pytest.mark.parametrize("variant", ["tpad", "no-align"])
+def test_alignment_trains_the_knowledge_priors_map_into_e_k(variant):
+    shipped = stages.stage2_config(tpad_base.get_config(), variant).stage2
+    norms = _grad_norms(tiny_model(prior_dim=5), shipped, {"prior": r"prior_head/"})
+    assert (norms["prior"] > 1e-6) if variant == "tpad" else (norms["prior"] == 0.0)
+    # The map is K's: its optimizer group trains it at K's rate.
+    assert __import__("re").search(tpad_lib.GROUP_PATTERNS[tpad_lib.KNOWLEDGE], "prior_head/kernel")
 
 
 def test_text_view_pools_the_text_positions_but_not_the_item_position():

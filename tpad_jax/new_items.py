@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tpad_jax import export, layout, pretrained, provenance, rows
+from tpad_jax import export, layout, pretrained, provenance, rows, sentence_features
 from tpad_jax.cli import UserError
 from tpad_jax.data import pipeline, prompts, raw, readonly, tfds_builder
 from tpad_jax.data import tokenizer as tokenizer_lib
@@ -146,6 +146,9 @@ class KnowledgeEmbedder:
                                              "catalogue has none); give this item without an image")
         if n_img:
             values["vision"] = tpad_lib.vision_features(self.model.towers, self._pixels(items), n_img)
+        if self.model.cfg.prior_dim:  # K's knowledge prior of each new item, from the same frozen encoder
+            values["prior"] = sentence_features.encode(
+                [sentence_features.item_text(item.title or "", item.category) for item in items])
         for name, value in values.items():
             variable = self.model.tables[name]
             old = variable.get_value()

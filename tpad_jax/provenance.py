@@ -41,7 +41,8 @@ TRAINING_KEYS = ("seed", "train.grad_clip", "train.weight_decay")
 # Keys added after records existed, with the value that behaves as the code did before them.
 ADDED_AT = {"model.base_param_dtype": "float32", "stage2.align_estimator": "infonce", "msbr.lr_decay": "cosine",
             "msbr.attention_dropout": 0.0, "msbr.transformer_norm": "pre",
-            "msbr.transformer_init_std": 0.0, "stage1.keep_best": False, "stage2.keep_best": False}
+            "msbr.transformer_init_std": 0.0, "stage1.keep_best": False, "stage2.keep_best": False,
+            "model.knowledge_prior": ""}
 _SHOWN_CHANGES = 4  # a message names this many changed keys, then counts the rest
 
 

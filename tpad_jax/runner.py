@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from tpad_jax import evaluate, export, layout, provenance, rows
+from tpad_jax import evaluate, export, layout, provenance, rows, sentence_features
 from tpad_jax.cli import UserError
 from tpad_jax.data import prepared
 from tpad_jax.downstream import settings as row_settings
@@ -64,7 +64,8 @@ def _run(config, workdir: str, stage: str) -> None:
         embeddings = write_exports(inputs, models)
         for variant in needed:
             if variant.source == rows.MINILM:
-                embeddings[variant.name] = write_minilm_export(inputs, variant.name)
+                embeddings[variant.name] = sentence_features.catalogue_embeddings(
+                    inputs.config, inputs.workdir, inputs.data, variant.name)
             elif variant.source == rows.ATTRIBUTES:
                 embeddings[variant.name] = write_attribute_export(inputs, variant.name)
         write_probe(inputs, embeddings)
@@ -131,30 +132,6 @@ def write_probe(inputs, embeddings_of: dict) -> None:
         with workdir_lib.atomic_open(os.path.join(layout.results_dir(inputs.workdir), report.PROBE_FILE)) as f:
             json.dump(probe_rows, f, indent=1)
         print(_probe_table(probe_rows), flush=True)
-
-
-def item_texts(data) -> list[str]:
-    """The text a frozen text encoder reads per item: its title, and its category when there is one."""
-    return [title if not category else f"{title}. Category: {category}."
-            for title, category in zip(data.titles, data.categories)]
-
-
-def write_minilm_export(inputs, variant: str) -> np.ndarray:
-    """Writes (or keeps) the export of `variant`: frozen all-MiniLM-L6-v2 embeddings of the item texts (the
-    classic MSBR recipe); returns them."""
-    from tpad_jax.models import bert  # noqa: PLC0415  (loads the wheel only when this row is requested)
-
-    out_dir = layout.export_dir(inputs.workdir, variant)
-    record = provenance.export_record(inputs.config, inputs.data.fingerprint, variant)
-    if export.is_complete(out_dir) and provenance.identity(export.load_meta(out_dir).get("inputs")) == \
-            provenance.identity(record):
-        return export.load_export(out_dir)[0]
-    embeddings = bert.MiniLMEncoder.from_installed_wheel().encode(item_texts(inputs.data))
-    if distributed.is_main_process():
-        export.write_export(out_dir, embeddings, inputs.data.item_ids,
-                            {"variant": variant, "encoder": rows.MINILM_ENCODER,
-                             "dataset_fingerprint": inputs.data.fingerprint, "inputs": record})
-    return embeddings
 
 
 def attribute_features(data) -> np.ndarray:

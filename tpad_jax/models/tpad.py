@@ -5,6 +5,7 @@ Parameter paths (optimizer groups and trainable filters select them by regex):
   towers/bases/{knowledge,transfer}/...  each tower's own base (share_base=False), in its tower's group
   towers/towers/knowledge/...            Knowledge-MLLM projector + LoRA     group "knowledge"
   knowledge_head, image_view_head, text_view_head, word_decoder             group "knowledge"
+  prior_head                             the knowledge prior's map into e_K  group "knowledge"
   towers/towers/transfer/...             Transfer-MLLM projector + LoRA      group "transfer"
   trans_head, know_head                                                     group "transfer"
   club_critic                            q(z_know | z_trans) of CLUB          group "critic"
@@ -27,7 +28,7 @@ from tpad_jax.models.mllm import MLLMConfig, TPADTowers, pool_tokens
 KNOWLEDGE, TRANSFER = "knowledge", "transfer"
 GROUP_PATTERNS = {
     KNOWLEDGE: (r"towers/(towers|bases)/knowledge/|knowledge_head/|image_view_head/|text_view_head/"
-                r"|word_decoder/"),
+                r"|word_decoder/|prior_head/"),
     TRANSFER: r"towers/(towers|bases)/transfer/|trans_head/|know_head/",
     "critic": r"club_critic/",
     "base": r"towers/bases/shared/",
@@ -61,6 +62,9 @@ class TPADConfig:
     # Rows of the item tables: num_items rounded up to a multiple of the mesh shards of `items` (0: as
     # many as items). Rows past num_items are padding that no batch indexes.
     table_rows: int = 0
+    # Width of the knowledge prior, a frozen pretrained embedding per item that K adds to e_K through
+    # `prior_head` (`model.knowledge_prior`; 0: none).
+    prior_dim: int = 0
 
     @property
     def rows(self) -> int:
@@ -90,6 +94,9 @@ class TPAD(nnx.Module):
             "item_pos": _table(jnp.zeros((n,), jnp.int32)),
             "has_image": _table(jnp.zeros((n,), bool)),
         })
+        if cfg.prior_dim:
+            self.prior_head = nnx.Linear(cfg.prior_dim, dim, rngs=rngs)
+            self.tables["prior"] = _table(jnp.zeros((n, cfg.prior_dim), jnp.float32))
         if cfg.item_visual_tokens:
             vision_dim = cfg.mllm.vision.hidden_size
             self.tables["vision"] = _table(jnp.zeros((n, cfg.item_visual_tokens, vision_dim),
@@ -160,11 +167,12 @@ def vision_features_of_batches(towers: TPADTowers, batches, rows: np.ndarray, nu
 
 
 def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: np.ndarray | None,
-                vision_rows: np.ndarray | None = None):
+                vision_rows: np.ndarray | None = None, prior: np.ndarray | None = None):
     """The `tables` state of `model` filled with concrete per-item arrays (for `run_loop`'s start); rows
     past the catalogue's (`TPADConfig.rows` padding) are zeros.
 
-    `vision` holds the rows `vision_rows` (default: all). A table that lives on a mesh keeps its sharding:
+    `vision` holds the rows `vision_rows` (default: all); `prior` every row's knowledge prior (when the
+    model has one). A table that lives on a mesh keeps its sharding:
     each process fills only the rows its devices hold, from what it has (`mesh.held_rows`).
     """
     state = nnx.state(model, ItemTable)
@@ -172,6 +180,10 @@ def table_state(model: TPAD, item_prompts: dict, has_image: np.ndarray, vision: 
     values["has_image"] = (has_image, None)
     if vision is not None:
         values["vision"] = (vision, vision_rows)
+    if model.cfg.prior_dim:
+        if prior is None:
+            raise ValueError("the model has a knowledge prior (TPADConfig.prior_dim) and no prior was given")
+        values["prior"] = (prior, None)
     for name, (value, value_rows) in values.items():
         variable = state["tables"][name]
         old = variable.get_value()
@@ -209,8 +221,9 @@ def projected_features(model: TPAD, tower: str, feats, pool_to=None):
 
 
 def table_rows_of(model: TPAD, rows) -> dict:
-    """What `item_forward_of` reads of the items `rows` [B]: their prompt fields and ViT features."""
-    names = ITEM_PROMPT_FIELDS + (("vision",) if model.cfg.item_visual_tokens else ())
+    """What `item_forward_of` reads of the items `rows` [B]: their prompt fields, ViT features and prior."""
+    names = ITEM_PROMPT_FIELDS + (("vision",) if model.cfg.item_visual_tokens else ()) + \
+        (("prior",) if model.cfg.prior_dim else ())
     return {name: model.tables[name][...][rows] for name in names}
 
 
@@ -227,7 +240,13 @@ def item_forward_of(model: TPAD, item_rows: dict):
     hidden = model.towers(KNOWLEDGE, prompt["tokens"], image, prompt["attention_mask"])
     at_item = jnp.take_along_axis(hidden, prompt["item_pos"][:, None, None], axis=1)[:, 0]
     prompt["image"] = image
-    return hidden, model.knowledge_head(at_item), prompt
+    e_k = model.knowledge_head(at_item)
+    if model.cfg.prior_dim:
+        # What a pretrained sentence encoder knows of the item, mapped into e_K by a trained linear map:
+        # the language knowledge a CPU-sized Knowledge-MLLM trained on the catalogue's titles lacks.
+        # Stage 2's alignment trains the map with the rest of K.
+        e_k = e_k + model.prior_head(item_rows["prior"].astype(e_k.dtype))
+    return hidden, e_k, prompt
 
 
 def item_views(model: TPAD, hidden, prompt):

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from tpad_jax.data import pipeline, prepared, prompts, tokenizer as tokenizer_lib
-from tpad_jax import pretrained, rows
+from tpad_jax import pretrained, rows, sentence_features
 from tpad_jax.models import tpad as tpad_lib
 from tpad_jax.parallel import mesh as mesh_lib
 from tpad_jax.parallel import rules as rules_lib
@@ -35,7 +35,8 @@ class StageInputs:
         return tpad_lib.TPAD(self.tpad_cfg, rngs=nnx.Rngs(self.config.seed))
 
     def initialize(self, model: tpad_lib.TPAD) -> None:
-        """Readies a fresh `model`: real base weights when configured, then the per-item constants.
+        """Readies a fresh `model`: real base weights when configured, then the per-item constants (the
+        knowledge prior among them, `sentence_features.prior_features`).
 
         The checkpoint (config.model.gguf_path / checkpoint_dir) is loaded first, so the frozen ViT
         features of the item table come from the real ViT; they are computed once per workdir over the
@@ -52,7 +53,9 @@ class StageInputs:
                 vision = vision_cache.load_or_compute(
                     self.workdir, self.vision_record(), vision_rows,
                     lambda: self._vision_features(model, vision_rows))
-        nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision, vision_rows))
+        prior = sentence_features.prior_features(self.config, self.workdir, self.data)
+        nnx.update(model, tpad_lib.table_state(model, self.item_prompts, self.has_image, vision, vision_rows,
+                                               prior))
 
     def vision_record(self) -> dict:
         """What shapes the frozen ViT's features: the record of the untrained towers (the data, the model
@@ -85,7 +88,8 @@ def tpad_config(config, data, tokenizer) -> tpad_lib.TPADConfig:
         mllm=mllm_cfg, embed_dim=config.model.embed_dim, image_token_id=tokenizer_lib.special_ids(tokenizer)[
             "image"], num_items=data.num_items,
         item_prompt_length=prompts.item_prompt_length(n_img, config.data.max_item_tokens),
-        item_visual_tokens=n_img, table_rows=table_rows(config, data.num_items))
+        item_visual_tokens=n_img, table_rows=table_rows(config, data.num_items),
+        prior_dim=sentence_features.prior_dim(config))
 
 
 def table_rows(config, num_items: int) -> int:

@@ -1,0 +1,108 @@
+"""K's knowledge prior (`model.knowledge_prior`): a frozen sentence embedding per item added to e_K through a
+trained linear map, filled from MiniLM over each item's text, trained only by K's own terms and alignment,
+and given to new items from their records as to the catalogue's. That alignment trains the map:
+tests/test_tpad.py."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tpad_base
+from tpad_jax import export, layout, new_items, runner, sentence_features
+from tpad_jax.cli import UserError
+from tpad_jax.data import readonly
+from tpad_jax.models import bert, mllm
+from tpad_jax.models import tpad as tpad_lib
+from tpad_jax.train import inputs as inputs_lib
+
+NUM_ITEMS, LENGTH, VOCAB, PRIOR = 6, 7, 30, 5
+
+
+def text_only_model(prior):
+    """A text-only TPAD over `NUM_ITEMS` random item prompts, its prior table filled with `prior`."""
+    text_only = dataclasses.replace(mllm.MLLMConfig.tiny(VOCAB), vision=None)
+    cfg = tpad_lib.TPADConfig(mllm=text_only, embed_dim=4, image_token_id=3, num_items=NUM_ITEMS,
+                              item_prompt_length=LENGTH, item_visual_tokens=0, prior_dim=PRIOR)
+    model = tpad_lib.TPAD(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    prompts = {"tokens": rng.integers(6, VOCAB, (NUM_ITEMS, LENGTH)).astype(np.int32),
+               "attention_mask": np.ones((NUM_ITEMS, LENGTH), bool),
+               "loss_mask": np.zeros((NUM_ITEMS, LENGTH), bool), "item_pos": np.full(NUM_ITEMS, LENGTH - 1)}
+    nnx.update(model, tpad_lib.table_state(model, prompts, np.zeros(NUM_ITEMS, bool), None, prior=prior))
+    return model
+
+
+def test_e_k_adds_each_items_prior_through_the_linear_map():
+    prior = np.random.default_rng(1).normal(size=(NUM_ITEMS, PRIOR)).astype(np.float32)
+    rows = jnp.array([4, 0, 2])
+    with_prior = np.asarray(tpad_lib.item_forward(text_only_model(prior), rows)[1])
+    without = np.asarray(tpad_lib.item_forward(text_only_model(np.zeros_like(prior)), rows)[1])
+    head = text_only_model(prior).prior_head
+    kernel = np.asarray(head.kernel.get_value())
+    # The same towers (seed 0) on the same prompts: the difference is the prior's map, without its bias.
+    np.testing.assert_allclose(with_prior - without, prior[[4, 0, 2]] @ kernel, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_a_prior_refuses_tables_without_one():
+    model = text_only_model(np.zeros((NUM_ITEMS, PRIOR), np.float32))
+    prompts = {name: np.asarray(model.tables[name][...]) for name in tpad_lib.ITEM_PROMPT_FIELDS}
+    with pytest.raises(ValueError, match="knowledge prior"):
+        tpad_lib.table_state(model, prompts, np.zeros(NUM_ITEMS, bool), None)
+
+
+def test_an_unknown_prior_is_named_in_one_line():
+    config = tpad_base.get_config("tiny")
+    config.model.knowledge_prior = "glove"
+    with pytest.raises(UserError, match=r"^model.knowledge_prior='glove': choose '' \(none\) or 'minilm'$"):
+        sentence_features.prior_dim(config)
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory):
+    """(config, workdir) of a tiny run with the MiniLM prior: stages 1-2, the tpad export and row."""
+    config = tpad_base.get_config("tiny")
+    config.model.knowledge_prior = "minilm"
+    config.eval.models = ("tpad",)
+    workdir = str(tmp_path_factory.mktemp("prior_run"))
+    runner.run(config, workdir)
+    return config, workdir
+
+
+def test_the_prior_table_holds_minilm_of_each_items_title_and_category(prior_run):
+    config, workdir = prior_run
+    data = readonly.load(config, workdir)
+    texts = [f"{title}. Category: {category}." if category else title
+             for title, category in zip(data.titles, data.categories)]
+    expected = bert.MiniLMEncoder.from_installed_wheel().encode(texts)
+    inputs = inputs_lib.build_inputs(config, workdir, data)
+    model = inputs.make_model()
+    inputs.initialize(model)
+    table = np.asarray(model.tables["prior"][...])
+    np.testing.assert_allclose(table[:data.num_items], expected, atol=1e-5)
+    # Written once as the MiniLM export, read back after that.
+    cached, item_ids, _ = export.load_export(layout.export_dir(workdir, "minilm"))
+    np.testing.assert_allclose(cached, expected, atol=1e-5)
+    assert item_ids == list(data.item_ids)
+
+
+def test_new_items_get_their_prior_from_their_records(prior_run, tmp_path):
+    config, workdir = prior_run
+    data = readonly.load(config, workdir)
+    rows = [0, 1, 2]
+    records = [{"item_id": data.item_ids[row], "title": data.titles[row], "category": data.categories[row],
+                "image": os.path.relpath(data.image_paths[row], data.raw_dir)} for row in rows]
+    os.makedirs(tmp_path / "images")
+    for row in rows:
+        shutil.copy(data.image_paths[row], tmp_path / "images")
+    records = [{**record, "image": "images/" + os.path.basename(record["image"])} for record in records]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    new_items.embed_new_items(config, workdir, str(tmp_path / "items.jsonl"), str(tmp_path / "out"))
+    catalogue, _, _ = export.load_export(layout.export_dir(workdir, "tpad"))
+    again, _, _ = export.load_export(str(tmp_path / "out"))
+    np.testing.assert_allclose(again, catalogue[rows], atol=1e-5, rtol=1e-5)
