@@ -24,11 +24,11 @@ from tpad_jax.train import inputs as inputs_lib
 NUM_ITEMS, LENGTH, VOCAB, PRIOR = 6, 7, 30, 5
 
 
-def text_only_model(prior):
+def text_only_model(prior, embed_dim=4):
     """A text-only TPAD over `NUM_ITEMS` random item prompts, its prior table filled with `prior`."""
     text_only = dataclasses.replace(mllm.MLLMConfig.tiny(VOCAB), vision=None)
-    cfg = tpad_lib.TPADConfig(mllm=text_only, embed_dim=4, image_token_id=3, num_items=NUM_ITEMS,
-                              item_prompt_length=LENGTH, item_visual_tokens=0, prior_dim=PRIOR)
+    cfg = tpad_lib.TPADConfig(mllm=text_only, embed_dim=embed_dim, image_token_id=3, num_items=NUM_ITEMS,
+                              item_prompt_length=LENGTH, item_visual_tokens=0, prior_dim=prior.shape[1])
     model = tpad_lib.TPAD(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     prompts = {"tokens": rng.integers(6, VOCAB, (NUM_ITEMS, LENGTH)).astype(np.int32),
@@ -46,7 +46,16 @@ def test_e_k_adds_each_items_prior_through_the_linear_map():
     head = text_only_model(prior).prior_head
     kernel = np.asarray(head.kernel.get_value())
     # The same towers (seed 0) on the same prompts: the difference is the prior's map, without its bias.
-    np.testing.assert_allclose(with_prior - without, prior[[4, 0, 2]] @ kernel, rtol=1e-5, atol=1e-5)
+    # The prior's unit rows are scaled by sqrt(width) to the unit coordinate scale of K's hidden states.
+    np.testing.assert_allclose(with_prior - without, np.sqrt(PRIOR) * prior[[4, 0, 2]] @ kernel, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_untrained_k_embeds_each_item_as_its_prior_when_the_widths_agree():
+    prior = np.random.default_rng(2).normal(size=(NUM_ITEMS, 4)).astype(np.float32)
+    prior /= np.linalg.norm(prior, axis=1, keepdims=True)
+    e_k = np.asarray(tpad_lib.item_forward(text_only_model(prior), jnp.array([3, 1, 5]))[1])
+    np.testing.assert_allclose(e_k, 2.0 * prior[[3, 1, 5]], rtol=1e-6, atol=1e-6)  # sqrt(4) x the prior
 
 
 def test_a_model_with_a_prior_refuses_tables_without_one():

@@ -12,7 +12,7 @@ from tpad_jax.eval import baselines
 from tpad_jax.models import session_encoders
 from tpad_jax.train import stages
 
-CONFIGS = ("tpad_base", "tpad_smollm2", "tpad_llava7b", "tpad_qwen2_siglip")
+CONFIGS = ("tpad_base", "tpad_smollm2", "tpad_llava7b", "tpad_qwen2_siglip", "tpad_prior")
 # One more ablation, as a contributor would add it: a stage-2 variant and the row that reads its export.
 NO_KEEP = rows.ExportVariant("no-keep", rows.STAGE2, {"keep_weight": 0.0})
 NO_KEEP_ROW = rows.Row("tpad-no-keep", rows.NEURAL, "transformer", "no-keep")

@@ -78,7 +78,15 @@ class TPAD(nnx.Module):
         self.cfg = cfg
         self.towers = TPADTowers(cfg.mllm, image_token_id=cfg.image_token_id, rngs=rngs)
         width, dim = cfg.mllm.lm.hidden_size, cfg.embed_dim
-        self.knowledge_head = nnx.Linear(width, dim, rngs=rngs)
+        if cfg.prior_dim:
+            # K starts from its knowledge prior and learns what to add: e_K = prior map + a head over K's
+            # state that starts at zero, and the map starts as the identity when the widths agree (e_K
+            # is then the prior itself until training moves it) or a random projection when they do not.
+            self.knowledge_head = nnx.Linear(width, dim, kernel_init=nnx.initializers.zeros, rngs=rngs)
+            self.prior_head = nnx.Linear(cfg.prior_dim, dim, rngs=rngs, **(
+                {"kernel_init": _identity} if cfg.prior_dim == dim else {}))
+        else:
+            self.knowledge_head = nnx.Linear(width, dim, rngs=rngs)
         self.image_view_head = nnx.Linear(width, dim, rngs=rngs)
         self.text_view_head = nnx.Linear(width, dim, rngs=rngs)
         self.word_decoder = nnx.Linear(dim, cfg.mllm.lm.vocab_size, rngs=rngs)
@@ -95,12 +103,16 @@ class TPAD(nnx.Module):
             "has_image": _table(jnp.zeros((n,), bool)),
         })
         if cfg.prior_dim:
-            self.prior_head = nnx.Linear(cfg.prior_dim, dim, rngs=rngs)
             self.tables["prior"] = _table(jnp.zeros((n, cfg.prior_dim), jnp.float32))
         if cfg.item_visual_tokens:
             vision_dim = cfg.mllm.vision.hidden_size
             self.tables["vision"] = _table(jnp.zeros((n, cfg.item_visual_tokens, vision_dim),
                                                      jnp.dtype(cfg.mllm.lm.dtype)))
+
+
+def _identity(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
 
 
 class _Head(nnx.Module):
@@ -244,8 +256,11 @@ def item_forward_of(model: TPAD, item_rows: dict):
     if model.cfg.prior_dim:
         # What a pretrained sentence encoder knows of the item, mapped into e_K by a trained linear map:
         # the language knowledge a CPU-sized Knowledge-MLLM trained on the catalogue's titles lacks.
-        # Stage 2's alignment trains the map with the rest of K.
-        e_k = e_k + model.prior_head(item_rows["prior"].astype(e_k.dtype))
+        # Stage 2's alignment trains the map with the rest of K. The prior's rows are unit vectors; scaled
+        # by sqrt(width) their coordinates have the unit scale of K's normed hidden states, so that Adam
+        # moves the map and the head over K's state at the same relative pace.
+        prior = item_rows["prior"].astype(e_k.dtype) * model.cfg.prior_dim ** 0.5
+        e_k = e_k + model.prior_head(prior)
     return hidden, e_k, prompt
 
 
