@@ -19,6 +19,7 @@ LAYER_OF = {
     "tpad_jax.eval": "eval",
     "tpad_jax.models": "models", "tpad_jax.pretrained": "models",
     "tpad_jax.train": "train", "tpad_jax.export": "train", "tpad_jax.provenance": "train",
+    "tpad_jax.sentence_features": "train",
     "tpad_jax.downstream": "downstream",
     "tpad_jax.runner": "drivers", "tpad_jax.evaluate": "drivers", "tpad_jax.seeds": "drivers",
     "tpad_jax.recommender": "drivers", "tpad_jax.new_items": "drivers", "tpad_jax": "drivers",
