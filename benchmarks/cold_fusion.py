@@ -3,7 +3,7 @@
     python benchmarks/cold_fusion.py --workdir RUN [--config configs/tpad_base.py] [--preset base]
         [--weights 0,0.5,1,2,4,8] [--items cold|all] [--set KEY=VALUE ...] [--no-record]
 
-RUN is a finished run (read only); `--set` passes the run's own settings (e.g. `--set
+RUN is a finished run (read only; `--ranks_out` writes elsewhere); `--set` passes the run's own settings (e.g. `--set
 data.raw_dir=../shared/data/amazon2014_beauty --set seed=1`). For each trained content row, every
 validation and test prefix is scored as the row scores it plus w * cos(e[last click], e[v]) for the items
 v with fewer than `data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each
@@ -26,7 +26,7 @@ from train_step import load_config
 from tpad_jax import layout, rows
 from tpad_jax.data import readonly
 from tpad_jax.downstream import features, serving, tables
-from tpad_jax.eval import metrics
+from tpad_jax.eval import metrics, report
 
 COLUMNS = ["run", "row", "weight", "valid HR@20", "valid MRR@20", "valid cold HR@20", "test HR@20",
            "test MRR@20", "test cold HR@20", "chosen on valid", "machine"]
@@ -46,14 +46,14 @@ def session_vectors(model, prefixes, width: int, batch: int) -> np.ndarray:
 
 
 def fused_metrics(vectors, table, unit, cold_items, prefixes, targets, cold_targets, weight: float):
-    """(HR@20, MRR@20, cold HR@20) of scores vectors @ table.T + weight * cold_v * cos(last, v), ranked as
-    one dot product: [h ; weight * u_last] . [x_v ; cold_v * u_v]."""
+    """((HR@20, MRR@20, cold HR@20), ranks) of scores vectors @ table.T + weight * cold_v * cos(last, v),
+    ranked as one dot product: [h ; weight * u_last] . [x_v ; cold_v * u_v]."""
     last = np.array([prefix[-1] for prefix in prefixes])
     queries = np.concatenate([vectors, weight * unit[last]], axis=1)
     items = np.concatenate([table, cold_items[:, None] * unit], axis=1)
     ranks = np.asarray(metrics.rank_by_dot(jnp.asarray(queries), jnp.asarray(items), jnp.asarray(targets)))
     every, cold = metrics.metrics_from_ranks(ranks, (20,)), metrics.metrics_from_ranks(ranks[cold_targets], (20,))
-    return every[("HR", 20)], every[("MRR", 20)], cold[("HR", 20)]
+    return (every[("HR", 20)], every[("MRR", 20)], cold[("HR", 20)]), ranks
 
 
 def main():
@@ -66,6 +66,9 @@ def main():
                         help="the items whose score gains the cosine term")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="the run's config overrides")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--ranks_out", default=None, metavar="DIR",
+                        help="write each row's test ranks at its chosen weight to DIR/results/ranks.npz, for "
+                             "the paired tests of benchmarks/seed_compare.py (DIR: OUT/seed<s> per seed)")
     args = parser.parse_args()
     config = apply_overrides(load_config(args.config, args.preset), args.set)
     data = readonly.load(config, args.workdir)
@@ -81,14 +84,20 @@ def main():
         model = serving.load_selected(row.name, config, args.workdir, data)
         table = np.asarray(nnx.view(model, deterministic=True).item_table())
         unit = features.normalise_content(features.load_features(args.workdir, row.export, data), "l2")
-        measured = {}
+        measured, test_ranks = {}, {}
         for split in ("valid", "test"):
             prefixes, targets = data.examples(split)
             vectors = session_vectors(model, prefixes, width, batch)
             for weight in weights:
-                measured[split, weight] = fused_metrics(vectors, table, unit, cold_items, prefixes, targets,
-                                                        data.cold_mask(targets), weight)
+                measured[split, weight], ranks = fused_metrics(vectors, table, unit, cold_items, prefixes,
+                                                               targets, data.cold_mask(targets), weight)
+                if split == "test":
+                    test_ranks[weight] = ranks
         chosen = max(weights, key=lambda w: measured["valid", w][1])
+        if args.ranks_out:
+            _, targets = data.examples("test")
+            report.write_ranks({row.name: test_ranks[chosen]}, data.cold_mask(targets),
+                               layout.results_dir(args.ranks_out))
         for weight in weights:
             values = measured["valid", weight] + measured["test", weight]
             results.append(emit_row("cold_fusion", {

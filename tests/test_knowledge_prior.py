@@ -74,12 +74,12 @@ def test_an_unknown_prior_is_named_in_one_line():
 
 @pytest.fixture(scope="module")
 def prior_run(tmp_path_factory):
-    """(config, workdir) of a tiny run with the MiniLM prior: stages 1-2, the tpad export and row."""
+    """(config, workdir) of a tiny run with the MiniLM prior: stages 1-2 and the tpad export."""
     config = tpad_base.get_config("tiny")
     config.model.knowledge_prior = "minilm"
     config.eval.models = ("tpad",)
     workdir = str(tmp_path_factory.mktemp("prior_run"))
-    runner.run(config, workdir)
+    runner.run(config, workdir, stage="export")
     return config, workdir
 
 
