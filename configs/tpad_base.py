@@ -179,6 +179,11 @@ def get_config(arg=None):
     c.msbr.content_projection = "linear"  # linear | mlp
     # Content rows add g * cos(e[last click], e[v]) to the score of v (g learned; models/session_encoders.py).
     c.msbr.last_item_similarity = False
+    # kNN fusion: weights w tried for score(v) + w x cos(e[last click], e[v]) over the row's own export
+    # (the row fused with its export's item-kNN), chosen per content row on validation MRR@20 after
+    # training, like its epoch; () off. The trained model is the same either way (benchmarks/RESULTS.md,
+    # "K that starts from a sentence encoder": it is what carries TPAD's e_K into the ranking there).
+    c.msbr.knn_fusion = ()
     # How content rows use item IDs (models/session_encoders.py). id_embedding=False: items are their
     # content alone. id_shrinkage k > 0: an item's ID embedding counts n / (n + k) (n its train clicks).
     # item_bias: a learned score bias per item. Off as shipped: with them the rows read their features

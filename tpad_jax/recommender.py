@@ -38,7 +38,7 @@ from tpad_jax import export, layout, new_items, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import raw, readonly
 from tpad_jax.downstream import features as features_lib
-from tpad_jax.downstream import serving, tables
+from tpad_jax.downstream import scoring, serving, tables
 
 DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
 DEFAULT_BATCH_SIZE = 64
@@ -124,6 +124,11 @@ class Recommender:
         serving.check_trained(workdir, model)  # before anything else: an untrained row costs nothing
         from_file = config is None
         config = run_config(workdir) if from_file else config
+        if rows.neural_row(model).export is not None and scoring.fusion_weights(config):
+            # Evaluation ranked this row fused with its export's kNN; serving it without would not be that.
+            raise UserError(f"{model}: msbr.knn_fusion={','.join(map(str, config.msbr.knn_fusion))} ranked it "
+                            "fused with its export's kNN, which serving does not add yet; serve a run with "
+                            "msbr.knn_fusion=()")
         try:
             data = readonly.load(config, workdir)
             features = features_lib.load_features(workdir, rows.neural_row(model).export, data)

@@ -46,8 +46,12 @@ def _padded_rows(rows: int, batch_size: int) -> int:
     return min(batch_size, -(-rows // quantum) * quantum)
 
 
-def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets=()) -> np.ndarray:
+def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets=(), knn=None) -> np.ndarray:
     """0-based ranks [n] of `targets` after `prefixes` (dropout off), `batch_size` prefixes at a time.
+
+    `knn`: (unit item vectors [N, d], weight w) or None. With it the score of item v gains
+    w x cos(u[last click], u[v]): the row fused with its export's item-kNN (`msbr.knn_fusion`), ranked as
+    one dot product [h ; w u_last] . [x_v ; u_v].
 
     Prefixes are grouped by length into the widths `buckets` (then `width`), as training batches are
     (`msbr.length_buckets`): most prefixes are short, and an encoder reads right-padded prefixes the same
@@ -60,6 +64,9 @@ def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     eval_model = nnx.view(model, deterministic=True)
     table = _item_table(eval_model)
+    if knn is not None:
+        unit, weight = np.asarray(knn[0], np.float32), float(knn[1])
+        table = np.concatenate([np.asarray(table), unit], axis=1)
     widths = bucket_widths(buckets, width)
     lengths = np.array([min(len(prefix), width) for prefix in prefixes], np.int64)
     bucket_of = np.searchsorted(np.asarray(widths), lengths)
@@ -71,15 +78,39 @@ def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets
             padded = _padded_rows(len(rows), batch_size)
             items, mask = _padded_chunk([prefixes[i] for i in rows], bucket_width, padded)
             vectors = _session_vectors(eval_model, items, mask)
+            if knn is not None:
+                last = np.array([prefixes[i][-1] for i in rows] + [0] * (padded - len(rows)))
+                vectors = np.concatenate([np.asarray(vectors), weight * unit[last]], axis=1)
             # Filler rows rank item 0 and are dropped: one compiled shape per padded chunk size.
             chunk_targets = np.pad(targets[rows], (0, padded - len(rows)))
             ranks[rows] = np.asarray(metrics_lib.rank_by_dot(vectors, table, chunk_targets))[:len(rows)]
     return ranks
 
 
-def rank_split(model, config, prefixes, targets) -> np.ndarray:
+def rank_split(model, config, prefixes, targets, knn=None) -> np.ndarray:
     """`rank_examples` as validation and testing run it: the row's width, `msbr.eval_batch_size` and
-    `msbr.length_buckets` of `config`."""
+    `msbr.length_buckets` of `config` (`knn`: as there)."""
     msbr = config.msbr
     return rank_examples(model, prefixes, targets, prefix_width(config), msbr.eval_batch_size,
-                         msbr.length_buckets)
+                         msbr.length_buckets, knn)
+
+
+def fusion_weights(config) -> tuple[float, ...]:
+    """`msbr.knn_fusion` as floats: the command line `--config.msbr.knn_fusion=0,4,16` gives ("0,4,16",), so
+    every entry is split on commas; UserError for an entry that is not a number."""
+    from tpad_jax.cli import UserError  # noqa: PLC0415
+
+    weights = []
+    for part in (p.strip() for entry in config.msbr.get("knn_fusion", ()) for p in str(entry).split(",")):
+        if not part:
+            continue
+        try:
+            weights.append(float(part))
+        except ValueError:
+            raise UserError(f"msbr.knn_fusion: {part!r} is not a number; give weights like 0,4,16") from None
+    return tuple(weights)
+
+
+def choose_weight(mrr_of: dict) -> float:
+    """The fusion weight of best validation MRR@20 in {weight: MRR@20}; a tie goes to the smaller weight."""
+    return max(sorted(mrr_of), key=lambda weight: mrr_of[weight])

@@ -12,9 +12,10 @@ import tqdm
 from flax import nnx
 
 from tpad_jax import layout, provenance, rows
+from tpad_jax.downstream import features as features_lib
 from tpad_jax.downstream.features import load_features
 from tpad_jax.downstream.params import save_params
-from tpad_jax.downstream.scoring import rank_split
+from tpad_jax.downstream.scoring import choose_weight, fusion_weights, rank_split
 from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
                                            selection_state, write_selection)
 from tpad_jax.downstream.serving import load_selected
@@ -131,5 +132,25 @@ def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
     """
     model = train_msbr(name, config, workdir, data)
     prefixes, targets = data.examples(TEST_SPLIT)
-    ranks = rank_split(model, config, prefixes, targets)
+    ranks = rank_split(model, config, prefixes, targets, chosen_knn(name, model, config, workdir, data))
     return ranks.astype(np.int32)
+
+
+def chosen_knn(name: str, model, config, workdir: str, data):
+    """(unit export rows, weight) of the trained content row `name` under `msbr.knn_fusion`, the weight
+    chosen on validation MRR@20 like the row's epoch; None when fusion is off or the row reads IDs only.
+
+    The trained model is the same with and without fusion: only its ranking gains the export's kNN.
+    """
+    weights = fusion_weights(config)
+    variant = rows.export_of(name)
+    if not weights or variant is None:
+        return None
+    unit = features_lib.normalise_content(load_features(workdir, variant, data), "l2")
+    prefixes, targets = data.examples("valid")
+    mrr_of = {weight: metrics_lib.metrics_from_ranks(
+        rank_split(model, config, prefixes, targets, (unit, weight)), (20,))[("MRR", 20)] for weight in weights}
+    chosen = choose_weight(mrr_of)
+    print(f"{name}: kNN fusion weight {chosen:g} chosen on validation MRR@20 ("
+          + ", ".join(f"{weight:g}: {mrr:.2f}" for weight, mrr in mrr_of.items()) + ")", flush=True)
+    return unit, chosen
