@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 
+from configs import tpad_base
 from tpad_jax import recommender as recommender_lib
 from tpad_jax.cli import UserError
 from tpad_jax.data import readonly
@@ -70,7 +71,7 @@ def test_fusion_is_off_by_default_and_for_rows_without_an_export(tpad_row):
 
 def test_weights_tie_to_the_smaller_and_bad_ones_are_named():
     assert scoring.choose_weight({4.0: 3.0, 1.0: 3.0, 0.0: 2.0}) == 1.0
-    config = copy.deepcopy(__import__("configs.tpad_base", fromlist=["x"]).get_config("tiny"))
+    config = tpad_base.get_config("tiny")
     config.msbr.knn_fusion = ("0,x",)
     with pytest.raises(UserError, match=r"^msbr.knn_fusion: 'x' is not a number; give weights like 0,4,16$"):
         scoring.fusion_weights(config)

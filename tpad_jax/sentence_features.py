@@ -60,7 +60,7 @@ def prior_features(config, workdir: str, data) -> np.ndarray | None:
     """K's knowledge prior of every catalogue item [N, prior_dim], or None when `config` has none."""
     if not prior_dim(config):
         return None
-    features = catalogue_embeddings(config, workdir, data)
+    features = catalogue_embeddings(config, workdir, data, PRIOR_ENCODERS[config.model.knowledge_prior][0])
     if features.shape[1] != prior_dim(config):
         raise ValueError(f"{config.model.knowledge_prior} embeddings are {features.shape[1]}-d, "
                          f"expected {prior_dim(config)}")

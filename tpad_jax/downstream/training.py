@@ -12,8 +12,7 @@ import tqdm
 from flax import nnx
 
 from tpad_jax import layout, provenance, rows
-from tpad_jax.downstream import features as features_lib
-from tpad_jax.downstream.features import load_features
+from tpad_jax.downstream.features import load_features, normalise_content
 from tpad_jax.downstream.params import save_params
 from tpad_jax.downstream.scoring import choose_weight, fusion_weights, rank_split
 from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
@@ -146,7 +145,7 @@ def chosen_knn(name: str, model, config, workdir: str, data):
     variant = rows.export_of(name)
     if not weights or variant is None:
         return None
-    unit = features_lib.normalise_content(load_features(workdir, variant, data), "l2")
+    unit = normalise_content(load_features(workdir, variant, data), "l2")
     prefixes, targets = data.examples("valid")
     mrr_of = {weight: metrics_lib.metrics_from_ranks(
         rank_split(model, config, prefixes, targets, (unit, weight)), (20,))[("MRR", 20)] for weight in weights}
