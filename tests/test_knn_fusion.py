@@ -81,5 +81,6 @@ def test_serving_a_fused_row_is_refused_in_one_line(tpad_row):
     config, workdir, _, _, _ = tpad_row
     fused = copy.deepcopy(config)
     fused.msbr.knn_fusion = (0.0, 4.0)
-    with pytest.raises(UserError, match=r"^tpad: msbr.knn_fusion=0.0,4.0 ranked it fused .* msbr.knn_fusion=\(\)$"):
+    refusal = r"^tpad: msbr.knn_fusion=0.0,4.0 ranked it fused .* msbr.knn_fusion=\(\)$"
+    with pytest.raises(UserError, match=refusal):
         recommender_lib.Recommender.from_workdir(workdir, "tpad", config=fused)

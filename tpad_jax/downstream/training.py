@@ -147,8 +147,10 @@ def chosen_knn(name: str, model, config, workdir: str, data):
         return None
     unit = normalise_content(load_features(workdir, variant, data), "l2")
     prefixes, targets = data.examples("valid")
-    mrr_of = {weight: metrics_lib.metrics_from_ranks(
-        rank_split(model, config, prefixes, targets, (unit, weight)), (20,))[("MRR", 20)] for weight in weights}
+    mrr_of = {}
+    for weight in weights:
+        ranks = rank_split(model, config, prefixes, targets, (unit, weight))
+        mrr_of[weight] = metrics_lib.metrics_from_ranks(ranks, (20,))[("MRR", 20)]
     chosen = choose_weight(mrr_of)
     print(f"{name}: kNN fusion weight {chosen:g} chosen on validation MRR@20 ("
           + ", ".join(f"{weight:g}: {mrr:.2f}" for weight, mrr in mrr_of.items()) + ")", flush=True)
