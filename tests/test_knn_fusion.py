@@ -3,16 +3,20 @@ score(v) + w x cos(e[last click], e[v]), the weight chosen on validation MRR@20.
 [n, N] score matrix of the row plus the cosine term, ranked by `metrics.ranks_from_scores`."""
 
 import copy
+import json
+import os
+import re
 
 import numpy as np
 import pytest
 
 from configs import tpad_base
+from tpad_jax import export, layout, new_items
 from tpad_jax import recommender as recommender_lib
 from tpad_jax.cli import UserError
 from tpad_jax.data import readonly
 from tpad_jax.downstream import features as features_lib
-from tpad_jax.downstream import scoring, serving, tables, training
+from tpad_jax.downstream import scoring, selection, serving, tables, training
 from tpad_jax.eval import metrics
 
 
@@ -77,10 +81,82 @@ def test_weights_tie_to_the_smaller_and_bad_ones_are_named():
         scoring.fusion_weights(config)
 
 
-def test_serving_a_fused_row_is_refused_in_one_line(tpad_row):
-    config, workdir, _, _, _ = tpad_row
+SERVED_WEIGHT = 2.5
+
+
+@pytest.fixture
+def fused_run(tpad_row):
+    """The tiny run's tpad row with a knn_fusion.json that chose SERVED_WEIGHT among (0, SERVED_WEIGHT), as
+    evaluation writes it; removed afterwards (the shared run's default config has fusion off)."""
+    config, workdir, data, model, unit = tpad_row
     fused = copy.deepcopy(config)
-    fused.msbr.knn_fusion = (0.0, 4.0)
-    refusal = r"^tpad: msbr.knn_fusion=0.0,4.0 ranked it fused .* msbr.knn_fusion=\(\)$"
-    with pytest.raises(UserError, match=refusal):
-        recommender_lib.Recommender.from_workdir(workdir, "tpad", config=fused)
+    fused.msbr.knn_fusion = (0.0, SERVED_WEIGHT)
+    directory = layout.row_dir(workdir, "tpad")
+    selection.write_fusion(directory, {0.0: 1.0, SERVED_WEIGHT: 2.0}, SERVED_WEIGHT,
+                           selection.inputs_record("tpad", fused, workdir, data))
+    yield fused, workdir, data, model, unit
+    os.remove(os.path.join(directory, layout.FUSION_FILE))
+
+
+def test_serving_a_fused_row_scores_as_evaluation_ranked_it(fused_run):
+    config, workdir, data, model, unit = fused_run
+    recommender = recommender_lib.Recommender.from_workdir(workdir, "tpad", config=config, batch_size=8)
+    prefixes, _ = data.examples("valid")
+    prefixes = prefixes[:12]  # two calls of the compiled scorer, the second padded
+    width = tables.prefix_width(config)
+    expected = (np.asarray(scoring.prefix_scorer(model, width, 16)(prefixes))
+                + SERVED_WEIGHT * unit[[prefix[-1] for prefix in prefixes]] @ unit.T)
+    sessions = [[data.item_ids[row] for row in prefix] for prefix in prefixes]
+    for result, scores in zip(recommender.recommend(sessions, k=10, exclude_seen=False), expected):
+        got = result["recommendations"]
+        assert [data.item_ids.index(r["item_id"]) for r in got] == np.argsort(-scores, kind="stable")[:10].tolist()
+        np.testing.assert_allclose([r["score"] for r in got], np.sort(scores)[::-1][:10], rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_item_served_fused_gains_the_cosine_to_the_last_click(fused_run, tmp_path):
+    config, workdir, data, _, unit = fused_run
+    source = tmp_path / "items.jsonl"  # a new id with item 0's title and no image
+    source.write_text(json.dumps({"item_id": "new-twin", "title": data.titles[0], "category": data.categories[0]})
+                      + "\n", encoding="utf-8")
+    out_dir = str(tmp_path / "export")
+    new_items.embed_new_items(config, workdir, str(source), out_dir)
+    new_unit = features_lib.normalise_content(export.load_export(out_dir)[0], "l2")[0]
+    session = [data.item_ids[3]]
+    served = {}
+    for name, weights in (("fused", config.msbr.knn_fusion), ("plain", ())):
+        run_config = copy.deepcopy(config)
+        run_config.msbr.knn_fusion = weights
+        recommender = recommender_lib.Recommender.from_workdir(workdir, "tpad", config=run_config)
+        recommender.add_items(out_dir)
+        ranked = recommender.recommend([session], k=recommender.num_items, exclude_seen=False)[0]
+        served[name] = {r["item_id"]: r["score"] for r in ranked["recommendations"]}
+    for item_id, row in (("new-twin", None), (data.item_ids[5], 5)):
+        cosine = float(unit[3] @ (new_unit if row is None else unit[row]))
+        assert served["fused"][item_id] - served["plain"][item_id] == pytest.approx(SERVED_WEIGHT * cosine,
+                                                                                    abs=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing", "other weights", "other inputs"])
+def test_serving_without_the_weight_evaluation_chose_is_refused_in_one_line(fused_run, case):
+    config, workdir, _, _, _ = fused_run
+    path = os.path.join(layout.row_dir(workdir, "tpad"), layout.FUSION_FILE)
+    config = copy.deepcopy(config)
+    if case == "missing":
+        os.rename(path, path + ".away")
+        refusal = rf"^{re.escape(path)}: missing; msbr.knn_fusion=0,2.5 needs the weight chosen on validation"
+    elif case == "other weights":
+        config.msbr.knn_fusion = ("0,4",)
+        refusal = rf"^{re.escape(path)}: the weight was chosen among 0,2.5, not msbr.knn_fusion=0,4 "
+    else:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        stored["inputs"]["data_fingerprint"] = "0" * 64  # as another catalogue gives
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(stored, f)
+        refusal = rf"^{re.escape(path)}: chosen for a model trained on other inputs "
+    try:
+        with pytest.raises(UserError, match=refusal + r".*launch/evaluate.py --models=tpad chooses it"):
+            recommender_lib.Recommender.from_workdir(workdir, "tpad", config=config)
+    finally:
+        if case == "missing":
+            os.rename(path + ".away", path)

@@ -25,6 +25,7 @@ DOWNSTREAM = "msbr"
 RESULTS = "results"
 STALE = "stale"
 SELECTION_FILE = "selection.json"
+FUSION_FILE = "knn_fusion.json"  # the kNN fusion weight chosen on validation (msbr.knn_fusion)
 BEST_PARAMS = "best.npz"
 _EXPORT = "export"
 _STAGE = "stage"

@@ -10,7 +10,10 @@ of the session vector with v's item vector x_v = E_id[v] + W c_v (plus g * cos(e
 under `msbr.last_item_similarity`): the logit of v in the full softmax over all items that the model was
 trained to predict the next click with. `score` is that logit; only its order within one session means
 something. `probability` is the softmax itself, over every item the recommender holds (new ones
-included, the session's own items not removed), so it compares across sessions.
+included, the session's own items not removed), so it compares across sessions. Under
+`msbr.knn_fusion` the score also gains w x cos(e[last click], e[v]) over the row's export, with the
+weight w that evaluation chose on validation (DIR/msbr/<row>/knn_fusion.json): the ranking the row was
+measured with; `probability` is then the softmax of those scores.
 
 Shapes. Sessions are scored `batch_size` at a time as right-padded prefixes of `tables.prefix_width`
 clicks (the last ones of a longer session), so one compiled function answers any number of sessions
@@ -21,7 +24,8 @@ the content part alone, W c_v: c_v is its e_K from the K that wrote the model's 
 (`new_items.py`), normalised by the transform `msbr.content_norm` fitted on the catalogue's export
 (its mean and whitening are kept, not refitted with the new rows: refitting would move every catalogue
 item's input away from what W was trained on). The model's item tables grow by rows whose ID embedding
-is zero, so new items can also be clicks of a session.
+is zero, so new items can also be clicks of a session. Under `msbr.knn_fusion` their unit e_K joins
+the kNN term as well.
 """
 
 import functools
@@ -89,17 +93,26 @@ def parse_session(session) -> tuple[str | None, list]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def recommend_scores(graphdef, state, items, mask):
-    """Logits [B, N] of every item after each right-padded session, and their log-sum-exp [B]."""
+def recommend_scores(graphdef, state, items, mask, knn=None):
+    """Logits [B, N] of every item after each right-padded session, and their log-sum-exp [B].
+
+    `knn`: (unit item vectors [N, d], weight, last click [B]) or None; with it every logit gains
+    weight x cos(u[last click], u[v]), as evaluation ranked the row (`scoring.rank_examples`).
+    """
     logits = nnx.merge(graphdef, state).scores(items, mask)
+    if knn is not None:
+        unit, weight, last = knn
+        logits = logits + weight * (unit[last] @ unit.T)
     return logits, jax.nn.logsumexp(logits, axis=-1)
 
 
 class Recommender:
     """One trained downstream row of a workdir, serving ranked next items for sessions."""
 
-    def __init__(self, name: str, config, workdir: str, data, model, features, batch_size: int):
-        """Use `from_workdir`. `features`: the exported content features the model reads (None: ID only)."""
+    def __init__(self, name: str, config, workdir: str, data, model, features, batch_size: int,
+                 knn_weight: float | None = None):
+        """Use `from_workdir`. `features`: the exported content features the model reads (None: ID only).
+        `knn_weight`: the `msbr.knn_fusion` weight evaluation chose (None: the row's scores alone)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.name, self.config, self.batch_size = name, config, batch_size
@@ -108,6 +121,8 @@ class Recommender:
         self._row = {item_id: row for row, item_id in enumerate(self.item_ids)}
         self._workdir, self._data, self._model, self._features = workdir, data, model, features
         self._embedder = self._content_norm = None
+        self._knn_weight = knn_weight
+        self._knn_unit = None if knn_weight is None else features_lib.normalise_content(features, "l2")
         self._compile()
 
     @classmethod
@@ -124,21 +139,17 @@ class Recommender:
         serving.check_trained(workdir, model)  # before anything else: an untrained row costs nothing
         from_file = config is None
         config = run_config(workdir) if from_file else config
-        if rows.neural_row(model).export is not None and scoring.fusion_weights(config):
-            # Evaluation ranked this row fused with its export's kNN; serving it without would not be that.
-            raise UserError(f"{model}: msbr.knn_fusion={','.join(map(str, config.msbr.knn_fusion))} ranked it "
-                            "fused with its export's kNN, which serving does not add yet; serve a run with "
-                            "msbr.knn_fusion=()")
         try:
             data = readonly.load(config, workdir)
             features = features_lib.load_features(workdir, rows.neural_row(model).export, data)
             loaded = serving.load_selected(model, config, workdir, data, features)
+            knn_weight = serving.fusion_weight(model, config, workdir, data)
         except AttributeError as error:  # a key the code reads that an older config.json lacks
             if not from_file:
                 raise
             raise UserError(f"{layout.config_file(workdir)}: {str(error).splitlines()[0]} (written by "
                             "another version of the code); pass the run's config") from error
-        return cls(model, config, workdir, data, loaded, features, batch_size)
+        return cls(model, config, workdir, data, loaded, features, batch_size, knn_weight)
 
     @property
     def num_items(self) -> int:
@@ -242,6 +253,8 @@ class Recommender:
         _append(model.content, self._content_norm(embeddings))
         if model.similarity is not None:
             _append(model.similarity, features_lib.normalise_content(embeddings, "l2"))
+        if self._knn_unit is not None:
+            self._knn_unit = np.concatenate([self._knn_unit, features_lib.normalise_content(embeddings, "l2")])
 
     def _new_item_bias(self) -> float:
         """The score bias a new item starts with: the mean of the catalogue's cold items' (< cold_threshold
@@ -261,7 +274,11 @@ class Recommender:
             np.zeros((0, self.width), np.int32), np.zeros((0, self.width), bool))
         filler = self.batch_size - len(prefixes)
         items, mask = np.pad(items, ((0, filler), (0, 0))), np.pad(mask, ((0, filler), (0, 0)))
-        logits, log_norm = recommend_scores(self._graphdef, self._state, items, mask)
+        knn = None
+        if self._knn_weight is not None:
+            last = np.array([prefix[-1] for prefix in prefixes] + [0] * filler, np.int32)
+            knn = (self._knn_unit, np.float32(self._knn_weight), last)
+        logits, log_norm = recommend_scores(self._graphdef, self._state, items, mask, knn)
         return np.asarray(logits)[:len(prefixes)], np.asarray(log_norm)[:len(prefixes)]
 
     def _best(self, logits: np.ndarray, log_norm: float, k: int, seen: np.ndarray) -> list[dict]:

@@ -2,6 +2,8 @@
 
 `selection.json` records the validation metric of every epoch, the best epoch, whether training
 finished, and the `provenance` record of the row's inputs (data, its settings, the export it read).
+`knn_fusion.json` records, under `msbr.knn_fusion`, the weights offered, the validation MRR@20 of each and
+the chosen one, with the same record: serving reads the weight from it rather than choose again.
 """
 
 import json
@@ -48,6 +50,19 @@ def write_selection(directory: str, history: dict, state: dict, record: dict, fi
         "metric": metric, "split": VALID_SPLIT, "best_epoch": state["best_epoch"],
         "best_metric": state["best_metric"], "history": {str(e): v for e, v in sorted(history.items())},
         "finished": finished, "inputs": record})
+
+
+def write_fusion(directory: str, mrr_of: dict, chosen: float, record: dict) -> None:
+    """Writes knn_fusion.json of `directory`: {weight: validation MRR@20}, the `chosen` weight, `record`."""
+    _write_json(os.path.join(directory, layout.FUSION_FILE), {
+        "metric": f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}", "split": VALID_SPLIT,
+        "weights": list(mrr_of), "valid": [mrr_of[weight] for weight in mrr_of], "chosen": chosen,
+        "inputs": record})
+
+
+def read_fusion(directory: str) -> dict | None:
+    """The knn_fusion.json of a model directory, or None when the row was never ranked with fusion."""
+    return workdir_lib.read_json(os.path.join(directory, layout.FUSION_FILE))
 
 
 def _write_json(path: str, value) -> None:

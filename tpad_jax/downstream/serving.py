@@ -1,10 +1,13 @@
 """Serving a finished downstream row: checked to be trained, loaded only for the inputs it was trained on."""
 
+import os
+
 from tpad_jax import layout, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.downstream.features import load_features
 from tpad_jax.downstream.params import load_params
-from tpad_jax.downstream.selection import inputs_record, read_selection
+from tpad_jax.downstream.scoring import fusion_weights
+from tpad_jax.downstream.selection import inputs_record, read_fusion, read_selection
 from tpad_jax.downstream.settings import model_factory
 
 _UNREAD = object()  # load_selected's default: read the content features
@@ -44,3 +47,32 @@ def load_selected(name: str, config, workdir: str, data, features=_UNREAD):
     model = model_factory(name, config, data.num_items, features, data.train_item_counts)()
     load_params(layout.best_params_file(workdir, name), model)
     return model
+
+
+def fusion_weight(name: str, config, workdir: str, data) -> float | None:
+    """The kNN fusion weight that evaluation chose for row `name` (DIR/msbr/<name>/knn_fusion.json), so
+    that serving ranks as the row was measured; None when `msbr.knn_fusion` is off or the row reads IDs only.
+
+    Raises:
+      UserError when the row was not ranked with fusion, was ranked with other weights than `config`
+      offers, or the weight was chosen for a model trained on other inputs.
+    """
+    weights = fusion_weights(config)
+    if not weights or rows.export_of(name) is None:
+        return None
+    directory = layout.row_dir(workdir, name)
+    path, fusion = os.path.join(directory, layout.FUSION_FILE), read_fusion(directory)
+    evaluate = f"launch/evaluate.py --models={name} chooses it"
+    offered = ",".join(f"{weight:g}" for weight in weights)
+    if fusion is None:
+        raise UserError(f"{path}: missing; msbr.knn_fusion={offered} needs the weight chosen on validation "
+                        f"when the row is evaluated ({evaluate})")
+    if tuple(float(weight) for weight in fusion["weights"]) != weights:
+        chosen_among = ",".join(f"{float(weight):g}" for weight in fusion["weights"])
+        raise UserError(f"{path}: the weight was chosen among {chosen_among}, not msbr.knn_fusion={offered} "
+                        f"({evaluate} again)")
+    record = inputs_record(name, config, workdir, data)
+    if provenance.identity(fusion["inputs"]) != provenance.identity(record):
+        raise UserError(f"{path}: chosen for a model trained on other inputs "
+                        f"({provenance.differences(fusion['inputs'], record)}); {evaluate} again")
+    return float(fusion["chosen"])

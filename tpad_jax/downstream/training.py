@@ -16,7 +16,7 @@ from tpad_jax.downstream.features import load_features, normalise_content
 from tpad_jax.downstream.params import save_params
 from tpad_jax.downstream.scoring import choose_weight, fusion_weights, rank_split
 from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
-                                           selection_state, write_selection)
+                                           selection_state, write_fusion, write_selection)
 from tpad_jax.downstream.serving import load_selected
 from tpad_jax.downstream.settings import encoder_config, model_factory, row_config
 from tpad_jax.downstream.tables import (PrefixTable, SessionTable, counted_vectors, prefix_width,
@@ -140,6 +140,7 @@ def chosen_knn(name: str, model, config, workdir: str, data):
     chosen on validation MRR@20 like the row's epoch; None when fusion is off or the row reads IDs only.
 
     The trained model is the same with and without fusion: only its ranking gains the export's kNN.
+    The choice is written to DIR/msbr/<name>/knn_fusion.json, where serving reads it.
     """
     weights = fusion_weights(config)
     variant = rows.export_of(name)
@@ -152,6 +153,7 @@ def chosen_knn(name: str, model, config, workdir: str, data):
         ranks = rank_split(model, config, prefixes, targets, (unit, weight))
         mrr_of[weight] = metrics_lib.metrics_from_ranks(ranks, (20,))[("MRR", 20)]
     chosen = choose_weight(mrr_of)
+    write_fusion(layout.row_dir(workdir, name), mrr_of, chosen, inputs_record(name, config, workdir, data))
     print(f"{name}: kNN fusion weight {chosen:g} chosen on validation MRR@20 ("
           + ", ".join(f"{weight:g}: {mrr:.2f}" for weight, mrr in mrr_of.items()) + ")", flush=True)
     return unit, chosen
