@@ -1,6 +1,7 @@
 """Seed tables and paired significance tests against hand-computed values and the normal approximation."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -77,3 +78,22 @@ def test_probe_table_means_and_spreads_of_every_export_in_every_seed():
     # mean 11, std with ddof=1: sqrt(((10-11)^2 + (12-11)^2) / 1) = 1.41; 3.5 +- 0.71; 13 +- 1.41.
     assert "| probe:tpad | 11.00 +- 1.41 | 3.50 +- 0.71 | 13.00 +- 1.41 |" in text
     assert "probe:raw" not in text and "99" not in text
+
+
+def test_fusion_line_names_the_weight_each_row_chose_in_each_seed(tmp_path):
+    from tpad_jax import layout  # noqa: PLC0415
+    from tpad_jax.downstream import selection  # noqa: PLC0415
+
+    written = {0: {"tpad": 16.0, "transformer+minilm": 4.0}, 1: {"tpad": 0.5}}
+    for seed, chosen in written.items():
+        for name, weight in chosen.items():
+            directory = layout.row_dir(str(tmp_path / f"seed{seed}"), name)
+            os.makedirs(directory)
+            selection.write_fusion(directory, {0.0: 1.0, weight: 2.0}, weight, {"data_fingerprint": "x"})
+    read = {seed: selection.chosen_fusion(str(tmp_path / f"seed{seed}"), ["transformer", "tpad",
+                                                                            "transformer+minilm"])
+            for seed in (0, 1)}
+    assert read == written
+    assert significance.fusion_markdown(read, [0, 1]) == (
+        "kNN fusion weight chosen on validation MRR@20 (msbr.knn_fusion), seeds 0, 1: tpad 16, 0.5; "
+        "transformer+minilm 4, –.\n")

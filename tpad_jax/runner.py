@@ -16,6 +16,7 @@ import numpy as np
 from tpad_jax import evaluate, export, layout, provenance, rows, sentence_features
 from tpad_jax.cli import UserError
 from tpad_jax.data import prepared
+from tpad_jax.downstream import scoring, selection
 from tpad_jax.downstream import settings as row_settings
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.eval import compare, plots, probe, report, significance
@@ -224,7 +225,13 @@ def run_seeds(config, workdir: str, seeds) -> str:
         probe = workdir_lib.read_json(os.path.join(layout.results_dir(directory), report.PROBE_FILE))
         probes.append(probe or [])
     table = significance.seed_table(runs, cold_mask)
-    text = (significance.markdown(table, seeds) + "\n" + significance.probe_markdown(probes, seeds)
+    fusion = ""
+    if scoring.fusion_weights(config):  # the weights each content row chose, else only stdout says them
+        models = evaluate.configured_models(config)
+        fusion = "\n" + significance.fusion_markdown(
+            {seed: selection.chosen_fusion(layout.pipeline_seed_dir(workdir, seed), models) for seed in seeds},
+            seeds)
+    text = (significance.markdown(table, seeds) + "\n" + significance.probe_markdown(probes, seeds) + fusion
             + "\nWall time of this command per seed (a resumed seed only re-evaluates): "
             + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n")
     if distributed.is_main_process():

@@ -65,6 +65,16 @@ def read_fusion(directory: str) -> dict | None:
     return workdir_lib.read_json(os.path.join(directory, layout.FUSION_FILE))
 
 
+def chosen_fusion(workdir: str, names) -> dict:
+    """{row: kNN fusion weight chosen on validation} of the rows among `names` whose knn_fusion.json exists."""
+    chosen = {}
+    for name in names:
+        fusion = read_fusion(layout.row_dir(workdir, name))
+        if fusion is not None:
+            chosen[name] = float(fusion["chosen"])
+    return chosen
+
+
 def _write_json(path: str, value) -> None:
     with workdir_lib.atomic_open(path, encoding="utf-8") as f:
         json.dump(value, f, indent=2, sort_keys=True)
