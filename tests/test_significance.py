@@ -89,9 +89,15 @@ def test_fusion_line_names_the_weight_each_row_chose_in_each_seed(tmp_path):
         for name, weight in chosen.items():
             directory = layout.row_dir(str(tmp_path / f"seed{seed}"), name)
             os.makedirs(directory)
-            selection.write_fusion(directory, {0.0: 1.0, weight: 2.0}, weight, {"data_fingerprint": "x"})
+            offered = {0.0: 1.0, 0.5: 1.5, 4.0: 1.0, 16.0: 2.0}
+            selection.write_fusion(directory, {w: 2.0 if w == weight else 1.0 for w in offered}, weight,
+                                   {"data_fingerprint": "x"})
+    stale = layout.row_dir(str(tmp_path / "seed1"), "transformer+minilm")  # chosen among other weights
+    os.makedirs(stale)
+    selection.write_fusion(stale, {0.0: 1.0, 2.0: 2.0}, 2.0, {"data_fingerprint": "x"})
     read = {seed: selection.chosen_fusion(str(tmp_path / f"seed{seed}"), ["transformer", "tpad",
-                                                                            "transformer+minilm"])
+                                                                            "transformer+minilm"],
+                                          (0.0, 0.5, 4.0, 16.0))
             for seed in (0, 1)}
     assert read == written
     assert significance.fusion_markdown(read, [0, 1]) == (

@@ -42,7 +42,7 @@ from tpad_jax import export, layout, new_items, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.data import raw, readonly
 from tpad_jax.downstream import features as features_lib
-from tpad_jax.downstream import scoring, serving, tables
+from tpad_jax.downstream import serving, tables
 
 DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
 DEFAULT_BATCH_SIZE = 64

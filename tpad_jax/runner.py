@@ -225,12 +225,12 @@ def run_seeds(config, workdir: str, seeds) -> str:
         probe = workdir_lib.read_json(os.path.join(layout.results_dir(directory), report.PROBE_FILE))
         probes.append(probe or [])
     table = significance.seed_table(runs, cold_mask)
-    fusion = ""
-    if scoring.fusion_weights(config):  # the weights each content row chose, else only stdout says them
+    fusion, weights = "", scoring.fusion_weights(config)
+    if weights:  # the weight each content row chose, which only stdout would say otherwise
         models = evaluate.configured_models(config)
         fusion = "\n" + significance.fusion_markdown(
-            {seed: selection.chosen_fusion(layout.pipeline_seed_dir(workdir, seed), models) for seed in seeds},
-            seeds)
+            {seed: selection.chosen_fusion(layout.pipeline_seed_dir(workdir, seed), models, weights)
+             for seed in seeds}, seeds)
     text = (significance.markdown(table, seeds) + "\n" + significance.probe_markdown(probes, seeds) + fusion
             + "\nWall time of this command per seed (a resumed seed only re-evaluates): "
             + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n")

@@ -65,12 +65,13 @@ def read_fusion(directory: str) -> dict | None:
     return workdir_lib.read_json(os.path.join(directory, layout.FUSION_FILE))
 
 
-def chosen_fusion(workdir: str, names) -> dict:
-    """{row: kNN fusion weight chosen on validation} of the rows among `names` whose knn_fusion.json exists."""
+def chosen_fusion(workdir: str, names, weights) -> dict:
+    """{row: kNN fusion weight chosen on validation} of the rows among `names` whose knn_fusion.json chose
+    among `weights` (a choice among other weights belongs to another evaluation: left out)."""
     chosen = {}
     for name in names:
         fusion = read_fusion(layout.row_dir(workdir, name))
-        if fusion is not None:
+        if fusion is not None and tuple(float(weight) for weight in fusion["weights"]) == tuple(weights):
             chosen[name] = float(fusion["chosen"])
     return chosen
 
