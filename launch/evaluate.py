@@ -8,7 +8,7 @@ Usage:
 config.eval.models. Rows of models already in DIR/results/results.csv and not evaluated now are kept.
 """
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from tpad_jax import cli, workdir as workdir_lib
@@ -16,7 +16,6 @@ from tpad_jax.evaluate import run
 
 
 def main():
-    logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     with workdir_lib.lock(flags.FLAGS.workdir):
         run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.models)
 

@@ -8,7 +8,7 @@ Usage:
 import time
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from tpad_jax import cli, pretrained, workdir as workdir_lib
@@ -60,7 +60,6 @@ def _flat_counts(stats, prefix=""):
 
 
 def main():
-    logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     config, workdir = _CONFIG.value, _WORKDIR.value
     start = time.perf_counter()
     with workdir_lib.lock(workdir):

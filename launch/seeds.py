@@ -11,7 +11,7 @@ Usage:
 Writes DIR/results/pipeline_seeds.md and .csv, or DIR/results/seeds.md and .csv, and prints the table.
 """
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from tpad_jax import cli, layout, runner, seeds, workdir as workdir_lib
@@ -19,7 +19,6 @@ from tpad_jax.data import readonly
 
 
 def main():
-    logging.set_verbosity(logging.WARNING)
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if flags.FLAGS.pipeline_seeds:
         pipeline_seeds = [int(s) for s in flags.FLAGS.pipeline_seeds.split(",") if s.strip()]

@@ -8,7 +8,7 @@ models + baselines + report), all. Each stage reads what earlier ones wrote in t
 same command again resumes from the last checkpoint.
 """
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from tpad_jax import cli
@@ -21,7 +21,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main():
-    logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save and read at INFO
     from tpad_jax import runner
 
     runner.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stage)

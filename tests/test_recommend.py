@@ -77,6 +77,7 @@ def test_cli_prints_one_json_line_per_session(trained, tmp_path):
         capture_output=True, text=True, check=True, cwd=str(tmp_path))
     records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert [r["session_id"] for r in records] == ["a", "b", "c"]
+    assert result.stderr == ""  # no log lines of JAX's backend probing or of the checkpoint readers
     a, b, c = records
     assert a["model"] == "gru4rec" and a["unknown_items"] == ["no-such-item"] and "error" not in a
     assert b["unknown_items"] == ["x1", "x2"] and b["recommendations"] == [] and "error" in b

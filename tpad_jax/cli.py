@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 VERBOSE_ENV = "TPAD_VERBOSE"
 NATIVE_ISA_ENV = "TPAD_NATIVE_ISA"
@@ -70,6 +70,10 @@ def use_compilation_cache():
 
 
 def _main_with_user_errors(main, argv):
+    if not flags.FLAGS["verbosity"].present:
+        # JAX (the backends it probes), Orbax and grain log at INFO on every start, save and read: a
+        # launcher's output is its own lines and warnings unless the user asks for more (-v 0).
+        logging.set_verbosity(logging.WARNING)
     try:
         if len(argv) > 1:
             raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
