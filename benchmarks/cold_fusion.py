@@ -1,7 +1,7 @@
 """What cold-target HR@20 costs: a trained row's scores fused with e_K similarity for cold items (issue 15).
 
     python benchmarks/cold_fusion.py --workdir RUN [--config configs/tpad_base.py] [--preset base]
-        [--weights 0,0.5,1,2,4,8] [--items cold|all] [--set KEY=VALUE ...] [--no-record]
+        [--weights 0,0.5,1,2,4,8] [--items cold|all] [--knn_export tpad] [--set KEY=VALUE ...] [--no-record]
 
 RUN is a finished run (read only; `--ranks_out` writes elsewhere); `--set` passes the run's own settings (e.g. `--set
 data.raw_dir=../shared/data/amazon2014_beauty --set seed=1`). For each trained content row, every
@@ -11,7 +11,10 @@ weight w. This is score fusion that leans on the export exactly where IDs are we
 the cosine into every item's score instead: the row plus its own export's item-kNN. Printed per row and weight: validation
 and test HR@20, MRR@20 and cold-target HR@20, and the weight validation MRR@20 would choose; appended
 to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
-export of TPAD buys more of it than the others' at the same weight.
+export of TPAD buys more of it than the others' at the same weight. `--knn_export VARIANT` fuses every
+row with that one export's cosine instead of its own (e.g. the stage-1 row with TPAD's e_K): whether a
+gain lies in the export's similarity or in the row trained over it. Such a row is named
+`<row>@<variant>`, in the table and in `--ranks_out`.
 """
 
 import argparse
@@ -64,6 +67,8 @@ def main():
     parser.add_argument("--weights", default="0,0.5,1,2,4,8")
     parser.add_argument("--items", choices=("cold", "all"), default="cold",
                         help="the items whose score gains the cosine term")
+    parser.add_argument("--knn_export", default=None, metavar="VARIANT",
+                        help="fuse every row with this export's cosine (default: each row's own export)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="the run's config overrides")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--ranks_out", default=None, metavar="DIR",
@@ -83,7 +88,9 @@ def main():
             continue
         model = serving.load_selected(row.name, config, args.workdir, data)
         table = np.asarray(nnx.view(model, deterministic=True).item_table())
-        unit = features.normalise_content(features.load_features(args.workdir, row.export, data), "l2")
+        knn_export = args.knn_export or row.export
+        name = row.name if args.knn_export is None else f"{row.name}@{knn_export}"
+        unit = features.normalise_content(features.load_features(args.workdir, knn_export, data), "l2")
         measured, test_ranks = {}, {}
         for split in ("valid", "test"):
             prefixes, targets = data.examples(split)
@@ -96,12 +103,12 @@ def main():
         chosen = max(weights, key=lambda w: measured["valid", w][1])
         if args.ranks_out:
             _, targets = data.examples("test")
-            report.write_ranks({row.name: test_ranks[chosen]}, data.cold_mask(targets),
+            report.write_ranks({name: test_ranks[chosen]}, data.cold_mask(targets),
                                layout.results_dir(args.ranks_out))
         for weight in weights:
             values = measured["valid", weight] + measured["test", weight]
             results.append(emit_row("cold_fusion", {
-                "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name,
+                "run": os.path.basename(os.path.normpath(args.workdir)), "row": name,
                 "weight": weight if args.items == "cold" else f"{weight} (all items)",
                 **{column: round(v, 2) for column, v in zip(COLUMNS[3:9], values)},
                 "chosen on valid": weight == chosen}))
