@@ -59,18 +59,25 @@ def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets
     vectors, so targets are ranked item chunk by item chunk (`metrics.rank_by_dot`): memory stays bounded
     by the chunk sizes, not by the catalogue.
     """
+    unit, weights = (None, (None,)) if knn is None else (knn[0], (float(knn[1]),))
+    return _ranks_at(model, prefixes, targets, width, batch_size, buckets, unit, weights)[weights[0]]
+
+
+def _ranks_at(model, prefixes, targets, width: int, batch_size: int, buckets, unit, weights) -> dict:
+    """{weight: ranks [n]} as `rank_examples` ranks them fused at each of `weights` (unit None: the row
+    alone, weights (None,)); each chunk of prefixes is encoded once for all the weights."""
     targets = np.asarray(targets, np.int32)
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     eval_model = nnx.view(model, deterministic=True)
     table = _item_table(eval_model)
-    if knn is not None:
-        unit, weight = np.asarray(knn[0], np.float32), float(knn[1])
+    if unit is not None:
+        unit = np.asarray(unit, np.float32)
         table = np.concatenate([np.asarray(table), unit], axis=1)
     widths = bucket_widths(buckets, width)
     lengths = np.array([min(len(prefix), width) for prefix in prefixes], np.int64)
     bucket_of = np.searchsorted(np.asarray(widths), lengths)
-    ranks = np.zeros(len(targets), np.int32)
+    ranks = {weight: np.zeros(len(targets), np.int32) for weight in weights}
     for bucket, bucket_width in enumerate(widths):
         members = np.flatnonzero(bucket_of == bucket)
         for start in range(0, len(members), batch_size):
@@ -78,12 +85,15 @@ def rank_examples(model, prefixes, targets, width: int, batch_size: int, buckets
             padded = _padded_rows(len(rows), batch_size)
             items, mask = _padded_chunk([prefixes[i] for i in rows], bucket_width, padded)
             vectors = _session_vectors(eval_model, items, mask)
-            if knn is not None:
-                last = np.array([prefixes[i][-1] for i in rows] + [0] * (padded - len(rows)))
-                vectors = np.concatenate([np.asarray(vectors), weight * unit[last]], axis=1)
             # Filler rows rank item 0 and are dropped: one compiled shape per padded chunk size.
             chunk_targets = np.pad(targets[rows], (0, padded - len(rows)))
-            ranks[rows] = np.asarray(metrics_lib.rank_by_dot(vectors, table, chunk_targets))[:len(rows)]
+            if unit is not None:
+                last = np.array([prefixes[i][-1] for i in rows] + [0] * (padded - len(rows)))
+            for weight in weights:
+                queries = vectors if unit is None else np.concatenate([np.asarray(vectors), weight * unit[last]],
+                                                                      axis=1)
+                ranked = metrics_lib.rank_by_dot(queries, table, chunk_targets)
+                ranks[weight][rows] = np.asarray(ranked)[:len(rows)]
     return ranks
 
 
@@ -93,6 +103,13 @@ def rank_split(model, config, prefixes, targets, knn=None) -> np.ndarray:
     msbr = config.msbr
     return rank_examples(model, prefixes, targets, prefix_width(config), msbr.eval_batch_size,
                          msbr.length_buckets, knn)
+
+
+def fused_ranks(model, config, prefixes, targets, unit, weights) -> dict:
+    """{weight: `rank_split(..., knn=(unit, weight))`} for every fusion weight, each session encoded once."""
+    msbr = config.msbr
+    return _ranks_at(model, prefixes, targets, prefix_width(config), msbr.eval_batch_size, msbr.length_buckets,
+                     unit, tuple(float(weight) for weight in weights))
 
 
 def fusion_weights(config) -> tuple[float, ...]:

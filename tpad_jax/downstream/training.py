@@ -14,7 +14,7 @@ from flax import nnx
 from tpad_jax import layout, provenance, rows
 from tpad_jax.downstream.features import load_features, normalise_content
 from tpad_jax.downstream.params import save_params
-from tpad_jax.downstream.scoring import choose_weight, fusion_weights, rank_split
+from tpad_jax.downstream.scoring import choose_weight, fused_ranks, fusion_weights, rank_split
 from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
                                            selection_state, write_fusion, write_selection)
 from tpad_jax.downstream.serving import load_selected
@@ -148,10 +148,8 @@ def chosen_knn(name: str, model, config, workdir: str, data):
         return None
     unit = normalise_content(load_features(workdir, variant, data), "l2")
     prefixes, targets = data.examples("valid")
-    mrr_of = {}
-    for weight in weights:
-        ranks = rank_split(model, config, prefixes, targets, (unit, weight))
-        mrr_of[weight] = metrics_lib.metrics_from_ranks(ranks, (20,))[("MRR", 20)]
+    mrr_of = {weight: metrics_lib.metrics_from_ranks(ranks, (20,))[("MRR", 20)]
+              for weight, ranks in fused_ranks(model, config, prefixes, targets, unit, weights).items()}
     chosen = choose_weight(mrr_of)
     write_fusion(layout.row_dir(workdir, name), mrr_of, chosen, inputs_record(name, config, workdir, data))
     print(f"{name}: kNN fusion weight {chosen:g} chosen on validation MRR@20 ("
