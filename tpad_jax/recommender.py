@@ -122,7 +122,11 @@ class Recommender:
         self._workdir, self._data, self._model, self._features = workdir, data, model, features
         self._embedder = self._content_norm = None
         self._knn_weight = knn_weight
-        self._knn_unit = None if knn_weight is None else features_lib.normalise_content(features, "l2")
+        # On the device once: every scoring call reads the whole [N, d] table, which would otherwise be
+        # copied from the host per call.
+        self._knn_unit = None
+        if knn_weight is not None:
+            self._knn_unit = jnp.asarray(features_lib.normalise_content(features, "l2"))
         self._compile()
 
     @classmethod
@@ -251,10 +255,11 @@ class Recommender:
         if model.item_bias is not None:
             _append(model.item_bias, np.full((len(embeddings), 1), self._new_item_bias(), np.float32))
         _append(model.content, self._content_norm(embeddings))
+        unit = features_lib.normalise_content(embeddings, "l2")
         if model.similarity is not None:
-            _append(model.similarity, features_lib.normalise_content(embeddings, "l2"))
+            _append(model.similarity, unit)
         if self._knn_unit is not None:
-            self._knn_unit = np.concatenate([self._knn_unit, features_lib.normalise_content(embeddings, "l2")])
+            self._knn_unit = jnp.concatenate([self._knn_unit, jnp.asarray(unit, self._knn_unit.dtype)])
 
     def _new_item_bias(self) -> float:
         """The score bias a new item starts with: the mean of the catalogue's cold items' (< cold_threshold
