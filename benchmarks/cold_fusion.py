@@ -9,7 +9,8 @@ validation and test prefix is scored as the row scores it plus w * cos(e[last cl
 v with fewer than `data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each
 weight w. This is score fusion that leans on the export exactly where IDs are weak. `--items all` fuses
 the cosine into every item's score instead: the row plus its own export's item-kNN. Printed per row and weight: validation
-and test HR@20, MRR@20 and cold-target HR@20, and the weight validation MRR@20 would choose; appended
+and test HR@20, MRR@20 and cold-target HR@20, and the weight the config's `msbr.knn_fusion_metric` (HR@20 or
+MRR@20) would choose on validation; appended
 to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
 export of TPAD buys more of it than the others' at the same weight. `--knn_export VARIANT` fuses every
 row with that one export's cosine instead of its own (e.g. the stage-1 row with TPAD's e_K): whether a
@@ -28,7 +29,7 @@ from common import ROOT, apply_overrides, emit_row, print_and_record
 from train_step import load_config
 from tpad_jax import layout, rows
 from tpad_jax.data import readonly
-from tpad_jax.downstream import features, serving, tables
+from tpad_jax.downstream import features, scoring, serving, tables
 from tpad_jax.eval import metrics, report
 
 COLUMNS = ["run", "row", "weight", "valid HR@20", "valid MRR@20", "valid cold HR@20", "test HR@20",
@@ -36,7 +37,9 @@ COLUMNS = ["run", "row", "weight", "valid HR@20", "valid MRR@20", "valid cold HR
 SECTION = "Cold-item score fusion"
 NOTE = ("`python benchmarks/cold_fusion.py --config configs/tpad_base.py --workdir RUN`: a finished run's "
         "content rows, scores + weight x cos(e[last click], e[v]) for cold items v (< `data.cold_threshold` "
-        "train clicks), e the row's export; `chosen on valid`: the weight of best validation MRR@20.")
+        "train clicks), e the row's export; `chosen on valid`: the weight of best validation "
+        "`msbr.knn_fusion_metric` (HR@20 or MRR@20; the config's).")
+VALID_INDEX = {("HR", 20): 0, ("MRR", 20): 1}  # where fused_metrics puts each metric the choice may read
 
 
 def session_vectors(model, prefixes, width: int, batch: int) -> np.ndarray:
@@ -78,6 +81,10 @@ def main():
     config = apply_overrides(load_config(args.config, args.preset), args.set)
     data = readonly.load(config, args.workdir)
     weights = [float(w) for w in args.weights.split(",")]
+    metric = scoring.fusion_metric(config)
+    if metric not in VALID_INDEX:
+        parser.error(f"msbr.knn_fusion_metric={scoring.metric_label(metric)}: this benchmark chooses by HR@20 "
+                     "or MRR@20")
     cold_items = (data.train_item_counts < data.cold_threshold).astype(np.float32)
     if args.items == "all":
         cold_items = np.ones_like(cold_items)
@@ -100,7 +107,7 @@ def main():
                                                                targets, data.cold_mask(targets), weight)
                 if split == "test":
                     test_ranks[weight] = ranks
-        chosen = max(weights, key=lambda w: measured["valid", w][1])
+        chosen = scoring.choose_weight({w: measured["valid", w][VALID_INDEX[metric]] for w in weights})
         if args.ranks_out:
             _, targets = data.examples("test")
             report.write_ranks({name: test_ranks[chosen]}, data.cold_mask(targets),

@@ -180,10 +180,12 @@ def get_config(arg=None):
     # Content rows add g * cos(e[last click], e[v]) to the score of v (g learned; models/session_encoders.py).
     c.msbr.last_item_similarity = False
     # kNN fusion: weights w tried for score(v) + w x cos(e[last click], e[v]) over the row's own export
-    # (the row fused with its export's item-kNN), chosen per content row on validation MRR@20 after
-    # training, like its epoch; () off. The trained model is the same either way (benchmarks/RESULTS.md,
-    # "K that starts from a sentence encoder": it is what carries TPAD's e_K into the ranking there).
+    # (the row fused with its export's item-kNN), chosen per content row after training on validation
+    # `knn_fusion_metric` (HR@20, MRR@20, NDCG@20 or another cut-off); () off. The trained model is the same
+    # either way (benchmarks/RESULTS.md, "K that starts from a sentence encoder": it is what carries TPAD's
+    # e_K into the ranking there).
     c.msbr.knn_fusion = ()
+    c.msbr.knn_fusion_metric = "MRR@20"  # the metric that picks each row's epoch
     # How content rows use item IDs (models/session_encoders.py). id_embedding=False: items are their
     # content alone. id_shrinkage k > 0: an item's ID embedding counts n / (n + k) (n its train clicks).
     # item_bias: a learned score bias per item. Off as shipped: with them the rows read their features

@@ -1,6 +1,6 @@
 """`msbr.knn_fusion`: a trained content row ranked with its export's item-kNN added to its scores,
-score(v) + w x cos(e[last click], e[v]), the weight chosen on validation MRR@20. References: the dense
-[n, N] score matrix of the row plus the cosine term, ranked by `metrics.ranks_from_scores`."""
+score(v) + w x cos(e[last click], e[v]), the weight chosen on validation `msbr.knn_fusion_metric`.
+References: the dense [n, N] score matrix of the row plus the cosine term, ranked by `metrics.ranks_from_scores`."""
 
 import copy
 import json
@@ -47,17 +47,24 @@ def test_fused_ranks_equal_the_dense_scores_plus_the_cosine(tpad_row, weight):
     np.testing.assert_array_equal(fused, dense_fused_ranks(model, config, prefixes, targets, unit, weight))
 
 
-def test_the_weight_of_best_validation_mrr_ranks_the_test_split(tpad_row, capsys):
+@pytest.mark.parametrize("metric", [("MRR", 20), ("HR", 5)])
+def test_the_weight_of_best_validation_metric_ranks_the_test_split(tpad_row, capsys, metric):
     config, workdir, data, model, unit = tpad_row
     config = copy.deepcopy(config)
     config.msbr.knn_fusion = ("0,1,50",)  # as the command line gives it
+    if metric != ("MRR", 20):  # the default
+        config.msbr.knn_fusion_metric = f"{metric[0].lower()}@{metric[1]}"
     prefixes, targets = data.examples("valid")
-    mrr = {w: metrics.metrics_from_ranks(dense_fused_ranks(model, config, prefixes, targets, unit, w),
-                                         (20,))[("MRR", 20)] for w in (0.0, 1.0, 50.0)}
-    best = max(mrr.values())
-    expected = min(w for w, value in mrr.items() if value == best)
+    valid = {w: metrics.metrics_from_ranks(dense_fused_ranks(model, config, prefixes, targets, unit, w),
+                                           (metric[1],))[metric] for w in (0.0, 1.0, 50.0)}
+    best = max(valid.values())
+    expected = min(w for w, value in valid.items() if value == best)
     got_unit, got = training.chosen_knn("tpad", model, config, workdir, data)
-    assert got == expected and f"kNN fusion weight {expected:g} chosen" in capsys.readouterr().out
+    label = f"{metric[0]}@{metric[1]}"
+    assert got == expected and f"kNN fusion weight {expected:g} chosen on validation {label}" in \
+        capsys.readouterr().out
+    stored = selection.read_fusion(layout.row_dir(workdir, "tpad"))
+    assert stored["metric"] == label and stored["valid"] == [valid[w] for w in (0.0, 1.0, 50.0)]
     np.testing.assert_array_equal(got_unit, unit)
     test_prefixes, test_targets = data.examples("test")
     np.testing.assert_array_equal(
@@ -79,6 +86,11 @@ def test_weights_tie_to_the_smaller_and_bad_ones_are_named():
     config.msbr.knn_fusion = ("0,x",)
     with pytest.raises(UserError, match=r"^msbr.knn_fusion: 'x' is not a number; give weights like 0,4,16$"):
         scoring.fusion_weights(config)
+    for bad in ("recall@20", "HR@0", "HR", "HR@x"):
+        config.msbr.knn_fusion_metric = bad
+        with pytest.raises(UserError, match=rf"^msbr.knn_fusion_metric: '{bad}' is not a metric like HR@20; "
+                                            r"choose HR, MRR, NDCG at a cut-off$"):
+            scoring.fusion_metric(config)
 
 
 SERVED_WEIGHT = 2.5
@@ -93,7 +105,7 @@ def fused_run(tpad_row):
     fused.msbr.knn_fusion = (0.0, SERVED_WEIGHT)
     directory = layout.row_dir(workdir, "tpad")
     selection.write_fusion(directory, {0.0: 1.0, SERVED_WEIGHT: 2.0}, SERVED_WEIGHT,
-                           selection.inputs_record("tpad", fused, workdir, data))
+                           selection.inputs_record("tpad", fused, workdir, data), "MRR@20")
     yield fused, workdir, data, model, unit
     os.remove(os.path.join(directory, layout.FUSION_FILE))
 
@@ -136,7 +148,7 @@ def test_a_new_item_served_fused_gains_the_cosine_to_the_last_click(fused_run, t
                                                                                     abs=1e-4)
 
 
-@pytest.mark.parametrize("case", ["missing", "other weights", "other inputs"])
+@pytest.mark.parametrize("case", ["missing", "other weights", "other metric", "other inputs"])
 def test_serving_without_the_weight_evaluation_chose_is_refused_in_one_line(fused_run, case):
     config, workdir, _, _, _ = fused_run
     path = os.path.join(layout.row_dir(workdir, "tpad"), layout.FUSION_FILE)
@@ -147,6 +159,10 @@ def test_serving_without_the_weight_evaluation_chose_is_refused_in_one_line(fuse
     elif case == "other weights":
         config.msbr.knn_fusion = ("0,4",)
         refusal = rf"^{re.escape(path)}: the weight was chosen among 0,2.5, not msbr.knn_fusion=0,4 "
+    elif case == "other metric":
+        config.msbr.knn_fusion_metric = "HR@20"
+        refusal = (rf"^{re.escape(path)}: the weight was chosen on validation MRR@20, "
+                   r"not msbr.knn_fusion_metric=HR@20 ")
     else:
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)

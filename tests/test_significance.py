@@ -91,15 +91,20 @@ def test_fusion_line_names_the_weight_each_row_chose_in_each_seed(tmp_path):
             os.makedirs(directory)
             offered = {0.0: 1.0, 0.5: 1.5, 4.0: 1.0, 16.0: 2.0}
             selection.write_fusion(directory, {w: 2.0 if w == weight else 1.0 for w in offered}, weight,
-                                   {"data_fingerprint": "x"})
+                                   {"data_fingerprint": "x"}, "HR@20")
     stale = layout.row_dir(str(tmp_path / "seed1"), "transformer+minilm")  # chosen among other weights
     os.makedirs(stale)
-    selection.write_fusion(stale, {0.0: 1.0, 2.0: 2.0}, 2.0, {"data_fingerprint": "x"})
+    selection.write_fusion(stale, {0.0: 1.0, 2.0: 2.0}, 2.0, {"data_fingerprint": "x"}, "HR@20")
+    other_metric = layout.row_dir(str(tmp_path / "seed1"), "transformer+stage1")  # the same weights, by MRR@20
+    os.makedirs(other_metric)
+    selection.write_fusion(other_metric, {0.0: 1.0, 0.5: 1.0, 4.0: 2.0, 16.0: 1.0}, 4.0, {"data_fingerprint": "x"},
+                           "MRR@20")
     read = {seed: selection.chosen_fusion(str(tmp_path / f"seed{seed}"), ["transformer", "tpad",
-                                                                            "transformer+minilm"],
-                                          (0.0, 0.5, 4.0, 16.0))
+                                                                            "transformer+minilm",
+                                                                            "transformer+stage1"],
+                                          (0.0, 0.5, 4.0, 16.0), "HR@20")
             for seed in (0, 1)}
     assert read == written
-    assert significance.fusion_markdown(read, [0, 1]) == (
-        "kNN fusion weight chosen on validation MRR@20 (msbr.knn_fusion), seeds 0, 1: tpad 16, 0.5; "
+    assert significance.fusion_markdown(read, [0, 1], "HR@20") == (
+        "kNN fusion weight chosen on validation HR@20 (msbr.knn_fusion), seeds 0, 1: tpad 16, 0.5; "
         "transformer+minilm 4, –.\n")

@@ -37,7 +37,8 @@ from tpad_jax.train import stages
 RECORD_FILE = "inputs.json"
 NOT_SHAPING = ("data.worker_count", "data.read_threads", "model.remat", "model.scan_layers",
                "msbr.checkpoint_every_epochs",
-               "msbr.knn_fusion")  # chosen at ranking time over the trained row; results are re-ranked
+               # chosen at ranking time over the trained row; results are re-ranked
+               "msbr.knn_fusion", "msbr.knn_fusion_metric")
 TRAINING_KEYS = ("seed", "train.grad_clip", "train.weight_decay")
 # Keys added after records existed, with the value that behaves as the code did before them.
 ADDED_AT = {"model.base_param_dtype": "float32", "stage2.align_estimator": "infonce", "msbr.lr_decay": "cosine",

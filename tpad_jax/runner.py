@@ -227,10 +227,10 @@ def run_seeds(config, workdir: str, seeds) -> str:
     table = significance.seed_table(runs, cold_mask)
     fusion, weights = "", scoring.fusion_weights(config)
     if weights:  # the weight each content row chose, which only stdout would say otherwise
-        models = evaluate.configured_models(config)
+        models, metric = evaluate.configured_models(config), scoring.metric_label(scoring.fusion_metric(config))
         fusion = "\n" + significance.fusion_markdown(
-            {seed: selection.chosen_fusion(layout.pipeline_seed_dir(workdir, seed), models, weights)
-             for seed in seeds}, seeds)
+            {seed: selection.chosen_fusion(layout.pipeline_seed_dir(workdir, seed), models, weights, metric)
+             for seed in seeds}, seeds, metric)
     text = (significance.markdown(table, seeds) + "\n" + significance.probe_markdown(probes, seeds) + fusion
             + "\nWall time of this command per seed (a resumed seed only re-evaluates): "
             + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n")

@@ -128,6 +128,26 @@ def fusion_weights(config) -> tuple[float, ...]:
     return tuple(weights)
 
 
-def choose_weight(mrr_of: dict) -> float:
-    """The fusion weight of best validation MRR@20 in {weight: MRR@20}; a tie goes to the smaller weight."""
-    return max(sorted(mrr_of), key=lambda weight: mrr_of[weight])
+FUSION_METRICS = ("HR", "MRR", "NDCG")  # what `msbr.knn_fusion_metric` may name, at any cut-off
+
+
+def fusion_metric(config) -> tuple[str, int]:
+    """`msbr.knn_fusion_metric` ("HR@20", the default "MRR@20") as (metric, k): the validation metric that
+    chooses the fusion weight; UserError for a name that is not one of FUSION_METRICS at a positive cut-off."""
+    from tpad_jax.cli import UserError  # noqa: PLC0415
+
+    text = str(config.msbr.get("knn_fusion_metric", "MRR@20")).strip()
+    name, _, k = text.partition("@")
+    if name.upper() not in FUSION_METRICS or not k.isdigit() or int(k) < 1:
+        raise UserError(f"msbr.knn_fusion_metric: {text!r} is not a metric like HR@20; choose "
+                        f"{', '.join(FUSION_METRICS)} at a cut-off")
+    return name.upper(), int(k)
+
+
+def metric_label(metric: tuple[str, int]) -> str:
+    return f"{metric[0]}@{metric[1]}"
+
+
+def choose_weight(valid_of: dict) -> float:
+    """The fusion weight of the best validation value in {weight: value}; a tie goes to the smaller weight."""
+    return max(sorted(valid_of), key=lambda weight: valid_of[weight])

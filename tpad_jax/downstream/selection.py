@@ -2,8 +2,8 @@
 
 `selection.json` records the validation metric of every epoch, the best epoch, whether training
 finished, and the `provenance` record of the row's inputs (data, its settings, the export it read).
-`knn_fusion.json` records, under `msbr.knn_fusion`, the weights offered, the validation MRR@20 of each and
-the chosen one, with the same record: serving reads the weight from it rather than choose again.
+`knn_fusion.json` records, under `msbr.knn_fusion`, the weights offered, the validation metric of each
+(`msbr.knn_fusion_metric`) and the chosen one, with the same record: serving reads the weight from it rather than choose again.
 """
 
 import json
@@ -52,11 +52,12 @@ def write_selection(directory: str, history: dict, state: dict, record: dict, fi
         "finished": finished, "inputs": record})
 
 
-def write_fusion(directory: str, mrr_of: dict, chosen: float, record: dict) -> None:
-    """Writes knn_fusion.json of `directory`: {weight: validation MRR@20}, the `chosen` weight, `record`."""
+def write_fusion(directory: str, valid_of: dict, chosen: float, record: dict, metric: str) -> None:
+    """Writes knn_fusion.json of `directory`: {weight: validation `metric`} (e.g. "HR@20"), the `chosen`
+    weight, `record`."""
     _write_json(os.path.join(directory, layout.FUSION_FILE), {
-        "metric": f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}", "split": VALID_SPLIT,
-        "weights": list(mrr_of), "valid": [mrr_of[weight] for weight in mrr_of], "chosen": chosen,
+        "metric": metric, "split": VALID_SPLIT,
+        "weights": list(valid_of), "valid": [valid_of[weight] for weight in valid_of], "chosen": chosen,
         "inputs": record})
 
 
@@ -65,13 +66,21 @@ def read_fusion(directory: str) -> dict | None:
     return workdir_lib.read_json(os.path.join(directory, layout.FUSION_FILE))
 
 
-def chosen_fusion(workdir: str, names, weights) -> dict:
+def fusion_metric_of(fusion: dict) -> str:
+    """The validation metric a knn_fusion.json chose by (files written before the choice was a setting
+    chose by MRR@20)."""
+    return fusion.get("metric", "MRR@20")
+
+
+def chosen_fusion(workdir: str, names, weights, metric: str) -> dict:
     """{row: kNN fusion weight chosen on validation} of the rows among `names` whose knn_fusion.json chose
-    among `weights` (a choice among other weights belongs to another evaluation: left out)."""
+    among `weights` by `metric` (a choice among other weights or by another metric belongs to another
+    evaluation: left out)."""
     chosen = {}
     for name in names:
         fusion = read_fusion(layout.row_dir(workdir, name))
-        if fusion is not None and tuple(float(weight) for weight in fusion["weights"]) == tuple(weights):
+        if (fusion is not None and tuple(float(weight) for weight in fusion["weights"]) == tuple(weights)
+                and fusion_metric_of(fusion) == metric):
             chosen[name] = float(fusion["chosen"])
     return chosen
 

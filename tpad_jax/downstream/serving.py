@@ -6,8 +6,8 @@ from tpad_jax import layout, provenance, rows
 from tpad_jax.cli import UserError
 from tpad_jax.downstream.features import load_features
 from tpad_jax.downstream.params import load_params
-from tpad_jax.downstream.scoring import fusion_weights
-from tpad_jax.downstream.selection import inputs_record, read_fusion, read_selection
+from tpad_jax.downstream.scoring import fusion_metric, fusion_weights, metric_label
+from tpad_jax.downstream.selection import fusion_metric_of, inputs_record, read_fusion, read_selection
 from tpad_jax.downstream.settings import model_factory
 
 _UNREAD = object()  # load_selected's default: read the content features
@@ -55,7 +55,7 @@ def fusion_weight(name: str, config, workdir: str, data) -> float | None:
 
     Raises:
       UserError when the row was not ranked with fusion, was ranked with other weights than `config`
-      offers, or the weight was chosen for a model trained on other inputs.
+      offers or chosen by another validation metric, or the weight was chosen for a model trained on other inputs.
     """
     weights = fusion_weights(config)
     if not weights or rows.export_of(name) is None:
@@ -71,6 +71,10 @@ def fusion_weight(name: str, config, workdir: str, data) -> float | None:
         chosen_among = ",".join(f"{float(weight):g}" for weight in fusion["weights"])
         raise UserError(f"{path}: the weight was chosen among {chosen_among}, not msbr.knn_fusion={offered} "
                         f"({evaluate} again)")
+    metric = metric_label(fusion_metric(config))
+    if fusion_metric_of(fusion) != metric:
+        raise UserError(f"{path}: the weight was chosen on validation {fusion_metric_of(fusion)}, not "
+                        f"msbr.knn_fusion_metric={metric} ({evaluate} again)")
     record = inputs_record(name, config, workdir, data)
     if provenance.identity(fusion["inputs"]) != provenance.identity(record):
         raise UserError(f"{path}: chosen for a model trained on other inputs "

@@ -14,7 +14,8 @@ from flax import nnx
 from tpad_jax import layout, provenance, rows
 from tpad_jax.downstream.features import load_features, normalise_content
 from tpad_jax.downstream.params import save_params
-from tpad_jax.downstream.scoring import choose_weight, fused_ranks, fusion_weights, rank_split
+from tpad_jax.downstream.scoring import (choose_weight, fused_ranks, fusion_metric, fusion_weights, metric_label,
+                                         rank_split)
 from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
                                            selection_state, write_fusion, write_selection)
 from tpad_jax.downstream.serving import load_selected
@@ -136,8 +137,9 @@ def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
 
 
 def chosen_knn(name: str, model, config, workdir: str, data):
-    """(unit export rows, weight) of the trained content row `name` under `msbr.knn_fusion`, the weight
-    chosen on validation MRR@20 like the row's epoch; None when fusion is off or the row reads IDs only.
+    """(unit export rows, weight) of the trained content row `name` under `msbr.knn_fusion`, the weight of
+    best validation `msbr.knn_fusion_metric` (MRR@20 unless set); None when fusion is off or the row reads
+    IDs only.
 
     The trained model is the same with and without fusion: only its ranking gains the export's kNN.
     The choice is written to DIR/msbr/<name>/knn_fusion.json, where serving reads it.
@@ -146,12 +148,14 @@ def chosen_knn(name: str, model, config, workdir: str, data):
     variant = rows.export_of(name)
     if not weights or variant is None:
         return None
+    metric = fusion_metric(config)
     unit = normalise_content(load_features(workdir, variant, data), "l2")
     prefixes, targets = data.examples("valid")
-    mrr_of = {weight: metrics_lib.metrics_from_ranks(ranks, (20,))[("MRR", 20)]
-              for weight, ranks in fused_ranks(model, config, prefixes, targets, unit, weights).items()}
-    chosen = choose_weight(mrr_of)
-    write_fusion(layout.row_dir(workdir, name), mrr_of, chosen, inputs_record(name, config, workdir, data))
-    print(f"{name}: kNN fusion weight {chosen:g} chosen on validation MRR@20 ("
-          + ", ".join(f"{weight:g}: {mrr:.2f}" for weight, mrr in mrr_of.items()) + ")", flush=True)
+    valid_of = {weight: metrics_lib.metrics_from_ranks(ranks, (metric[1],))[metric]
+                for weight, ranks in fused_ranks(model, config, prefixes, targets, unit, weights).items()}
+    chosen = choose_weight(valid_of)
+    write_fusion(layout.row_dir(workdir, name), valid_of, chosen, inputs_record(name, config, workdir, data),
+                 metric_label(metric))
+    print(f"{name}: kNN fusion weight {chosen:g} chosen on validation {metric_label(metric)} ("
+          + ", ".join(f"{weight:g}: {value:.2f}" for weight, value in valid_of.items()) + ")", flush=True)
     return unit, chosen

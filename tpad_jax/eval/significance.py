@@ -134,13 +134,13 @@ def probe_markdown(runs: list[list[dict]], seeds) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fusion_markdown(chosen_of: dict, seeds) -> str:
-    """The kNN fusion weight each row chose per seed ({seed: {row: weight}}, `msbr.knn_fusion`), a line;
-    a row that lacks a weight in some seed shows "–" there."""
+def fusion_markdown(chosen_of: dict, seeds, metric: str) -> str:
+    """The kNN fusion weight each row chose per seed on validation `metric` ({seed: {row: weight}},
+    `msbr.knn_fusion`), a line; a row that lacks a weight in some seed shows "–" there."""
     names = list(dict.fromkeys(name for chosen in chosen_of.values() for name in chosen))
     cells = [f"{name} " + ", ".join(f"{chosen_of[seed][name]:g}" if name in chosen_of.get(seed, {}) else "–"
                                      for seed in seeds) for name in names]
-    return (f"kNN fusion weight chosen on validation MRR@20 (msbr.knn_fusion), seeds "
+    return (f"kNN fusion weight chosen on validation {metric} (msbr.knn_fusion), seeds "
             f"{', '.join(str(s) for s in seeds)}: " + "; ".join(cells) + ".\n")
 
 
