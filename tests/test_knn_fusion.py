@@ -6,12 +6,13 @@ import copy
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from configs import tpad_base
-from tpad_jax import export, layout, new_items
+from tpad_jax import export, layout, new_items, provenance, runner
 from tpad_jax import recommender as recommender_lib
 from tpad_jax.cli import UserError
 from tpad_jax.data import readonly
@@ -176,3 +177,46 @@ def test_serving_without_the_weight_evaluation_chose_is_refused_in_one_line(fuse
     finally:
         if case == "missing":
             os.rename(path + ".away", path)
+
+
+KNN_ROW = "transformer+minilm+tpad-knn"  # MiniLM features, TPAD's e_K as the kNN term (`rows.Row.knn`)
+
+
+@pytest.fixture(scope="module")
+def other_knn_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with KNN_ROW trained and evaluated under fusion (weights 0, 2.5, 50)."""
+    config, shared = tiny_run
+    workdir = str(tmp_path_factory.mktemp("other_knn") / "run")
+    shutil.copytree(shared, workdir, symlinks=True)  # the shared run is read by other test processes
+    config = copy.deepcopy(config)
+    config.eval.models = (KNN_ROW,)
+    config.msbr.knn_fusion = (0.0, 2.5, 50.0)
+    runner.run(config, workdir)
+    data = readonly.load(config, workdir)
+    model = serving.load_selected(KNN_ROW, config, workdir, data)
+    tpad_unit = features_lib.normalise_content(features_lib.load_features(workdir, "tpad", data), "l2")
+    return config, workdir, data, model, tpad_unit
+
+
+def test_a_row_fused_with_another_exports_knn_chooses_and_serves_with_that_export(other_knn_run):
+    config, workdir, data, model, tpad_unit = other_knn_run
+    prefixes, targets = data.examples("valid")
+    valid = {w: metrics.metrics_from_ranks(dense_fused_ranks(model, config, prefixes, targets, tpad_unit, w),
+                                           (20,))[("MRR", 20)] for w in (0.0, 2.5, 50.0)}
+    stored = selection.read_fusion(layout.row_dir(workdir, KNN_ROW))
+    np.testing.assert_allclose(stored["valid"], [valid[w] for w in (0.0, 2.5, 50.0)])
+    assert stored["inputs"]["knn_export"] == provenance.export_id(layout.export_dir(workdir, "tpad"),
+                                                                 data.fingerprint)
+    # Served fused with TPAD's cosine at the stored weight (forced to 2.5 so the term is not zero).
+    selection.write_fusion(layout.row_dir(workdir, KNN_ROW), valid, 2.5, stored["inputs"], "MRR@20")
+    recommender = recommender_lib.Recommender.from_workdir(workdir, KNN_ROW, config=config, batch_size=8)
+    prefixes = prefixes[:8]
+    expected = (np.asarray(scoring.prefix_scorer(model, tables.prefix_width(config), 8)(prefixes))
+                + 2.5 * tpad_unit[[prefix[-1] for prefix in prefixes]] @ tpad_unit.T)
+    sessions = [[data.item_ids[row] for row in prefix] for prefix in prefixes]
+    for result, scores in zip(recommender.recommend(sessions, k=10, exclude_seen=False), expected):
+        got = [data.item_ids.index(r["item_id"]) for r in result["recommendations"]]
+        assert got == np.argsort(-scores, kind="stable")[:10].tolist()
+    with pytest.raises(UserError, match=rf"^{re.escape(KNN_ROW)}: its kNN term reads the tpad export, not its "
+                                        r"features' minilm; adding items to such a row is not supported"):
+        recommender.add_items(os.path.join(workdir, "nowhere.jsonl"))

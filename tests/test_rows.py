@@ -95,6 +95,10 @@ def test_needed_exports_follow_the_rows():
         "raw", "tpad", "no-align")
     assert rows.names(rows.needed_exports(["transformer+minilm"])) == ("minilm",)
     assert rows.names(rows.needed_exports(["transformer+attributes", "tpad"])) == ("tpad", "attributes")
+    # A row fused with another export's kNN needs that export too.
+    assert rows.names(rows.needed_exports(["transformer+minilm+tpad-knn"])) == ("tpad", "minilm")
+    assert rows.knn_export_of("transformer+minilm+tpad-knn") == "tpad"
+    assert rows.knn_export_of("transformer+minilm") == "minilm" and rows.knn_export_of("transformer") is None
 
 
 def test_every_export_and_stage_has_its_own_directory():

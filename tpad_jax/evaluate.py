@@ -57,9 +57,9 @@ def check_exports(names, config, workdir: str, data) -> None:
     """Raises UserError, before any model is ranked, when a content row among `names` would read an
     export made from other inputs than `config` and the prepared data (`provenance.check_export`)."""
     for name in names:
-        variant = rows.export_of(name)
-        if variant and export.is_complete(layout.export_dir(workdir, variant)):
-            provenance.check_export(layout.export_dir(workdir, variant), config, data.fingerprint)
+        for variant in dict.fromkeys((rows.export_of(name), rows.knn_export_of(name))):
+            if variant and export.is_complete(layout.export_dir(workdir, variant)):
+                provenance.check_export(layout.export_dir(workdir, variant), config, data.fingerprint)
 
 
 def rank_model(name: str, config, workdir: str, data, prefixes, targets) -> np.ndarray:

@@ -110,9 +110,10 @@ class Recommender:
     """One trained downstream row of a workdir, serving ranked next items for sessions."""
 
     def __init__(self, name: str, config, workdir: str, data, model, features, batch_size: int,
-                 knn_weight: float | None = None):
+                 knn_weight: float | None = None, knn_features=None):
         """Use `from_workdir`. `features`: the exported content features the model reads (None: ID only).
-        `knn_weight`: the `msbr.knn_fusion` weight evaluation chose (None: the row's scores alone)."""
+        `knn_weight`: the `msbr.knn_fusion` weight evaluation chose (None: the row's scores alone).
+        `knn_features`: the export its kNN term reads when that is not `features` (`rows.Row.knn`)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.name, self.config, self.batch_size = name, config, batch_size
@@ -126,7 +127,9 @@ class Recommender:
         # copied from the host per call.
         self._knn_unit = None
         if knn_weight is not None:
-            self._knn_unit = jnp.asarray(features_lib.normalise_content(features, "l2"))
+            self._knn_unit = jnp.asarray(features_lib.normalise_content(
+                features if knn_features is None else knn_features, "l2"))
+        self._knn_other = knn_features is not None
         self._compile()
 
     @classmethod
@@ -148,12 +151,15 @@ class Recommender:
             features = features_lib.load_features(workdir, rows.neural_row(model).export, data)
             loaded = serving.load_selected(model, config, workdir, data, features)
             knn_weight = serving.fusion_weight(model, config, workdir, data)
+            knn_variant = rows.knn_export_of(model)
+            knn_features = (None if knn_weight is None or knn_variant == rows.neural_row(model).export
+                            else features_lib.load_features(workdir, knn_variant, data))
         except AttributeError as error:  # a key the code reads that an older config.json lacks
             if not from_file:
                 raise
             raise UserError(f"{layout.config_file(workdir)}: {str(error).splitlines()[0]} (written by "
                             "another version of the code); pass the run's config") from error
-        return cls(model, config, workdir, data, loaded, features, batch_size, knn_weight)
+        return cls(model, config, workdir, data, loaded, features, batch_size, knn_weight, knn_features)
 
     @property
     def num_items(self) -> int:
@@ -210,8 +216,13 @@ class Recommender:
             first call), or a directory that launch/embed_items.py wrote (checked to come from that K).
         Raises:
           UserError for an ID-only model, a bad record (`file:line: field`), an id the recommender
-          already has, or new items embedded by another K.
+          already has, new items embedded by another K, or a row whose kNN term reads another export
+          than its features (a new item would need both embeddings; not supported yet).
         """
+        if self._knn_other:
+            raise UserError(f"{self.name}: its kNN term reads the {rows.knn_export_of(self.name)} export, not "
+                            f"its features' {rows.neural_row(self.name).export}; adding items to such a row is "
+                            "not supported (serve it with --config.msbr.knn_fusion= to rank it alone)")
         variant = new_items.content_export(self.name)
         if os.path.isdir(source):
             added, meta = new_items.load_new_items(source)

@@ -48,9 +48,11 @@ class Row:
     """One row of the comparison.
 
     `encoder`: the session encoder of a neural row. `export`: the export variant whose features it reads
-    (None: item IDs only). `default`: run when `eval.models` is not given. The default run is the method
-    and what says whether it pays (the baselines, the ID-only transformer, the same transformer over the
-    untrained and the stage-1 towers); the other encoders and the ablations are the `full` preset's.
+    (None: item IDs only). `knn`: the export whose item-kNN the row's ranking is fused with under
+    `msbr.knn_fusion` (None: its own export). `default`: run when `eval.models` is not given. The
+    default run is the method and what says whether it pays (the baselines, the ID-only transformer, the
+    same transformer over the untrained and the stage-1 towers); the other encoders and the ablations are
+    the `full` preset's.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Row:
     encoder: str | None = None
     export: str | None = None
     default: bool = True
+    knn: str | None = None
 
 
 EXPORT_VARIANTS = (
@@ -97,6 +100,11 @@ ROWS = (
     Row("tpad-no-align", NEURAL, "transformer", "no-align", default=False),
     # The classic MSBR recipe (frozen sentence embeddings): run on request, it loads a wheel.
     Row("transformer+minilm", NEURAL, "transformer", MINILM, default=False),
+    # The classic recipe's trained row with TPAD's e_K as its kNN term: under `msbr.knn_fusion` it ranks
+    # by score(v) + w x cos(e_K[last click], e_K[v]) instead of MiniLM's cosine. On Beauty it beat the
+    # classic recipe on HR@20 and cold HR@20 on three seed triples (benchmarks/RESULTS.md, "Choosing the
+    # fusion weight on HR@20"). It trains its own copy of transformer+minilm (the same inputs).
+    Row("transformer+minilm+tpad-knn", NEURAL, "transformer", MINILM, default=False, knn=MAIN_VARIANT),
     Row("transformer+attributes", NEURAL, "transformer", ATTRIBUTES, default=False),
 )
 
@@ -150,6 +158,13 @@ def export_of(name: str) -> str | None:
     return next((row.export for row in ROWS if row.name == name), None)
 
 
+def knn_export_of(name: str) -> str | None:
+    """The export whose item-kNN row `name` is fused with under `msbr.knn_fusion`: its `knn`, else its own
+    export (None: an ID-only row, a baseline or an unknown name)."""
+    row = next((row for row in ROWS if row.name == name), None)
+    return None if row is None or row.export is None else (row.knn or row.export)
+
+
 def export_variant(name: str) -> ExportVariant:
     """The export variant `name`; ValueError naming the known ones otherwise."""
     for variant in EXPORT_VARIANTS:
@@ -163,6 +178,7 @@ def stage2_variants() -> tuple[ExportVariant, ...]:
 
 
 def needed_exports(row_names) -> tuple[ExportVariant, ...]:
-    """The export variants the rows `row_names` read, in registry order (unknown names read none)."""
-    wanted = {row.export for row in ROWS if row.name in set(row_names)}
+    """The export variants the rows `row_names` read (features or kNN), in registry order (unknown names
+    read none)."""
+    wanted = {export for row in ROWS if row.name in set(row_names) for export in (row.export, row.knn)}
     return tuple(variant for variant in EXPORT_VARIANTS if variant.name in wanted)

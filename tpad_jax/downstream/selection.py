@@ -3,7 +3,8 @@
 `selection.json` records the validation metric of every epoch, the best epoch, whether training
 finished, and the `provenance` record of the row's inputs (data, its settings, the export it read).
 `knn_fusion.json` records, under `msbr.knn_fusion`, the weights offered, the validation metric of each
-(`msbr.knn_fusion_metric`) and the chosen one, with the same record: serving reads the weight from it rather than choose again.
+(`msbr.knn_fusion_metric`) and the chosen one, with the same record (and the id of the export its kNN
+reads when that is another, `fusion_record`): serving reads the weight from it rather than choose again.
 """
 
 import json
@@ -41,6 +42,16 @@ def inputs_record(name: str, config, workdir: str, data) -> dict:
     export_id = None if variant is None else provenance.export_id(complete_export_dir(workdir, variant),
                                                                   data.fingerprint)
     return provenance.downstream_record(row_config(name, config), data.fingerprint, export_id)
+
+
+def fusion_record(name: str, config, workdir: str, data) -> dict:
+    """The record a kNN fusion choice of row `name` is valid for: its `inputs_record`, and the id of the
+    export its kNN reads when that is not its own (`rows.Row.knn`)."""
+    record = inputs_record(name, config, workdir, data)
+    knn = rows.knn_export_of(name)
+    if knn != rows.neural_row(name).export:
+        record["knn_export"] = provenance.export_id(complete_export_dir(workdir, knn), data.fingerprint)
+    return record
 
 
 def write_selection(directory: str, history: dict, state: dict, record: dict, finished: bool) -> None:

@@ -7,7 +7,7 @@ from tpad_jax.cli import UserError
 from tpad_jax.downstream.features import load_features
 from tpad_jax.downstream.params import load_params
 from tpad_jax.downstream.scoring import fusion_metric, fusion_weights, metric_label
-from tpad_jax.downstream.selection import fusion_metric_of, inputs_record, read_fusion, read_selection
+from tpad_jax.downstream.selection import fusion_metric_of, fusion_record, inputs_record, read_fusion, read_selection
 from tpad_jax.downstream.settings import model_factory
 
 _UNREAD = object()  # load_selected's default: read the content features
@@ -58,7 +58,7 @@ def fusion_weight(name: str, config, workdir: str, data) -> float | None:
       offers or chosen by another validation metric, or the weight was chosen for a model trained on other inputs.
     """
     weights = fusion_weights(config)
-    if not weights or rows.export_of(name) is None:
+    if not weights or rows.knn_export_of(name) is None:
         return None
     directory = layout.row_dir(workdir, name)
     path, fusion = os.path.join(directory, layout.FUSION_FILE), read_fusion(directory)
@@ -75,7 +75,7 @@ def fusion_weight(name: str, config, workdir: str, data) -> float | None:
     if fusion_metric_of(fusion) != metric:
         raise UserError(f"{path}: the weight was chosen on validation {fusion_metric_of(fusion)}, not "
                         f"msbr.knn_fusion_metric={metric} ({evaluate} again)")
-    record = inputs_record(name, config, workdir, data)
+    record = fusion_record(name, config, workdir, data)
     if provenance.identity(fusion["inputs"]) != provenance.identity(record):
         raise UserError(f"{path}: chosen for a model trained on other inputs "
                         f"({provenance.differences(fusion['inputs'], record)}); {evaluate} again")

@@ -16,8 +16,8 @@ from tpad_jax.downstream.features import load_features, normalise_content
 from tpad_jax.downstream.params import save_params
 from tpad_jax.downstream.scoring import (choose_weight, fused_ranks, fusion_metric, fusion_weights, metric_label,
                                          rank_split)
-from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, inputs_record, read_selection,
-                                           selection_state, write_fusion, write_selection)
+from tpad_jax.downstream.selection import (SELECTION_METRIC, VALID_SPLIT, fusion_record, inputs_record,
+                                           read_selection, selection_state, write_fusion, write_selection)
 from tpad_jax.downstream.serving import load_selected
 from tpad_jax.downstream.settings import encoder_config, model_factory, row_config
 from tpad_jax.downstream.tables import (PrefixTable, SessionTable, counted_vectors, prefix_width,
@@ -137,7 +137,7 @@ def evaluate_neural(name: str, config, workdir: str, data) -> np.ndarray:
 
 
 def chosen_knn(name: str, model, config, workdir: str, data):
-    """(unit export rows, weight) of the trained content row `name` under `msbr.knn_fusion`, the weight of
+    """(unit kNN export rows, weight) of the trained content row `name` under `msbr.knn_fusion`, the weight of
     best validation `msbr.knn_fusion_metric` (MRR@20 unless set); None when fusion is off or the row reads
     IDs only.
 
@@ -145,7 +145,7 @@ def chosen_knn(name: str, model, config, workdir: str, data):
     The choice is written to DIR/msbr/<name>/knn_fusion.json, where serving reads it.
     """
     weights = fusion_weights(config)
-    variant = rows.export_of(name)
+    variant = rows.knn_export_of(name)  # the row's own export unless it names another (`rows.Row.knn`)
     if not weights or variant is None:
         return None
     metric = fusion_metric(config)
@@ -154,7 +154,7 @@ def chosen_knn(name: str, model, config, workdir: str, data):
     valid_of = {weight: metrics_lib.metrics_from_ranks(ranks, (metric[1],))[metric]
                 for weight, ranks in fused_ranks(model, config, prefixes, targets, unit, weights).items()}
     chosen = choose_weight(valid_of)
-    write_fusion(layout.row_dir(workdir, name), valid_of, chosen, inputs_record(name, config, workdir, data),
+    write_fusion(layout.row_dir(workdir, name), valid_of, chosen, fusion_record(name, config, workdir, data),
                  metric_label(metric))
     print(f"{name}: kNN fusion weight {chosen:g} chosen on validation {metric_label(metric)} ("
           + ", ".join(f"{weight:g}: {value:.2f}" for weight, value in valid_of.items()) + ")", flush=True)
