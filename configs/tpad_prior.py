@@ -42,6 +42,9 @@ def get_config(arg=None):
     # and "Choosing the fusion weight on HR@20"). --config.msbr.knn_fusion= (empty) ranks every row alone.
     c.msbr.knn_fusion = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     c.msbr.knn_fusion_metric = "HR@20"
+    # transformer+minilm+tpad-knn: the classic recipe's row ranked with TPAD's e_K as its kNN term, the use
+    # of e_K that beat the classic recipe on three seed triples (benchmarks/RESULTS.md, "Choosing the
+    # fusion weight on HR@20"); about 2.5 min a Beauty seed (it trains its own copy of the MiniLM row).
     c.eval.models = ("pop", "markov", "sknn", "transformer", "transformer+minilm", "transformer+stage1",
-                     "tpad", "minilm-knn", "tpad-knn")
+                     "tpad", "minilm-knn", "tpad-knn", "transformer+minilm+tpad-knn")
     return c

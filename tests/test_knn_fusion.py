@@ -184,7 +184,7 @@ KNN_ROW = "transformer+minilm+tpad-knn"  # MiniLM features, TPAD's e_K as the kN
 
 @pytest.fixture(scope="module")
 def other_knn_run(tiny_run, tmp_path_factory):
-    """A copy of the tiny run with KNN_ROW trained and evaluated under fusion (weights 0, 2.5, 50)."""
+    """A copy of the tiny run with KNN_ROW evaluated under fusion (weights 0, 2.5, 50)."""
     config, shared = tiny_run
     workdir = str(tmp_path_factory.mktemp("other_knn") / "run")
     shutil.copytree(shared, workdir, symlinks=True)  # the shared run is read by other test processes
@@ -203,6 +203,11 @@ def test_a_row_fused_with_another_exports_knn_chooses_and_serves_with_that_expor
     prefixes, targets = data.examples("valid")
     valid = {w: metrics.metrics_from_ranks(dense_fused_ranks(model, config, prefixes, targets, tpad_unit, w),
                                            (20,))[("MRR", 20)] for w in (0.0, 2.5, 50.0)}
+    # It ranks transformer+minilm's trained model, which it does not train again.
+    assert not os.path.exists(layout.best_params_file(workdir, KNN_ROW))
+    np.testing.assert_array_equal(
+        np.asarray(model.item_table()),
+        np.asarray(serving.load_selected("transformer+minilm", config, workdir, data).item_table()))
     stored = selection.read_fusion(layout.row_dir(workdir, KNN_ROW))
     np.testing.assert_allclose(stored["valid"], [valid[w] for w in (0.0, 2.5, 50.0)])
     assert stored["inputs"]["knn_export"] == provenance.export_id(layout.export_dir(workdir, "tpad"),

@@ -103,7 +103,7 @@ ROWS = (
     # The classic recipe's trained row with TPAD's e_K as its kNN term: under `msbr.knn_fusion` it ranks
     # by score(v) + w x cos(e_K[last click], e_K[v]) instead of MiniLM's cosine. On Beauty it beat the
     # classic recipe on HR@20 and cold HR@20 on three seed triples (benchmarks/RESULTS.md, "Choosing the
-    # fusion weight on HR@20"). It trains its own copy of transformer+minilm (the same inputs).
+    # fusion weight on HR@20"). It ranks transformer+minilm's trained model (`trained_row`).
     Row("transformer+minilm+tpad-knn", NEURAL, "transformer", MINILM, default=False, knn=MAIN_VARIANT),
     Row("transformer+attributes", NEURAL, "transformer", ATTRIBUTES, default=False),
 )
@@ -163,6 +163,17 @@ def knn_export_of(name: str) -> str | None:
     export (None: an ID-only row, a baseline or an unknown name)."""
     row = next((row for row in ROWS if row.name == name), None)
     return None if row is None or row.export is None else (row.knn or row.export)
+
+
+def trained_row(name: str) -> str:
+    """The row whose trained model row `name` ranks: for a row fused with another export's kNN, the row of
+    the same encoder and features without it (one trained model, two rankings: the two rows then differ
+    in the kNN term alone, not in training noise); otherwise `name` itself."""
+    row = neural_row(name)
+    if row.knn is None:
+        return name
+    return next(other.name for other in neural()
+                if (other.encoder, other.export, other.knn) == (row.encoder, row.export, None))
 
 
 def export_variant(name: str) -> ExportVariant:

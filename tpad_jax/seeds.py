@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from tpad_jax import layout
+from tpad_jax import layout, rows
 from tpad_jax.downstream import selection as selection_lib
 from tpad_jax.downstream import training
 from tpad_jax.eval import metrics
@@ -41,7 +41,7 @@ def seed_workdir(workdir: str, seed: int) -> str:
 def seed_values(name: str, config, workdir: str, data) -> dict:
     """{(split, slice, metric): value} of row `name` trained (or restored) in `workdir` under `config`."""
     ranks = training.evaluate_neural(name, config, workdir, data)  # trains when not yet finished
-    selection = selection_lib.read_selection(layout.row_dir(workdir, name))
+    selection = selection_lib.read_selection(layout.row_dir(workdir, rows.trained_row(name)))
     _, targets = data.examples(training.TEST_SPLIT)
     cold = np.asarray(data.cold_mask(targets), bool)
     values = {("valid", "all", "MRR"): float(selection["best_metric"])}

@@ -14,8 +14,9 @@ _UNREAD = object()  # load_selected's default: read the content features
 
 
 def check_trained(workdir: str, name: str) -> None:
-    """Raises UserError unless DIR/msbr/<name>/ holds a finished selection (interrupted: not servable)."""
-    rows.neural_row(name)
+    """Raises UserError unless DIR/msbr/<name>/ holds a finished selection (interrupted: not servable); for
+    a row that ranks another row's model (`rows.trained_row`), that row's directory."""
+    name = rows.trained_row(name)
     directory = layout.row_dir(workdir, name)
     selection = read_selection(directory)
     if selection is None:
@@ -35,6 +36,7 @@ def load_selected(name: str, config, workdir: str, data, features=_UNREAD):
       UserError when the row was trained on other inputs than `config`, `data` and its export now
       give (it would score with other settings than it learned, or not load at all).
     """
+    name = rows.trained_row(name)  # a row fused with another export's kNN ranks this row's model
     directory = layout.row_dir(workdir, name)
     record = inputs_record(name, config, workdir, data)
     stored = (read_selection(directory) or {}).get("inputs")

@@ -6,6 +6,8 @@ improvement. A finished selection of the same inputs is never trained again, one
 moved aside and trained anew.
 """
 
+import os
+
 import ml_collections
 import numpy as np
 import tqdm
@@ -39,8 +41,11 @@ def train_msbr(name: str, config, workdir: str, data):
     """Trains `name` with validation model selection (resuming if interrupted); returns the selected model.
 
     A finished selection in DIR/msbr/<name>/selection.json of the same inputs is loaded, not retrained;
-    work of other inputs is moved aside first (`provenance.claim`).
+    work of other inputs is moved aside first (`provenance.claim`). A row that ranks another row's model
+    (`rows.trained_row`) trains that row.
     """
+    if rows.trained_row(name) != name:
+        return train_msbr(rows.trained_row(name), config, workdir, data)
     variant = rows.neural_row(name).export
     config = row_config(name, config)
     directory = layout.row_dir(workdir, name)
@@ -154,6 +159,7 @@ def chosen_knn(name: str, model, config, workdir: str, data):
     valid_of = {weight: metrics_lib.metrics_from_ranks(ranks, (metric[1],))[metric]
                 for weight, ranks in fused_ranks(model, config, prefixes, targets, unit, weights).items()}
     chosen = choose_weight(valid_of)
+    os.makedirs(layout.row_dir(workdir, name), exist_ok=True)  # a row that ranks another row's model
     write_fusion(layout.row_dir(workdir, name), valid_of, chosen, fusion_record(name, config, workdir, data),
                  metric_label(metric))
     print(f"{name}: kNN fusion weight {chosen:g} chosen on validation {metric_label(metric)} ("
