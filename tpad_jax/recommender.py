@@ -11,8 +11,8 @@ under `msbr.last_item_similarity`): the logit of v in the full softmax over all 
 trained to predict the next click with. `score` is that logit; only its order within one session means
 something. `probability` is the softmax itself, over every item the recommender holds (new ones
 included, the session's own items not removed), so it compares across sessions. Under
-`msbr.knn_fusion` the score also gains w x cos(e[last click], e[v]) over the row's export, with the
-weight w that evaluation chose on validation (DIR/msbr/<row>/knn_fusion.json): the ranking the row was
+`msbr.knn_fusion` the score also gains w x cos(e[last click], e[v]) over the row's export (or the one
+its `rows.Row.knn` names), with the weight w that evaluation chose on validation (DIR/msbr/<row>/knn_fusion.json): the ranking the row was
 measured with; `probability` is then the softmax of those scores.
 
 Shapes. Sessions are scored `batch_size` at a time as right-padded prefixes of `tables.prefix_width`
@@ -25,7 +25,7 @@ the content part alone, W c_v: c_v is its e_K from the K that wrote the model's 
 (its mean and whitening are kept, not refitted with the new rows: refitting would move every catalogue
 item's input away from what W was trained on). The model's item tables grow by rows whose ID embedding
 is zero, so new items can also be clicks of a session. Under `msbr.knn_fusion` their unit e_K joins
-the kNN term as well.
+the kNN term as well (a row whose kNN reads another export than its features refuses new items).
 """
 
 import functools
