@@ -8,10 +8,9 @@ data.raw_dir=../shared/data/amazon2014_beauty --set seed=1`). For each trained c
 validation and test prefix is scored as the row scores it plus w * cos(e[last click], e[v]) for the items
 v with fewer than `data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each
 weight w. This is score fusion that leans on the export exactly where IDs are weak. `--items all` fuses
-the cosine into every item's score instead: the row plus its own export's item-kNN. Printed per row and weight: validation
-and test HR@20, MRR@20 and cold-target HR@20, and the weight the config's `msbr.knn_fusion_metric` (HR@20 or
-MRR@20) would choose on validation; appended
-to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
+the cosine into every item's score instead: the row plus its own export's item-kNN. Printed per row and
+weight: validation and test HR@20, MRR@20 and cold-target HR@20, and the weight the config's
+`msbr.knn_fusion_metric` (HR@20 or MRR@20) would choose on validation; appended to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
 export of TPAD buys more of it than the others' at the same weight. `--knn_export VARIANT` fuses every
 row with that one export's cosine instead of its own (e.g. the stage-1 row with TPAD's e_K): whether a
 gain lies in the export's similarity or in the row trained over it. Such a row is named

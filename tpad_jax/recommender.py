@@ -12,8 +12,9 @@ trained to predict the next click with. `score` is that logit; only its order wi
 something. `probability` is the softmax itself, over every item the recommender holds (new ones
 included, the session's own items not removed), so it compares across sessions. Under
 `msbr.knn_fusion` the score also gains w x cos(e[last click], e[v]) over the row's export (or the one
-its `rows.Row.knn` names), with the weight w that evaluation chose on validation (DIR/msbr/<row>/knn_fusion.json): the ranking the row was
-measured with; `probability` is then the softmax of those scores.
+its `rows.Row.knn` names), with the weight w that evaluation chose on validation
+(DIR/msbr/<row>/knn_fusion.json): the ranking the row was measured with; `probability` is then the
+softmax of those scores.
 
 Shapes. Sessions are scored `batch_size` at a time as right-padded prefixes of `tables.prefix_width`
 clicks (the last ones of a longer session), so one compiled function answers any number of sessions

@@ -7,7 +7,8 @@ from tpad_jax.cli import UserError
 from tpad_jax.downstream.features import load_features
 from tpad_jax.downstream.params import load_params
 from tpad_jax.downstream.scoring import fusion_metric, fusion_weights, metric_label
-from tpad_jax.downstream.selection import fusion_metric_of, fusion_record, inputs_record, read_fusion, read_selection
+from tpad_jax.downstream.selection import (fusion_metric_of, fusion_record, inputs_record, read_fusion,
+                                           read_selection)
 from tpad_jax.downstream.settings import model_factory
 
 _UNREAD = object()  # load_selected's default: read the content features
@@ -57,7 +58,8 @@ def fusion_weight(name: str, config, workdir: str, data) -> float | None:
 
     Raises:
       UserError when the row was not ranked with fusion, was ranked with other weights than `config`
-      offers or chosen by another validation metric, or the weight was chosen for a model trained on other inputs.
+      offers or chosen by another validation metric, or the weight was chosen for a model trained on
+      other inputs.
     """
     weights = fusion_weights(config)
     if not weights or rows.knn_export_of(name) is None:
