@@ -13,6 +13,7 @@ import os
 from tpad_jax import layout, provenance, rows
 from tpad_jax import workdir as workdir_lib
 from tpad_jax.downstream.features import complete_export_dir
+from tpad_jax.downstream.scoring import metric_label
 from tpad_jax.downstream.settings import row_config
 
 SELECTION_METRIC = ("MRR", 20)  # validation metric that picks the epoch (and the default model)
@@ -56,9 +57,8 @@ def fusion_record(name: str, config, workdir: str, data) -> dict:
 
 def write_selection(directory: str, history: dict, state: dict, record: dict, finished: bool) -> None:
     """Writes the selection.json of `directory` (atomically): `history` {epoch: metric} and its `state`."""
-    metric = f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}"
     _write_json(os.path.join(directory, layout.SELECTION_FILE), {
-        "metric": metric, "split": VALID_SPLIT, "best_epoch": state["best_epoch"],
+        "metric": metric_label(SELECTION_METRIC), "split": VALID_SPLIT, "best_epoch": state["best_epoch"],
         "best_metric": state["best_metric"], "history": {str(e): v for e, v in sorted(history.items())},
         "finished": finished, "inputs": record})
 
@@ -79,8 +79,8 @@ def read_fusion(directory: str) -> dict | None:
 
 def fusion_metric_of(fusion: dict) -> str:
     """The validation metric a knn_fusion.json chose by (files written before the choice was a setting
-    chose by MRR@20)."""
-    return fusion.get("metric", "MRR@20")
+    chose by the epoch's metric, MRR@20)."""
+    return fusion.get("metric", metric_label(SELECTION_METRIC))
 
 
 def chosen_fusion(workdir: str, names, weights, metric: str) -> dict:

@@ -88,7 +88,7 @@ def train_msbr(name: str, config, workdir: str, data):
     # ------------------------------------------------------------------------------ validation
     valid_prefixes, valid_targets = data.examples(VALID_SPLIT)
     history = {} if selection is None else {int(e): v for e, v in selection["history"].items()}
-    metric_name = f"{SELECTION_METRIC[0]}@{SELECTION_METRIC[1]}"
+    metric_name = metric_label(SELECTION_METRIC)
 
     def validate(model, step):
         epoch = step // steps_per_epoch
