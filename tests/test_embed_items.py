@@ -192,10 +192,8 @@ def test_bad_records_fail_with_file_line_and_field(tiny_run, tmp_path):
         f"embed_items.py: error: {tmp_path / '0' / 'items.jsonl'}:2: field 'title': missing"]
 
 
-@pytest.mark.parametrize("variant, made_by", [("minilm", "all-MiniLM-L6-v2"), ("attributes", "true attributes")])
-def test_exports_not_made_by_a_tower_cannot_embed_new_items(tmp_path, variant, made_by):
-    """Only the Knowledge-MLLM embeds new items: the MiniLM and true-attribute exports say so in one line."""
-    export.write_export(str(tmp_path / f"export_{variant}"), np.eye(3, dtype=np.float32), ["a", "b", "c"],
-                        {"variant": variant})
-    with pytest.raises(UserError, match=f"exported by .*{made_by}, not by a TPAD tower"):
-        new_items.KnowledgeEmbedder(None, str(tmp_path), None, variant)
+def test_the_true_attribute_export_cannot_embed_new_items(tmp_path):
+    """A new item has no true attributes: the synthetic catalogue's attribute export says so in one line."""
+    with pytest.raises(UserError, match=r"export_attributes: exported from the synthetic catalogue's true "
+                                        r"attributes, which an item outside the catalogue does not have"):
+        new_items.embedder(None, str(tmp_path), None, "attributes")

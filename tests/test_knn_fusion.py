@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import tpad_base
 from tpad_jax import export, layout, new_items, provenance, runner
@@ -222,6 +223,33 @@ def test_a_row_fused_with_another_exports_knn_chooses_and_serves_with_that_expor
     for result, scores in zip(recommender.recommend(sessions, k=10, exclude_seen=False), expected):
         got = [data.item_ids.index(r["item_id"]) for r in result["recommendations"]]
         assert got == np.argsort(-scores, kind="stable")[:10].tolist()
-    with pytest.raises(UserError, match=rf"^{re.escape(KNN_ROW)}: its kNN term reads the tpad export, not its "
-                                        r"features' minilm; adding items to such a row is not supported"):
-        recommender.add_items(os.path.join(workdir, "nowhere.jsonl"))
+
+
+def test_a_new_item_of_a_row_fused_with_another_export_is_embedded_for_both(other_knn_run, tmp_path):
+    """A new item of KNN_ROW gets MiniLM features and TPAD's e_K for the kNN term: a twin of catalogue
+    item 0 (same title, category and image) scores as item 0 does without its ID part."""
+    config, workdir, data, model, tpad_unit = other_knn_run
+    stored = selection.read_fusion(layout.row_dir(workdir, KNN_ROW))
+    selection.write_fusion(layout.row_dir(workdir, KNN_ROW), dict(zip((0.0, 2.5, 50.0), stored["valid"])), 2.5,
+                           stored["inputs"], "MRR@20")  # a weight whose term is not zero
+    os.makedirs(tmp_path / "images")
+    shutil.copy(data.image_paths[0], tmp_path / "images")
+    source = tmp_path / "items.jsonl"
+    source.write_text(json.dumps({"item_id": "new-twin", "title": data.titles[0], "category": data.categories[0],
+                                  "image": f"images/{os.path.basename(data.image_paths[0])}"}) + "\n",
+                      encoding="utf-8")
+    recommender = recommender_lib.Recommender.from_workdir(workdir, KNN_ROW, config=config, batch_size=8)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path))}: a directory of new items holds one "
+                                        r"export's embeddings, but .* reads two "
+                                        r"\(features minilm, kNN term tpad\)"):
+        recommender.add_items(str(tmp_path))
+    assert recommender.add_items(str(source)) == ["new-twin"]
+    ranked = recommender.recommend([[data.item_ids[3]]], k=recommender.num_items, exclude_seen=False)[0]
+    scores = {r["item_id"]: r["score"] for r in ranked["recommendations"]}
+    view = nnx.view(recommender._model, deterministic=True)  # noqa: SLF001  (its session vector, ID table)
+    items, mask = tables.pad_prefixes([np.array([3], np.int32)], tables.prefix_width(config))
+    id_part = float(np.asarray(view(items, mask))[0] @ np.asarray(view.id_embedding.embedding[...])[0])
+    assert scores["new-twin"] == pytest.approx(scores[data.item_ids[0]] - id_part, abs=1e-4)
+    # The kNN term read the twin's e_K: under MiniLM's cosine the twin would score otherwise.
+    minilm = features_lib.normalise_content(features_lib.load_features(workdir, "minilm", data), "l2")
+    assert abs(2.5 * (minilm[3] @ minilm[0] - tpad_unit[3] @ tpad_unit[0])) > 1e-3

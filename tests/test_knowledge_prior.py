@@ -74,10 +74,11 @@ def test_an_unknown_prior_is_named_in_one_line():
 
 @pytest.fixture(scope="module")
 def prior_run(tmp_path_factory):
-    """(config, workdir) of a tiny run with the MiniLM prior: stages 1-2 and the tpad export."""
+    """(config, workdir) of a tiny run with the MiniLM prior: stage 1 and its export (stage 2's K carries
+    the prior the same way, and costs the suite another training)."""
     config = tpad_base.get_config("tiny")
     config.model.knowledge_prior = "minilm"
-    config.eval.models = ("tpad",)
+    config.eval.models = ("transformer+stage1",)
     workdir = str(tmp_path_factory.mktemp("prior_run"))
     runner.run(config, workdir, stage="export")
     return config, workdir
@@ -111,7 +112,8 @@ def test_new_items_get_their_prior_from_their_records(prior_run, tmp_path):
         shutil.copy(data.image_paths[row], tmp_path / "images")
     records = [{**record, "image": "images/" + os.path.basename(record["image"])} for record in records]
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    new_items.embed_new_items(config, workdir, str(tmp_path / "items.jsonl"), str(tmp_path / "out"))
-    catalogue, _, _ = export.load_export(layout.export_dir(workdir, "tpad"))
+    new_items.embed_new_items(config, workdir, str(tmp_path / "items.jsonl"), str(tmp_path / "out"),
+                              "transformer+stage1")
+    catalogue, _, _ = export.load_export(layout.export_dir(workdir, "stage1"))
     again, _, _ = export.load_export(str(tmp_path / "out"))
     np.testing.assert_allclose(again, catalogue[rows], atol=1e-5, rtol=1e-5)

@@ -5,12 +5,16 @@ run never saw still gets one: its prompt is tokenised with the run's own tokeniz
 tokenizer.json; a byte-level BPE has every byte, so unknown words split into smaller pieces instead of
 failing), its image is encoded and decoded as the catalogue's were (`tfds_builder.encoded_image`, the
 TFDS image decoder, `pipeline.to_pixels`) and read by the ViT (which no loss trains, so it is the one
-that made the catalogue's image features), and K runs over the prompt as the export does (`export.item_embeddings` over tables holding the new items). An item of the catalogue sent
-through this path gets its exported row back, to float tolerance (tests/test_embed_items.py).
+that made the catalogue's image features), and K runs over the prompt as the export does
+(`export.item_embeddings` over tables holding the new items). An item of the catalogue sent through this
+path gets its exported row back, to float tolerance (tests/test_embed_items.py).
 
 The K that runs is the one that wrote the export a model reads (`rows.ROWS`): for `tpad`,
 DIR/export, written by the stage-2 model of DIR/stage2/. Its checkpoint is restored at the step the
-export records, and the config must be the one that trained it (`provenance.check_export`).
+export records, and the config must be the one that trained it (`provenance.check_export`). The MiniLM
+export (`transformer+minilm`, and the features of `transformer+minilm+tpad-knn`) embeds new items with
+the same frozen sentence encoder that made it (`SentenceEmbedder`); `embedder` picks the one an export
+needs.
 
 The written export (`embed_new_items`) has the three files of any export plus, in export_meta.json,
 `new_items: true`, the catalogue export it extends, its `inputs` record (so a reader can check that the
@@ -63,23 +67,56 @@ def read_items(path: str) -> tuple[list, list]:
     return items, lines
 
 
+def _checked_export(config, workdir: str, data, variant: str) -> tuple[str, dict]:
+    """(directory, meta) of the whole export of `variant`, made from `config` on this data (else UserError)."""
+    directory = layout.export_dir(workdir, variant)
+    if not export.is_complete(directory):
+        raise UserError(f"{directory}/{export.META_FILE}: missing; run the stage that exports these "
+                        "features first")
+    meta = export.load_meta(directory)
+    provenance.check_export(directory, config, data.fingerprint)
+    return directory, meta
+
+
+def embedder(config, workdir: str, data, variant: str):
+    """What embeds new items as the export of `variant` was made: the K that wrote it (`KnowledgeEmbedder`),
+    or the frozen sentence encoder of the MiniLM export (`SentenceEmbedder`).
+
+    Raises:
+      UserError for the synthetic catalogue's true attributes (a new item has none) or an export that is
+      missing or was made from other inputs.
+    """
+    source = rows.export_variant(variant).source
+    if source == rows.ATTRIBUTES:
+        raise UserError(f"{layout.export_dir(workdir, variant)}: exported from the synthetic catalogue's "
+                        "true attributes, which an item outside the catalogue does not have; new items are "
+                        "embedded by the Knowledge-MLLM or MiniLM")
+    return (SentenceEmbedder if source == rows.MINILM else KnowledgeEmbedder)(config, workdir, data, variant)
+
+
+class SentenceEmbedder:
+    """The MiniLM export's encoder: new items get all-MiniLM-L6-v2 of their title and category, as the
+    catalogue's items did (`sentence_features.item_text`). It reads no images, as it read none of the
+    catalogue's."""
+
+    def __init__(self, config, workdir: str, data, variant: str):
+        self.export_dir, self.meta = _checked_export(config, workdir, data, variant)
+
+    def embed(self, items, lines, path: str) -> NewItems:  # noqa: ARG002  (as KnowledgeEmbedder.embed)
+        """The MiniLM embeddings of `read_items(path)`'s `items`."""
+        embeddings = sentence_features.encode(
+            [sentence_features.item_text(item.title or "", item.category) for item in items])
+        return NewItems([item.item_id for item in items], [item.title or "" for item in items], embeddings)
+
+
 class KnowledgeEmbedder:
     """The trained K of one export of a workdir, ready to embed item records."""
 
     def __init__(self, config, workdir: str, data, variant: str):
-        """Restores the model that wrote the export of `variant` (raises UserError when it cannot be had)."""
-        directory = layout.export_dir(workdir, variant)
-        if not export.is_complete(directory):
-            raise UserError(f"{directory}/{export.META_FILE}: missing; run the stage that exports these "
-                            "features first")
-        self.export_dir, self.meta = directory, export.load_meta(directory)
+        """Restores the model that wrote the export of `variant`, a tower's (raises UserError when it
+        cannot be had)."""
+        self.export_dir, self.meta = _checked_export(config, workdir, data, variant)
         variant = self.meta.get("variant")
-        source = rows.export_variant(variant).source
-        if source not in rows.TOWER_SOURCES:  # MiniLM's embeddings, or the synthetic true attributes
-            made_by = rows.MINILM_ENCODER if source == rows.MINILM else "the synthetic catalogue's true attributes"
-            raise UserError(f"{directory}: exported by {made_by}, not by a TPAD tower; new items "
-                            "are embedded by the Knowledge-MLLM only")
-        provenance.check_export(directory, config, data.fingerprint)
         tokenizer_path = layout.tokenizer_file(workdir)
         if not os.path.exists(tokenizer_path):
             raise UserError(f"{tokenizer_path}: missing; the run's tokenizer is written by launch/train.py")
@@ -90,7 +127,7 @@ class KnowledgeEmbedder:
         if tpad_cfg.item_visual_tokens and config.model.full_finetune and config.train.weight_decay:
             # The catalogue's image features are a table the ViT computed once, before training; the ViT
             # gets no gradient, so only weight decay on a full fine-tune moves it away from that table.
-            raise UserError(f"{directory}: trained with model.full_finetune and train.weight_decay="
+            raise UserError(f"{self.export_dir}: trained with model.full_finetune and train.weight_decay="
                             f"{config.train.weight_decay}, which changed the ViT after it made the "
                             "catalogue's image features; new items' images cannot be read as those were")
         # The stage specs read only the config, data, tokenizer, mesh and model factory of their inputs.
@@ -180,11 +217,12 @@ def check_out_dir(workdir: str, out_dir: str) -> None:
                         "outside DIR/export*")
 
 
-def write_new_items(out_dir: str, new: NewItems, embedder: KnowledgeEmbedder, items_path: str) -> None:
-    """Writes `new` as an export (item_embeddings.npy, item_ids.json, export_meta.json) to `out_dir`."""
-    source = embedder.meta
+def write_new_items(out_dir: str, new: NewItems, made_by, items_path: str) -> None:
+    """Writes `new`, embedded by `made_by` (`embedder`), as an export (item_embeddings.npy, item_ids.json,
+    export_meta.json) to `out_dir`."""
+    source = made_by.meta
     meta = {"variant": source.get("variant"), "new_items": True, "items_file": os.path.abspath(items_path),
-            "catalogue_export": os.path.abspath(embedder.export_dir),
+            "catalogue_export": os.path.abspath(made_by.export_dir),
             "checkpoint_step": source.get("checkpoint_step"),
             "dataset_fingerprint": source.get("dataset_fingerprint"), "inputs": source.get("inputs"),
             "titles": new.titles}
@@ -222,7 +260,7 @@ def embed_new_items(config, workdir: str, items_path: str, out_dir: str, model: 
     """
     check_out_dir(workdir, out_dir)
     items, lines = read_items(items_path)  # a bad record fails before the model is restored
-    embedder = KnowledgeEmbedder(config, workdir, readonly.load(config, workdir), content_export(model))
-    new = embedder.embed(items, lines, items_path)
-    write_new_items(out_dir, new, embedder, items_path)
+    made_by = embedder(config, workdir, readonly.load(config, workdir), content_export(model))
+    new = made_by.embed(items, lines, items_path)
+    write_new_items(out_dir, new, made_by, items_path)
     return new

@@ -21,12 +21,14 @@ clicks (the last ones of a longer session), so one compiled function answers any
 of any length. `add_items` changes the number of items, so it compiles once more.
 
 New items. An item outside the training catalogue has no trained ID embedding, so its item vector is
-the content part alone, W c_v: c_v is its e_K from the K that wrote the model's export
-(`new_items.py`), normalised by the transform `msbr.content_norm` fitted on the catalogue's export
-(its mean and whitening are kept, not refitted with the new rows: refitting would move every catalogue
-item's input away from what W was trained on). The model's item tables grow by rows whose ID embedding
-is zero, so new items can also be clicks of a session. Under `msbr.knn_fusion` their unit e_K joins
-the kNN term as well (a row whose kNN reads another export than its features refuses new items).
+the content part alone, W c_v: c_v is its e_K from the K that wrote the model's export, or its MiniLM
+embedding for the MiniLM export (`new_items.py`), normalised by the transform `msbr.content_norm`
+fitted on the catalogue's export (its mean and whitening are kept, not refitted with the new rows:
+refitting would move every catalogue item's input away from what W was trained on). The model's item tables grow by rows whose ID embedding
+is zero, so new items can also be clicks of a session. Under `msbr.knn_fusion` their unit embedding
+joins the kNN term as well: of the export the kNN term reads, so a row whose kNN reads another export
+than its features (`transformer+minilm+tpad-knn`: MiniLM features, TPAD's e_K) embeds each new item
+twice.
 """
 
 import functools
@@ -122,7 +124,7 @@ class Recommender:
         self.item_ids, self.titles = list(data.item_ids), list(data.titles)
         self._row = {item_id: row for row, item_id in enumerate(self.item_ids)}
         self._workdir, self._data, self._model, self._features = workdir, data, model, features
-        self._embedder = self._content_norm = None
+        self._embedders, self._content_norm = {}, None  # export variant -> new_items.embedder
         self._knn_weight = knn_weight
         # On the device once: every scoring call reads the whole [N, d] table, which would otherwise be
         # copied from the host per call.
@@ -213,19 +215,21 @@ class Recommender:
         """Makes items outside the catalogue recommendable, scored by their content; returns their ids.
 
         Args:
-          source: a canonical items.jsonl (embedded now by the K of the model's export, restored on the
-            first call), or a directory that launch/embed_items.py wrote (checked to come from that K).
+          source: a canonical items.jsonl (embedded now as the model's export was made: by its K, restored
+            on the first call, or by MiniLM), or a directory that launch/embed_items.py wrote (checked to
+            come from that K). A row whose kNN term reads another export than its features
+            (`rows.Row.knn`) needs both embeddings of a new item, so it takes an items.jsonl only.
         Raises:
           UserError for an ID-only model, a bad record (`file:line: field`), an id the recommender
-          already has, new items embedded by another K, or a row whose kNN term reads another export
-          than its features (a new item would need both embeddings; not supported yet).
+          already has, new items embedded by another K, or a directory for a row that needs two exports.
         """
-        if self._knn_other:
-            raise UserError(f"{self.name}: its kNN term reads the {rows.knn_export_of(self.name)} export, not "
-                            f"its features' {rows.neural_row(self.name).export}; adding items to such a row is "
-                            "not supported (serve it with --config.msbr.knn_fusion= to rank it alone)")
         variant = new_items.content_export(self.name)
+        knn_variant = rows.knn_export_of(self.name) if self._knn_other else None
         if os.path.isdir(source):
+            if knn_variant is not None:
+                raise UserError(f"{source}: a directory of new items holds one export's embeddings, but "
+                                f"{self.name} reads two (features {variant}, kNN term {knn_variant}); pass "
+                                "the items.jsonl, which is embedded for both")
             added, meta = new_items.load_new_items(source)
             expected = export.load_meta(layout.export_dir(self._workdir, variant)).get("inputs")
             if provenance.identity(meta.get("inputs")) != provenance.identity(expected):
@@ -235,16 +239,17 @@ class Recommender:
             for item_id in added.item_ids:
                 if item_id in self._row:
                     raise UserError(f"{source}/item_ids.json: item {item_id!r} is already one of the items")
+            knn_embeddings = None
         else:
             items, lines = new_items.read_items(source)
             for item, line in zip(items, lines):
                 if item.item_id in self._row:
                     raise raw.RawFormatError(source, line, "item_id", f"{item.item_id!r} is already one of "
                                              "the items")
-            if self._embedder is None:
-                self._embedder = new_items.KnowledgeEmbedder(self.config, self._workdir, self._data, variant)
-            added = self._embedder.embed(items, lines, source)
-        self._grow(added.embeddings)
+            added = self._embed(variant, items, lines, source)
+            knn_embeddings = None if knn_variant is None else self._embed(knn_variant, items, lines,
+                                                                          source).embeddings
+        self._grow(added.embeddings, knn_embeddings)
         self.item_ids += added.item_ids
         self.titles += added.titles
         self._row.update({item_id: row for row, item_id in enumerate(self.item_ids)})
@@ -253,8 +258,15 @@ class Recommender:
 
     # ------------------------------------------------------------------------------- internals
 
-    def _grow(self, embeddings: np.ndarray) -> None:
-        """Appends items with a zero ID embedding and the catalogue-fitted normalisation of `embeddings`."""
+    def _embed(self, variant: str, items, lines, source: str) -> new_items.NewItems:
+        """`items` embedded as the export of `variant` was (its embedder made on first use, then kept)."""
+        if variant not in self._embedders:
+            self._embedders[variant] = new_items.embedder(self.config, self._workdir, self._data, variant)
+        return self._embedders[variant].embed(items, lines, source)
+
+    def _grow(self, embeddings: np.ndarray, knn_embeddings: np.ndarray | None = None) -> None:
+        """Appends items with a zero ID embedding and the catalogue-fitted normalisation of `embeddings`
+        (`knn_embeddings`: their rows of the export the kNN term reads, when that is another)."""
         model = self._model
         if self._content_norm is None:  # fitted on the catalogue export once, whatever is added later
             norm = self.config.msbr.content_norm
@@ -271,6 +283,8 @@ class Recommender:
         if model.similarity is not None:
             _append(model.similarity, unit)
         if self._knn_unit is not None:
+            if knn_embeddings is not None:
+                unit = features_lib.normalise_content(knn_embeddings, "l2")
             self._knn_unit = jnp.concatenate([self._knn_unit, jnp.asarray(unit, self._knn_unit.dtype)])
 
     def _new_item_bias(self) -> float:
