@@ -1,4 +1,4 @@
-"""Embeds items outside a run's catalogue with its trained Knowledge-MLLM and writes them as an export.
+"""Embeds items outside a run's catalogue as a model's export was made and writes them as an export.
 
 Usage:
   python launch/embed_items.py --workdir runs/base --items new/items.jsonl --out new/export \
@@ -7,7 +7,8 @@ Usage:
 `--items` is a canonical items.jsonl (`{"item_id", "title", "category" (optional), "image" (optional,
 relative to the file's directory and inside it)}`); a bad record stops with `file:line: field '...'`.
 The K that runs is the one that wrote the export `--model` reads (DIR/export for `tpad`), restored
-from its checkpoint; the run's own tokenizer splits words it never saw into known pieces.
+from its checkpoint; the run's own tokenizer splits words it never saw into known pieces. A model that
+reads the MiniLM export (`transformer+minilm`) embeds with MiniLM, from title and category.
 `--out` gets item_embeddings.npy, item_ids.json and export_meta.json (`tpad_jax/new_items.py`); it is
 never the run's own export. Serve the items next to the catalogue with
 `launch/recommend.py --new_items OUT` (or `Recommender.add_items(OUT)`). Without `--config` the run's
@@ -35,6 +36,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("items", None, "Canonical items.jsonl of the items to embed.")
     flags.DEFINE_string("out", None, "Directory to write the new items' export to (outside DIR/export*).")
     flags.DEFINE_string("model", recommender_lib.DEFAULT_MODEL,
-                        f"The neural model whose export's K embeds ({', '.join(rows.names(rows.neural()))}).")
+                        f"The neural model whose export's encoder embeds ({', '.join(rows.names(rows.neural()))}).")
     flags.mark_flags_as_required(["workdir", "items", "out"])
     cli.run(main)

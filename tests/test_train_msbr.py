@@ -42,8 +42,10 @@ class RecordingData:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny preset's data with a `transformer` trained on it (recording what training read)."""
+    """The tiny preset's data with a `transformer` trained on it (recording what training read), in the
+    base preset's length buckets (the tiny preset has one batch width)."""
     config = tpad_base.get_config("tiny")
+    config.msbr.length_buckets = tpad_base.get_config().msbr.length_buckets
     workdir = str(tmp_path_factory.mktemp("msbr"))
     data = prepared.load_or_prepare(config, workdir)
     recording = RecordingData(data)
@@ -266,7 +268,6 @@ def test_a_row_interrupted_between_checkpoints_redoes_its_epochs_and_ends_the_sa
     _, _, data, _, _ = tiny
     config = tpad_base.get_config("tiny")
     config.msbr.max_epochs, config.msbr.patience, config.msbr.checkpoint_every_epochs = 3, 3, 2
-    config.msbr.length_buckets = ()  # one batch width: one compiled step per run, for the suite's time
     table = tables.SessionTable.every_session(data.train, tables.prefix_width(config))
     steps_per_epoch = tables.training_batches(config, table, 1, config.msbr.sessions_per_batch)[1]
     whole_dir, interrupted_dir = str(tmp_path / "whole"), str(tmp_path / "interrupted")
