@@ -22,7 +22,7 @@ from tpad_jax import rows
 # Settings a neural row may set for itself in `msbr.per_model.<row>` (None: the row takes `msbr.<key>`).
 ROW_SETTING_TYPES = {"learning_rate": float, "hidden_dim": int, "dropout": float, "max_epochs": int,
                      "patience": int, "lr_decay": str, "attention_dropout": float, "transformer_norm": str,
-                     "transformer_init_std": float}
+                     "transformer_init_std": float, "content_norm": str}
 # Per-row settings of the base preset, chosen on validation MRR@20 by a coordinate search on the default
 # run's data and exports (seed 0; test never read):
 #   python benchmarks/tune.py --config configs/tpad_base.py --workdir RUN --out OUT

@@ -410,6 +410,25 @@ def test_row_config_overrides_only_its_row():
     assert config.msbr.learning_rate == 3e-3 and config.msbr.per_model.gru4rec.learning_rate == 0.01
 
 
+def test_a_row_reads_its_features_under_its_own_content_norm():
+    """`msbr.per_model.<row>.content_norm`: unit rows for that row, the preset's whitening (centred and
+    decorrelated over the catalogue) for the others."""
+    config = tpad_base.get_config("tiny")
+    config.msbr.per_model.tpad.content_norm = "l2"
+    # Scales far above whitening's damping floor (1e-3 of the largest variance).
+    features = np.random.default_rng(0).normal(size=(40, 6)) * np.array([3.0, 2.5, 2.0, 1.5, 1.2, 1.0]) + 1.0
+    tpad = settings_lib.model_factory("tpad", config, 40, features)()
+    np.testing.assert_allclose(np.asarray(tpad.content[...]),
+                               features / np.linalg.norm(features, axis=1, keepdims=True), rtol=1e-5)
+    stage1 = np.asarray(settings_lib.model_factory("transformer+stage1", config, 40, features)().content[...],
+                        np.float64)
+    np.testing.assert_allclose(stage1.mean(axis=0), 0.0, atol=1e-5)
+    covariance = stage1.T @ stage1 / len(stage1)
+    np.testing.assert_allclose(covariance - np.diag(np.diag(covariance)), 0.0, atol=1e-5)  # decorrelated
+    # Equal variances, but for the damping of the smaller directions (at most 2 % here).
+    np.testing.assert_allclose(np.diag(covariance), np.diag(covariance).max(), rtol=0.02)
+
+
 def test_a_row_setting_changes_that_rows_record_only():
     data = types.SimpleNamespace(fingerprint="f" * 64)  # ID-only rows read no export
     config = tpad_base.get_config("tiny")

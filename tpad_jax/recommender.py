@@ -46,6 +46,7 @@ from tpad_jax.cli import UserError
 from tpad_jax.data import raw, readonly
 from tpad_jax.downstream import features as features_lib
 from tpad_jax.downstream import serving, tables
+from tpad_jax.downstream import settings as settings_lib
 
 DEFAULT_MODEL = "tpad"  # the method, never whichever row won validation: the others are comparison rows
 DEFAULT_BATCH_SIZE = 64
@@ -269,7 +270,8 @@ class Recommender:
         (`knn_embeddings`: their rows of the export the kNN term reads, when that is another)."""
         model = self._model
         if self._content_norm is None:  # fitted on the catalogue export once, whatever is added later
-            norm = self.config.msbr.content_norm
+            # The row's own setting (`msbr.per_model`), of the row whose trained model this one ranks.
+            norm = settings_lib.row_config(rows.trained_row(self.name), self.config).msbr.content_norm
             self._content_norm = features_lib.content_transform(self._features, norm)
         if model.id_embedding is not None:
             ids = model.id_embedding.embedding

@@ -12,7 +12,7 @@ from tpad_jax.train import optim
 
 # Settings a row may set for itself in `msbr.per_model.<row>.<key>` (None: the row takes `msbr.<key>`).
 ROW_SETTINGS = ("learning_rate", "hidden_dim", "dropout", "max_epochs", "patience", "lr_decay",
-                "attention_dropout", "transformer_norm", "transformer_init_std")
+                "attention_dropout", "transformer_norm", "transformer_init_std", "content_norm")
 
 
 def row_config(name: str, config):
