@@ -43,9 +43,9 @@ def get_config(arg=None):
     c.msbr.knn_fusion = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
     c.msbr.knn_fusion_metric = "HR@20"
     # transformer+minilm+tpad-knn: the classic recipe's row ranked with TPAD's e_K as its kNN term, the use
-    # of e_K that beat the classic recipe on three seed triples (benchmarks/RESULTS.md, "Choosing the
-    # fusion weight on HR@20"). It ranks transformer+minilm's trained model (nothing more is trained):
-    # about 4 s a Beauty seed.
+    # of e_K that beat the classic recipe on four seed triples, and every non-TPAD row over the six
+    # held-out seeds 6-11 (benchmarks/RESULTS.md, "Held-out seeds 9-11"). It ranks transformer+minilm's
+    # trained model (nothing more is trained): about 4 s a Beauty seed.
     c.eval.models = ("pop", "markov", "sknn", "transformer", "transformer+minilm", "transformer+stage1",
                      "tpad", "minilm-knn", "tpad-knn", "transformer+minilm+tpad-knn")
     return c
