@@ -3,17 +3,18 @@
     python benchmarks/cold_fusion.py --workdir RUN [--config configs/tpad_base.py] [--preset base]
         [--weights 0,0.5,1,2,4,8] [--items cold|all] [--knn_export tpad] [--set KEY=VALUE ...] [--no-record]
 
-RUN is a finished run (read only; `--ranks_out` writes elsewhere); `--set` passes the run's own settings (e.g. `--set
-data.raw_dir=../shared/data/amazon2014_beauty --set seed=1`). For each trained content row, every
+RUN is a finished run (read only; `--ranks_out` writes elsewhere); `--set` passes the run's own settings
+(e.g. `--set data.raw_dir=../shared/data/amazon2014_beauty --set seed=1`). For each trained content row, every
 validation and test prefix is scored as the row scores it plus w * cos(e[last click], e[v]) for the items
 v with fewer than `data.cold_threshold` train clicks (e: the row's export; 0 for warm items), for each
 weight w. This is score fusion that leans on the export exactly where IDs are weak. `--items all` fuses
 the cosine into every item's score instead: the row plus its own export's item-kNN. Printed per row and
 weight: validation and test HR@20, MRR@20 and cold-target HR@20, and the weight the config's
-`msbr.knn_fusion_metric` (HR@20 or MRR@20) would choose on validation; appended to RESULTS.md. It shows how far cold HR@20 moves when bought with overall accuracy, and whether the
-export of TPAD buys more of it than the others' at the same weight. `--knn_export VARIANT` fuses every
-row with that one export's cosine instead of its own (e.g. the stage-1 row with TPAD's e_K): whether a
-gain lies in the export's similarity or in the row trained over it. Such a row is named
+`msbr.knn_fusion_metric` (HR@20 or MRR@20) would choose on validation; appended to RESULTS.md. It
+shows how far cold HR@20 moves when bought with overall accuracy, and whether the export of TPAD buys
+more of it than the others' at the same weight. `--knn_export VARIANT` fuses every row with that one
+export's cosine instead of its own (e.g. the stage-1 row with TPAD's e_K): whether a gain lies in the
+export's similarity or in the row trained over it. Such a row is named
 `<row>@<variant>`, in the table and in `--ranks_out`.
 """
 

@@ -36,6 +36,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("items", None, "Canonical items.jsonl of the items to embed.")
     flags.DEFINE_string("out", None, "Directory to write the new items' export to (outside DIR/export*).")
     flags.DEFINE_string("model", recommender_lib.DEFAULT_MODEL,
-                        f"The neural model whose export's encoder embeds ({', '.join(rows.names(rows.neural()))}).")
+                        "The neural model whose export's encoder embeds "
+                        f"({', '.join(rows.names(rows.neural()))}).")
     flags.mark_flags_as_required(["workdir", "items", "out"])
     cli.run(main)

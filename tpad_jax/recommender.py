@@ -24,11 +24,11 @@ New items. An item outside the training catalogue has no trained ID embedding, s
 the content part alone, W c_v: c_v is its e_K from the K that wrote the model's export, or its MiniLM
 embedding for the MiniLM export (`new_items.py`), normalised by the transform `msbr.content_norm`
 fitted on the catalogue's export (its mean and whitening are kept, not refitted with the new rows:
-refitting would move every catalogue item's input away from what W was trained on). The model's item tables grow by rows whose ID embedding
-is zero, so new items can also be clicks of a session. Under `msbr.knn_fusion` their unit embedding
-joins the kNN term as well: of the export the kNN term reads, so a row whose kNN reads another export
-than its features (`transformer+minilm+tpad-knn`: MiniLM features, TPAD's e_K) embeds each new item
-twice.
+refitting would move every catalogue item's input away from what W was trained on). The model's item
+tables grow by rows whose ID embedding is zero, so new items can also be clicks of a session. Under
+`msbr.knn_fusion` their unit embedding joins the kNN term as well: of the export the kNN term reads, so
+a row whose kNN reads another export than its features (`transformer+minilm+tpad-knn`: MiniLM features,
+TPAD's e_K) embeds each new item twice.
 """
 
 import functools
