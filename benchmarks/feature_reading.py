@@ -16,6 +16,8 @@ projection. Per trained content row, printed and appended to RESULTS.md:
   stage 2's change, Delta_v = e_tpad[v] - e_stage1[v] seen through the row's own normalisation:
   (sum_v ||Delta_v W||^2 / sum_v ||Delta_v||^2) / (||W||_F^2 / d). 1 is what a W that read every
   direction alike would give; below 1, W reads the directions stage 2 moved less than the average one.
+- `stage 2 share`: sum_v ||Delta_v||^2 / sum_v ||f_v - mean f||^2, how large stage 2's change is beside
+  the spread of the row's own features (whitened features have mean squared norm 1).
 """
 
 import argparse
@@ -31,13 +33,13 @@ from tpad_jax.data import readonly
 from tpad_jax.downstream import features, serving, settings
 
 COLUMNS = ["run", "row", "export", "content/ID warm", "content/ID cold", "W in top-8 (uniform)",
-           "W in top-32 (uniform)", "reads stage 2", "machine"]
+           "W in top-32 (uniform)", "reads stage 2", "stage 2 share", "machine"]
 SECTION = "What the downstream reads of e_K"
 NOTE = ("`python benchmarks/feature_reading.py --config configs/tpad_prior.py --workdir RUN`: per trained "
         "content row, the median ||W f_v|| / ||a_v E_id[v]|| (warm, cold items), the share of ||W||_F^2 in "
         "the export's 8 and 32 directions of largest variance (in brackets: k/d, a W that reads every "
-        "direction alike), and the gain with which W passes stage 2's change e_tpad - e_stage1 (1: as an "
-        "average direction).")
+        "direction alike), the gain with which W passes stage 2's change e_tpad - e_stage1 (1: as an "
+        "average direction), and that change's squared size over the features' spread (`stage 2 share`).")
 STAGE1, TPAD = "stage1", rows.MAIN_VARIANT
 
 
@@ -61,13 +63,16 @@ def reading_profile(kernel: np.ndarray, embeddings: np.ndarray, normalise: str, 
     return [float(energy[:k].sum() / energy.sum()) for k in ks]
 
 
-def stage2_gain(kernel: np.ndarray, embeddings: np.ndarray, normalise: str, stage1, tpad) -> float:
-    """(sum_v ||Delta_v W||^2 / sum_v ||Delta_v||^2) / (||W||_F^2 / d): how strongly W passes stage 2's
-    change Delta_v = f(e_tpad[v]) - f(e_stage1[v]) relative to an average direction, f the row's own map."""
+def stage2_gain(kernel: np.ndarray, embeddings: np.ndarray, normalise: str, stage1, tpad) -> tuple[float, float]:
+    """(gain, share): gain = (sum_v ||Delta_v W||^2 / sum_v ||Delta_v||^2) / (||W||_F^2 / d), how strongly W
+    passes stage 2's change Delta_v = f(e_tpad[v]) - f(e_stage1[v]) relative to an average direction, f the
+    row's own map; share = sum_v ||Delta_v||^2 / sum_v ||f(e[v]) - mean||^2, the change beside the spread."""
     transform = features.content_transform(embeddings, normalise)
     delta = transform(tpad).astype(np.float64) - transform(stage1)
+    own = transform(embeddings).astype(np.float64)
     passed = np.sum((delta @ kernel) ** 2) / np.sum(delta ** 2)
-    return float(passed / (np.sum(kernel.astype(np.float64) ** 2) / kernel.shape[0]))
+    share = np.sum(delta ** 2) / np.sum((own - own.mean(axis=0)) ** 2)
+    return float(passed / (np.sum(kernel.astype(np.float64) ** 2) / kernel.shape[0])), float(share)
 
 
 def content_to_id(model, counts: np.ndarray, cold_threshold: int) -> tuple[float, float]:
@@ -106,14 +111,15 @@ def main():
         embeddings = features.load_features(args.workdir, row.export, data)
         warm, cold = content_to_id(model, data.train_item_counts, data.cold_threshold)
         top8, top32 = reading_profile(kernel, embeddings, normalise)
-        gain = (stage2_gain(kernel, embeddings, normalise, exports[STAGE1], exports[TPAD])
-                if len(exports) == 2 else float("nan"))
+        gain, share = (stage2_gain(kernel, embeddings, normalise, exports[STAGE1], exports[TPAD])
+                       if len(exports) == 2 else (float("nan"), float("nan")))
         d = kernel.shape[0]
         results.append(emit_row("feature_reading", {
             "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name, "export": row.export,
             "content/ID warm": round(warm, 3), "content/ID cold": round(cold, 3),
             "W in top-8 (uniform)": f"{top8:.3f} ({8 / d:.3f})",
-            "W in top-32 (uniform)": f"{top32:.3f} ({32 / d:.3f})", "reads stage 2": round(gain, 3)}))
+            "W in top-32 (uniform)": f"{top32:.3f} ({32 / d:.3f})", "reads stage 2": round(gain, 3),
+            "stage 2 share": round(share, 3)}))
     print_and_record(SECTION, COLUMNS, results, NOTE, record=not args.no_record)
 
 

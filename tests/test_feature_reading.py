@@ -61,6 +61,17 @@ def test_stage2_gain_is_d_along_the_only_read_direction_zero_across_and_one_when
     along = _kernel_reading(x, basis[:, 2:3].T)
     across = _kernel_reading(x, basis[:, 5:6].T)
     # gain = (||delta W||^2 / ||delta||^2) / (||W||^2 / D): W of unit norm along delta passes all of it.
-    assert reading.stage2_gain(along, x, "whiten", x, moved) == pytest.approx(D, rel=1e-3)
-    assert reading.stage2_gain(across, x, "whiten", x, moved) == pytest.approx(0.0, abs=1e-6)
-    assert reading.stage2_gain(np.eye(D), x, "whiten", x, moved) == pytest.approx(1.0, rel=1e-6)
+    assert reading.stage2_gain(along, x, "whiten", x, moved)[0] == pytest.approx(D, rel=1e-3)
+    assert reading.stage2_gain(across, x, "whiten", x, moved)[0] == pytest.approx(0.0, abs=1e-6)
+    assert reading.stage2_gain(np.eye(D), x, "whiten", x, moved)[0] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_stage2_share_is_the_moved_directions_variance_over_the_whitened_total(reading, catalogue):
+    x, basis = catalogue
+    rng = np.random.default_rng(2)
+    sigma = np.sqrt(np.cov(x.T, bias=True) @ basis[:, 3] @ basis[:, 3])  # the std along that direction
+    moved = x + np.outer(0.5 * sigma * rng.normal(size=len(x)), basis[:, 3])
+    # Whitened, the direction has variance 1 of the D directions' total D (up to the damping of the
+    # smallest variances), and the change has a quarter of it: share = 0.25 / D.
+    _, share = reading.stage2_gain(np.eye(D), x, "whiten", x, moved)
+    assert share == pytest.approx(0.25 / D, rel=0.1)
