@@ -180,42 +180,45 @@ def test_serving_without_the_weight_evaluation_chose_is_refused_in_one_line(fuse
             os.rename(path + ".away", path)
 
 
-KNN_ROW = "transformer+minilm+tpad-knn"  # MiniLM features, TPAD's e_K as the kNN term (`rows.Row.knn`)
+# Rows with TPAD's e_K as the kNN term (`rows.Row.knn`) and another export's features: (row, its features'
+# export, the row whose trained model it ranks).
+KNN_ROWS = (("transformer+minilm+tpad-knn", "minilm", "transformer+minilm"),
+            ("transformer+stage1+tpad-knn", "stage1", "transformer+stage1"))
 
 
-@pytest.fixture(scope="module")
-def other_knn_run(tiny_run, tmp_path_factory):
-    """A copy of the tiny run with KNN_ROW evaluated under fusion (weights 0, 2.5, 50)."""
+@pytest.fixture(scope="module", params=KNN_ROWS, ids=[row for row, _, _ in KNN_ROWS])
+def other_knn_run(tiny_run, tmp_path_factory, request):
+    """A copy of the tiny run with one of KNN_ROWS evaluated under fusion (weights 0, 2.5, 50)."""
+    knn_row, features_export, trained = request.param
     config, shared = tiny_run
     workdir = str(tmp_path_factory.mktemp("other_knn") / "run")
     shutil.copytree(shared, workdir, symlinks=True)  # the shared run is read by other test processes
     config = copy.deepcopy(config)
-    config.eval.models = (KNN_ROW,)
+    config.eval.models = (knn_row,)
     config.msbr.knn_fusion = (0.0, 2.5, 50.0)
     runner.run(config, workdir)
     data = readonly.load(config, workdir)
-    model = serving.load_selected(KNN_ROW, config, workdir, data)
+    model = serving.load_selected(knn_row, config, workdir, data)
     tpad_unit = features_lib.normalise_content(features_lib.load_features(workdir, "tpad", data), "l2")
-    return config, workdir, data, model, tpad_unit
+    return config, workdir, data, model, tpad_unit, (knn_row, features_export, trained)
 
 
 def test_a_row_fused_with_another_exports_knn_chooses_and_serves_with_that_export(other_knn_run):
-    config, workdir, data, model, tpad_unit = other_knn_run
+    config, workdir, data, model, tpad_unit, (knn_row, _, trained) = other_knn_run
     prefixes, targets = data.examples("valid")
     valid = {w: metrics.metrics_from_ranks(dense_fused_ranks(model, config, prefixes, targets, tpad_unit, w),
                                            (20,))[("MRR", 20)] for w in (0.0, 2.5, 50.0)}
-    # It ranks transformer+minilm's trained model, which it does not train again.
-    assert not os.path.exists(layout.best_params_file(workdir, KNN_ROW))
-    np.testing.assert_array_equal(
-        np.asarray(model.item_table()),
-        np.asarray(serving.load_selected("transformer+minilm", config, workdir, data).item_table()))
-    stored = selection.read_fusion(layout.row_dir(workdir, KNN_ROW))
+    # It ranks the trained model of the row with its features, which it does not train again.
+    assert not os.path.exists(layout.best_params_file(workdir, knn_row))
+    np.testing.assert_array_equal(np.asarray(model.item_table()),
+                                  np.asarray(serving.load_selected(trained, config, workdir, data).item_table()))
+    stored = selection.read_fusion(layout.row_dir(workdir, knn_row))
     np.testing.assert_allclose(stored["valid"], [valid[w] for w in (0.0, 2.5, 50.0)])
     assert stored["inputs"]["knn_export"] == provenance.export_id(layout.export_dir(workdir, "tpad"),
                                                                  data.fingerprint)
     # Served fused with TPAD's cosine at the stored weight (forced to 2.5 so the term is not zero).
-    selection.write_fusion(layout.row_dir(workdir, KNN_ROW), valid, 2.5, stored["inputs"], "MRR@20")
-    recommender = recommender_lib.Recommender.from_workdir(workdir, KNN_ROW, config=config, batch_size=8)
+    selection.write_fusion(layout.row_dir(workdir, knn_row), valid, 2.5, stored["inputs"], "MRR@20")
+    recommender = recommender_lib.Recommender.from_workdir(workdir, knn_row, config=config, batch_size=8)
     prefixes = prefixes[:8]
     expected = (np.asarray(scoring.prefix_scorer(model, tables.prefix_width(config), 8)(prefixes))
                 + 2.5 * tpad_unit[[prefix[-1] for prefix in prefixes]] @ tpad_unit.T)
@@ -226,11 +229,12 @@ def test_a_row_fused_with_another_exports_knn_chooses_and_serves_with_that_expor
 
 
 def test_a_new_item_of_a_row_fused_with_another_export_is_embedded_for_both(other_knn_run, tmp_path):
-    """A new item of KNN_ROW gets MiniLM features and TPAD's e_K for the kNN term: a twin of catalogue
-    item 0 (same title, category and image) scores as item 0 does without its ID part."""
-    config, workdir, data, model, tpad_unit = other_knn_run
-    stored = selection.read_fusion(layout.row_dir(workdir, KNN_ROW))
-    selection.write_fusion(layout.row_dir(workdir, KNN_ROW), dict(zip((0.0, 2.5, 50.0), stored["valid"])), 2.5,
+    """A new item of the row gets its features' embedding (MiniLM's, or stage 1's K's) and TPAD's e_K for
+    the kNN term: a twin of catalogue item 0 (same title, category and image) scores as item 0 does
+    without its ID part."""
+    config, workdir, data, model, tpad_unit, (knn_row, features_export, _) = other_knn_run
+    stored = selection.read_fusion(layout.row_dir(workdir, knn_row))
+    selection.write_fusion(layout.row_dir(workdir, knn_row), dict(zip((0.0, 2.5, 50.0), stored["valid"])), 2.5,
                            stored["inputs"], "MRR@20")  # a weight whose term is not zero
     os.makedirs(tmp_path / "images")
     shutil.copy(data.image_paths[0], tmp_path / "images")
@@ -238,10 +242,10 @@ def test_a_new_item_of_a_row_fused_with_another_export_is_embedded_for_both(othe
     source.write_text(json.dumps({"item_id": "new-twin", "title": data.titles[0], "category": data.categories[0],
                                   "image": f"images/{os.path.basename(data.image_paths[0])}"}) + "\n",
                       encoding="utf-8")
-    recommender = recommender_lib.Recommender.from_workdir(workdir, KNN_ROW, config=config, batch_size=8)
+    recommender = recommender_lib.Recommender.from_workdir(workdir, knn_row, config=config, batch_size=8)
     with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path))}: a directory of new items holds one "
                                         r"export's embeddings, but .* reads two "
-                                        r"\(features minilm, kNN term tpad\)"):
+                                        rf"\(features {features_export}, kNN term tpad\)"):
         recommender.add_items(str(tmp_path))
     assert recommender.add_items(str(source)) == ["new-twin"]
     ranked = recommender.recommend([[data.item_ids[3]]], k=recommender.num_items, exclude_seen=False)[0]
@@ -250,6 +254,6 @@ def test_a_new_item_of_a_row_fused_with_another_export_is_embedded_for_both(othe
     items, mask = tables.pad_prefixes([np.array([3], np.int32)], tables.prefix_width(config))
     id_part = float(np.asarray(view(items, mask))[0] @ np.asarray(view.id_embedding.embedding[...])[0])
     assert scores["new-twin"] == pytest.approx(scores[data.item_ids[0]] - id_part, abs=1e-4)
-    # The kNN term read the twin's e_K: under MiniLM's cosine the twin would score otherwise.
-    minilm = features_lib.normalise_content(features_lib.load_features(workdir, "minilm", data), "l2")
-    assert abs(2.5 * (minilm[3] @ minilm[0] - tpad_unit[3] @ tpad_unit[0])) > 1e-3
+    # The kNN term read the twin's e_K: under the features' own cosine the twin would score otherwise.
+    own = features_lib.normalise_content(features_lib.load_features(workdir, features_export, data), "l2")
+    assert abs(2.5 * (own[3] @ own[0] - tpad_unit[3] @ tpad_unit[0])) > 1e-3

@@ -99,6 +99,11 @@ def test_needed_exports_follow_the_rows():
     assert rows.names(rows.needed_exports(["transformer+minilm+tpad-knn"])) == ("tpad", "minilm")
     assert rows.knn_export_of("transformer+minilm+tpad-knn") == "tpad"
     assert rows.knn_export_of("transformer+minilm") == "minilm" and rows.knn_export_of("transformer") is None
+    assert rows.names(rows.needed_exports(["transformer+stage1+tpad-knn"])) == ("stage1", "tpad")
+    # Each ranks the trained model of the row with its features and no kNN of its own.
+    assert rows.trained_row("transformer+stage1+tpad-knn") == "transformer+stage1"
+    assert rows.trained_row("transformer+minilm+tpad-knn") == "transformer+minilm"
+    assert rows.trained_row("tpad") == "tpad"
 
 
 def test_every_export_and_stage_has_its_own_directory():
