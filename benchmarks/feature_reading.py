@@ -112,7 +112,7 @@ def main():
         warm, cold = content_to_id(model, data.train_item_counts, data.cold_threshold)
         top8, top32 = reading_profile(kernel, embeddings, normalise)
         gain, share = (stage2_gain(kernel, embeddings, normalise, exports[STAGE1], exports[TPAD])
-                       if len(exports) == 2 else (float("nan"), float("nan")))
+                       if len(exports) == 2 and row.export in exports else (float("nan"), float("nan")))
         d = kernel.shape[0]
         results.append(emit_row("feature_reading", {
             "run": os.path.basename(os.path.normpath(args.workdir)), "row": row.name, "export": row.export,
