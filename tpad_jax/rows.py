@@ -107,8 +107,8 @@ ROWS = (
     Row("transformer+minilm+tpad-knn", NEURAL, "transformer", MINILM, default=False, knn=MAIN_VARIANT),
     # The same with stage 1's e_K as the features: K's knowledge feeds the recommender, the transitions
     # that stage 2 distilled into e_K its kNN term. It ranks transformer+stage1's trained model; on Beauty
-    # seeds 12-14 it beat fused transformer+minilm and fused transformer+stage1 on HR@20 and cold HR@20
-    # (benchmarks/RESULTS.md, "Stage 1's features with TPAD's kNN").
+    # seeds 12-14 it beat fused transformer+minilm and fused transformer+stage1 on HR@20 and cold HR@20,
+    # on seeds 15-17 it tied them (benchmarks/RESULTS.md, "Stage 1's features with TPAD's kNN").
     Row("transformer+stage1+tpad-knn", NEURAL, "transformer", STAGE1, default=False, knn=MAIN_VARIANT),
     Row("transformer+attributes", NEURAL, "transformer", ATTRIBUTES, default=False),
 )
