@@ -103,12 +103,14 @@ def main():
         if row.export is None or row.name != rows.trained_row(row.name) or not os.path.exists(
                 layout.best_params_file(args.workdir, row.name)):
             continue
-        model = serving.load_selected(row.name, config, args.workdir, data)
+        embeddings = exports.get(row.export)
+        if embeddings is None:
+            embeddings = features.load_features(args.workdir, row.export, data)
+        model = serving.load_selected(row.name, config, args.workdir, data, features=embeddings)
         if not isinstance(model.content_projection, nnx.Linear) or model.id_embedding is None:
             continue  # the profile is that of one linear map beside an ID table
         kernel = np.asarray(model.content_projection.kernel[...], np.float64)
         normalise = settings.row_config(row.name, config).msbr.content_norm
-        embeddings = features.load_features(args.workdir, row.export, data)
         warm, cold = content_to_id(model, data.train_item_counts, data.cold_threshold)
         top8, top32 = reading_profile(kernel, embeddings, normalise)
         gain, share = (stage2_gain(kernel, embeddings, normalise, exports[STAGE1], exports[TPAD])
