@@ -50,6 +50,45 @@ def test_seed_table_means_spreads_and_tests_against_the_reference():
     assert "| pop | 25.00 +- 0.00 (+50.00, p=" in text
 
 
+@pytest.mark.parametrize("diffs, expected", [
+    ([1.0, 2.0, 3.0], 2 / 8),  # sums +-1 +-2 +-3: only 6 and -6 reach |6|
+    ([3.0, -1.0, 1.0, 1.0], 8 / 16),  # +3 + {3,1,1,1,-1,-1,-1,-3}: 6,4,4,4 reach 4; mirrored for -3
+    ([0.5] * 6, 2 / 64),  # six equal leads: the smallest p-value six seeds allow
+    ([0.0, 0.0], 1.0),
+])
+def test_sign_flip_test_counts_the_sign_patterns_by_hand(diffs, expected):
+    assert significance.sign_flip_test(diffs) == pytest.approx(expected)
+
+
+def test_sign_flip_test_refuses_what_it_cannot_enumerate():
+    with pytest.raises(ValueError, match="1 to 20 differences"):
+        significance.sign_flip_test([])
+
+
+def test_nested_table_averages_downstream_seeds_and_tests_over_pipeline_seeds():
+    cold = np.array([True, False])
+    runs_of = {7: [{"tpad": np.array([0, 30]), "pop": np.array([30, 30])},    # HR: tpad 50, pop 0
+                   {"tpad": np.array([0, 0]), "pop": np.array([30, 0])}],     # tpad 100, pop 50
+               8: [{"tpad": np.array([30, 0]), "pop": np.array([0, 30])},     # tpad 50, pop 50
+                   {"tpad": np.array([0, 0]), "pop": np.array([30, 30]), "markov": np.array([0, 0])}]}
+    table = significance.nested_table(runs_of, cold, num_resamples=2000)
+    assert set(table) == {"tpad", "pop"}  # markov ranked in one run only
+    tpad, pop = table["tpad"][("all", "HR")], table["pop"][("all", "HR")]
+    assert tpad["values"] == [75.0, 75.0] and tpad["std"] == 0.0 and tpad["p"] is None
+    assert tpad["within"] == pytest.approx(math.sqrt(2) * 25.0)  # std of (50, 100) with ddof=1
+    assert pop["values"] == [25.0, 25.0] and pop["within"] == pytest.approx(math.sqrt(2) * 25.0)
+    # Every run averaged per example: tpad hits (.75, .75), pop (.25, .25): a lead of 50 points.
+    assert pop["diff"] == pytest.approx(50.0) and pop["seed_diffs"] == [50.0, 50.0]
+    assert pop["seed_p"] == pytest.approx(0.5)  # 2 of the 4 sign patterns of (50, 50) reach |50|
+    cold_pop = table["pop"][("cold", "HR")]  # example 0: tpad hits 1,1 | 0,1; pop 0,0 | 1,0
+    assert table["tpad"][("cold", "HR")]["values"] == [100.0, 50.0] and cold_pop["values"] == [0.0, 50.0]
+    assert cold_pop["seed_diffs"] == [100.0, 0.0] and cold_pop["seed_p"] == 1.0
+    text = significance.nested_markdown(table, runs_of)
+    assert "Pipeline seeds 7, 8, each with 2 downstream seeds" in text
+    assert "| pop | 25.00 +- 0.00 (w 35.36) (+50.00, p=" in text and "; 2/2, p=0.500) |" in text
+    assert "| tpad | 75.00 +- 0.00 (w 35.36) |" in text
+
+
 def test_write_table_writes_the_text_one_csv_line_per_seed_and_the_bars(tmp_path):
     cold = np.array([True, False])
     runs = [{"tpad": np.array([0, 30]), "pop": np.array([30, 30])},

@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 from tpad_jax import evaluate, export, layout, provenance, rows, sentence_features
+from tpad_jax import seeds as seeds_lib
 from tpad_jax.cli import UserError
-from tpad_jax.data import prepared
+from tpad_jax.data import prepared, readonly
 from tpad_jax.downstream import scoring, selection
 from tpad_jax.downstream import settings as row_settings
 from tpad_jax import workdir as workdir_lib
@@ -200,14 +201,25 @@ def evaluate_all(config, workdir: str) -> list[dict]:
     return results
 
 
-def run_seeds(config, workdir: str, seeds) -> str:
+def run_seeds(config, workdir: str, seeds, downstream_seeds: int = 0, downstream_models=()) -> str:
     """The whole pipeline once per seed in DIR/seed<s>/ (each resumes), then the seed table.
 
     `config.seed` drives tower initialization and batches, the stage-2 and downstream seeds; the data
     (`data.synthetic.seed`, the split) stays the same, so every seed ranks the same test examples.
     Writes DIR/results/pipeline_seeds.md and .csv; returns the Markdown.
+
+    With `downstream_seeds` n > 0 the neural rows `downstream_models` (all of `eval.models` when empty)
+    are trained again on each seed's exports with n more downstream seeds (`seeds.extra_downstream_seeds`,
+    in DIR/seed<s>/seeds/), and the nested table (`significance.nested_table`) is added and written to
+    DIR/results/pipeline_downstream_seeds.md: the downstream's own spread averaged out of each pipeline
+    seed, and a test over pipeline seeds beside the one over sessions.
     """
-    runs, probes, cold_mask, signature, times = [], [], None, None, {}
+    runs, probes, cold_mask, signature, times, runs_of = [], [], None, None, {}, {}
+    names = list(downstream_models) or seeds_lib.neural_rows(config)
+    unknown = [name for name in names if name not in rows.names(rows.neural())]
+    if downstream_seeds and unknown:  # before any tower trains
+        raise UserError(f"{', '.join(unknown)}: not a neural row; other downstream seeds retrain neural rows "
+                        f"only ({', '.join(rows.names(rows.neural()))})")
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
         seeded.seed = seed
@@ -224,6 +236,10 @@ def run_seeds(config, workdir: str, seeds) -> str:
         runs.append(ranks)
         probe = workdir_lib.read_json(os.path.join(layout.results_dir(directory), report.PROBE_FILE))
         probes.append(probe or [])
+        if downstream_seeds:
+            runs_of[seed] = [{name: ranks[name] for name in names}] + _other_downstream_seeds(
+                seeded, directory, names, downstream_seeds)
+            times[seed] = time.perf_counter() - clock
     table = significance.seed_table(runs, cold_mask)
     fusion, weights = "", scoring.fusion_weights(config)
     if weights:  # the weight each content row chose, which only stdout would say otherwise
@@ -236,4 +252,21 @@ def run_seeds(config, workdir: str, seeds) -> str:
             + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in times.items()) + "\n")
     if distributed.is_main_process():
         significance.write_table(table, seeds, text, layout.results_dir(workdir))
+    if runs_of:
+        nested = significance.nested_markdown(
+            significance.nested_table(runs_of, cold_mask), runs_of)
+        text += "\n" + nested
+        if distributed.is_main_process():
+            with workdir_lib.atomic_open(os.path.join(layout.results_dir(workdir),
+                                                      "pipeline_downstream_seeds.md")) as f:
+                f.write(nested)
     return text
+
+
+def _other_downstream_seeds(config, directory: str, names, count: int) -> list[dict]:
+    """[{name: test ranks}] of the rows `names` under each of `count` more downstream seeds on the
+    finished pipeline seed in `directory` (each resumes)."""
+    with workdir_lib.lock(directory):
+        data = readonly.load(config, directory)
+        return [seeds_lib.downstream_ranks(names, config, directory, data, seed)
+                for seed in seeds_lib.extra_downstream_seeds(config.seed, count)]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from tpad_jax import layout, rows
+from tpad_jax import evaluate, layout, rows
 from tpad_jax.downstream import selection as selection_lib
 from tpad_jax.downstream import training
 from tpad_jax.eval import metrics
@@ -50,6 +50,29 @@ def seed_values(name: str, config, workdir: str, data) -> dict:
             test = metrics.metrics_from_ranks(ranks[mask], (20,))
             values.update({("test", slice_name, m): float(test[(m, 20)]) for m in ("HR", "MRR")})
     return values
+
+
+def neural_rows(config) -> list[str]:
+    """The rows of `config.eval.models` that train a downstream model: what other downstream seeds
+    retrain unless told otherwise."""
+    return [name for name in evaluate.configured_models(config) if name in rows.names(rows.neural())]
+
+
+def extra_downstream_seeds(seed: int, count: int) -> list[int]:
+    """The downstream seeds a whole-pipeline seed `seed` adds to its own: seed + 1000 k, k = 1..count
+    (distinct from every pipeline seed below 1000, so no downstream model repeats another seed's)."""
+    return [seed + 1000 * k for k in range(1, count + 1)]
+
+
+def downstream_ranks(names, config, workdir: str, data, seed: int) -> dict:
+    """{name: int [num_test] test ranks} of the rows `names` trained (or restored) with downstream seed
+    `seed` in DIR/seeds/seed<seed>/ on `workdir`'s data and exports."""
+    if seed == config.seed:
+        raise ValueError(f"seed {seed} is the run's own seed; pass other seeds")
+    seeded = config.copy_and_resolve_references()
+    seeded.seed = seed
+    directory = seed_workdir(workdir, seed)
+    return {name: training.evaluate_neural(name, seeded, directory, data) for name in names}
 
 
 def seed_spread(names, config, workdir: str, data, extra_seeds) -> dict:

@@ -86,6 +86,90 @@ def seed_table(runs: list[dict], cold_mask, reference: str = "tpad", num_resampl
     return table
 
 
+def sign_flip_test(diffs) -> float:
+    """Two-sided p-value of mean(diffs) = 0 by the exact sign-flip (permutation) test.
+
+    Under the null each pipeline seed's difference is as likely positive as negative, so the p-value is
+    the share of the 2^n sign patterns whose mean is at least as far from zero as the observed one. It
+    asks whether a lead would survive other tower seeds, which the bootstrap over sessions does not. With
+    n seeds the smallest p-value is 2 / 2^n (0.25 at 3 seeds, 0.031 at 6).
+    """
+    diffs = np.asarray(diffs, np.float64)
+    if diffs.ndim != 1 or not 1 <= diffs.size <= 20:
+        raise ValueError(f"sign_flip_test takes 1 to 20 differences, got shape {diffs.shape}")
+    patterns = 1 - 2 * ((np.arange(2 ** diffs.size)[:, None] >> np.arange(diffs.size)) & 1)  # [2^n, n] of +-1
+    means = (patterns * diffs).mean(axis=1)
+    return float(np.mean(np.abs(means) >= abs(diffs.mean()) - 1e-12))
+
+
+def nested_table(runs_of: dict, cold_mask, reference: str = "tpad", num_resamples: int = 10000) -> dict:
+    """Whole-pipeline seeds with several downstream seeds each: the rows' spread and two tests.
+
+    Args:
+      runs_of: {pipeline seed: [{model: int [num_examples] test ranks} per downstream seed]}, every run on
+        the same test examples. A row is kept when every run ranked it.
+      cold_mask: bool [num_examples], True where the target is cold.
+      reference: the row every other row is tested against.
+    Returns:
+      {model: {column: cell}}, cell: "values" (per pipeline seed, the mean over its downstream seeds),
+      "mean" and "std" over pipeline seeds (the towers' spread once the downstream's is averaged out),
+      "within" (the mean over pipeline seeds of the std over downstream seeds), and against `reference`
+      "diff" (points), "p" (paired bootstrap over test examples of the per-example metric averaged over
+      every run), "seed_diffs" and "seed_p" (exact sign-flip test over pipeline seeds); None for the
+      reference itself.
+    """
+    every_run = [run for runs in runs_of.values() for run in runs]
+    pooled = seed_table(every_run, cold_mask, reference, num_resamples)  # the test over sessions
+    sizes = np.cumsum([0] + [len(runs) for runs in runs_of.values()])  # each seed's runs in `every_run`
+    table = {}
+    for name, columns in pooled.items():
+        table[name] = {}
+        for column, cell in columns.items():
+            groups = [cell["values"][a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+            per_seed = [float(np.mean(group)) for group in groups]
+            table[name][column] = {
+                "values": per_seed, "mean": float(np.mean(per_seed)),
+                "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                "within": float(np.mean([np.std(g, ddof=1) if len(g) > 1 else 0.0 for g in groups])),
+                "diff": cell["diff"], "p": cell["p"], "seed_diffs": None, "seed_p": None}
+    for name, columns in table.items():
+        for column, cell in columns.items():
+            if cell["diff"] is not None:
+                cell["seed_diffs"] = [a - b for a, b in zip(table[reference][column]["values"], cell["values"])]
+                cell["seed_p"] = sign_flip_test(cell["seed_diffs"])
+    return table
+
+
+def nested_markdown(table: dict, runs_of: dict, reference: str = "tpad") -> str:
+    """The nested seed table: per column mean +- std over pipeline seeds, the spread over downstream
+    seeds within one, and for every other row reference's lead with both p-values."""
+    columns = list(next(iter(table.values())))
+    seeds = list(runs_of)
+    downstream = sorted({len(runs) for runs in runs_of.values()})
+    lines = [f"Pipeline seeds {', '.join(str(s) for s in seeds)}, each with "
+             f"{' or '.join(str(n) for n in downstream)} downstream seeds: per column the mean +- std over "
+             "pipeline seeds of each seed's downstream mean, in %, and (w) the std over downstream seeds "
+             f"within a pipeline seed. In brackets: {reference} minus the row (points), p of a paired "
+             "bootstrap over test sessions (every run averaged), and on how many pipeline seeds "
+             f"{reference} leads with p of the exact sign-flip test over them; * marks p < "
+             f"{SIGNIFICANCE_LEVEL}.", "", f"| model | {_header(columns)} |", "|---|" + "---:|" * len(columns)]
+    for name, row in table.items():
+        cells = []
+        for cell in row.values():
+            text = f"{cell['mean']:.2f} +- {cell['std']:.2f} (w {cell['within']:.2f})"
+            if cell["p"] is not None:
+                leads = sum(d > 0 for d in cell["seed_diffs"])
+                text += (f" ({cell['diff']:+.2f}, p={cell['p']:.3f}{_mark(cell['p'])}; "
+                         f"{leads}/{len(seeds)}, p={cell['seed_p']:.3f}{_mark(cell['seed_p'])})")
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mark(p: float) -> str:
+    return "*" if p < SIGNIFICANCE_LEVEL else ""
+
+
 def markdown(table: dict, seeds, reference: str = "tpad") -> str:
     """The seed table: mean +- std per column and, for every other row, reference's lead and its p."""
     columns = list(next(iter(table.values())))
