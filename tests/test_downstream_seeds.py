@@ -57,3 +57,4 @@ def test_downstream_seeds_of_a_finished_pipeline_seed(tiny_run, tmp_path):
     assert "Pipeline seeds 0, each with 2 downstream seeds" in text
     with open(os.path.join(layout.results_dir(workdir), "pipeline_downstream_seeds.md"), encoding="utf-8") as f:
         assert f"| tpad | {expected:.2f} +- 0.00 (w " in f.read()
+    assert os.path.exists(os.path.join(layout.results_dir(workdir), "pipeline_downstream_seeds.csv"))

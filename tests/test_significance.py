@@ -65,7 +65,7 @@ def test_sign_flip_test_refuses_what_it_cannot_enumerate():
         significance.sign_flip_test([])
 
 
-def test_nested_table_averages_downstream_seeds_and_tests_over_pipeline_seeds():
+def test_nested_table_averages_downstream_seeds_and_tests_over_pipeline_seeds(tmp_path):
     cold = np.array([True, False])
     runs_of = {7: [{"tpad": np.array([0, 30]), "pop": np.array([30, 30])},    # HR: tpad 50, pop 0
                    {"tpad": np.array([0, 0]), "pop": np.array([30, 0])}],     # tpad 100, pop 50
@@ -87,6 +87,15 @@ def test_nested_table_averages_downstream_seeds_and_tests_over_pipeline_seeds():
     assert "Pipeline seeds 7, 8, each with 2 downstream seeds" in text
     assert "| pop | 25.00 +- 0.00 (w 35.36) (+50.00, p=" in text and "; 2/2, p=0.500) |" in text
     assert "| tpad | 75.00 +- 0.00 (w 35.36) |" in text
+    significance.write_nested(table, runs_of, text, str(tmp_path))
+    assert (tmp_path / "pipeline_downstream_seeds.md").read_text() == text
+    lines = (tmp_path / "pipeline_downstream_seeds.csv").read_text().splitlines()
+    assert lines[0] == ("model,slice,metric,k,seed,downstream_seeds,value,within_std,diff_vs_reference,"
+                        "p_sessions,p_seeds")
+    assert lines[1:3] == ["tpad,all,HR,20,7,2,75.00,35.36,,,", "tpad,all,HR,20,8,2,75.00,35.36,,,"]
+    pop_cold = [line for line in lines if line.startswith("pop,cold,HR")]
+    assert [line.split(",")[6] for line in pop_cold] == ["0.00", "50.00"]
+    assert pop_cold[0].endswith(",1.0000") and len(lines) == 1 + 2 * 3 * 2  # models x columns x seeds
 
 
 def test_write_table_writes_the_text_one_csv_line_per_seed_and_the_bars(tmp_path):

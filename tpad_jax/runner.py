@@ -211,7 +211,7 @@ def run_seeds(config, workdir: str, seeds, downstream_seeds: int = 0, downstream
     With `downstream_seeds` n > 0 the neural rows `downstream_models` (all of `eval.models` when empty)
     are trained again on each seed's exports with n more downstream seeds (`seeds.extra_downstream_seeds`,
     in DIR/seed<s>/seeds/), and the nested table (`significance.nested_table`) is added and written to
-    DIR/results/pipeline_downstream_seeds.md: the downstream's own spread averaged out of each pipeline
+    DIR/results/pipeline_downstream_seeds.md and .csv: the downstream's own spread averaged out of each pipeline
     seed, and a test over pipeline seeds beside the one over sessions.
     """
     runs, probes, cold_mask, signature, times, runs_of = [], [], None, None, {}, {}
@@ -253,13 +253,11 @@ def run_seeds(config, workdir: str, seeds, downstream_seeds: int = 0, downstream
     if distributed.is_main_process():
         significance.write_table(table, seeds, text, layout.results_dir(workdir))
     if runs_of:
-        nested = significance.nested_markdown(
-            significance.nested_table(runs_of, cold_mask), runs_of)
+        nested_table = significance.nested_table(runs_of, cold_mask)
+        nested = significance.nested_markdown(nested_table, runs_of)
         text += "\n" + nested
         if distributed.is_main_process():
-            with workdir_lib.atomic_open(os.path.join(layout.results_dir(workdir),
-                                                      "pipeline_downstream_seeds.md")) as f:
-                f.write(nested)
+            significance.write_nested(nested_table, runs_of, nested, layout.results_dir(workdir))
     return text
 
 

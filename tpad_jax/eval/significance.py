@@ -245,3 +245,25 @@ def write_table(table: dict, seeds, text: str, results_dir: str) -> None:
                 writer.writerows([name, slice_name, metric, K, seed, f"{value:.2f}", *extra]
                                  for seed, value in zip(seeds, cell["values"]))
     plots.seed_bars(table, seeds, base + ".png")
+
+
+def write_nested(table: dict, runs_of: dict, text: str, results_dir: str) -> None:
+    """results_dir/pipeline_downstream_seeds.md (`text`) and .csv: one line per model, column and pipeline
+    seed (its downstream mean and the number of downstream seeds), with the row's within-seed spread,
+    its difference from the reference and both p-values."""
+    os.makedirs(results_dir, exist_ok=True)
+    base = os.path.join(results_dir, "pipeline_downstream_seeds")
+    with atomic_open(base + ".md") as f:
+        f.write(text)
+    with atomic_open(base + ".csv", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "slice", "metric", "k", "seed", "downstream_seeds", "value", "within_std",
+                         "diff_vs_reference", "p_sessions", "p_seeds"])
+        for name, columns in table.items():
+            for (slice_name, metric), cell in columns.items():
+                tests = ["" if cell["diff"] is None else f"{cell['diff']:.3f}",
+                         "" if cell["p"] is None else f"{cell['p']:.4f}",
+                         "" if cell["seed_p"] is None else f"{cell['seed_p']:.4f}"]
+                writer.writerows([name, slice_name, metric, K, seed, len(runs), f"{value:.2f}",
+                                  f"{cell['within']:.2f}", *tests]
+                                 for (seed, runs), value in zip(runs_of.items(), cell["values"]))
