@@ -48,7 +48,9 @@ def get_config(arg=None):
     # trained model (nothing more is trained): about 4 s a Beauty seed. transformer+stage1+tpad-knn does
     # the same over stage 1's e_K, K's knowledge as the features and stage 2's transitions as the kNN term:
     # on seeds 12-14 it beat fused MiniLM and fused stage 1 on HR@20 and cold HR@20, on seeds 15-17 it tied
-    # them (benchmarks/RESULTS.md, "Stage 1's features with TPAD's kNN"; both triples registered).
+    # them (benchmarks/RESULTS.md, "Stage 1's features with TPAD's kNN"; both triples registered). With
+    # three downstream seeds on each of seeds 12-17 both tie the tpad row on HR@20 (benchmarks/RESULTS.md,
+    # "Downstream seeds averaged out").
     c.eval.models = ("pop", "markov", "sknn", "transformer", "transformer+minilm", "transformer+stage1",
                      "tpad", "minilm-knn", "tpad-knn", "transformer+minilm+tpad-knn",
                      "transformer+stage1+tpad-knn")
