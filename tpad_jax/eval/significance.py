@@ -167,6 +167,7 @@ def nested_markdown(table: dict, runs_of: dict, reference: str = "tpad") -> str:
 
 
 def _mark(p: float) -> str:
+    """The significance mark of a p-value in the tables."""
     return "*" if p < SIGNIFICANCE_LEVEL else ""
 
 
@@ -183,8 +184,7 @@ def markdown(table: dict, seeds, reference: str = "tpad") -> str:
         for cell in columns.values():
             text = f"{cell['mean']:.2f} +- {cell['std']:.2f}"
             if cell["p"] is not None:
-                mark = "*" if cell["p"] < SIGNIFICANCE_LEVEL else ""
-                text += f" ({cell['diff']:+.2f}, p={cell['p']:.3f}{mark})"
+                text += f" ({cell['diff']:+.2f}, p={cell['p']:.3f}{_mark(cell['p'])})"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
