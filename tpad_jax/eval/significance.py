@@ -231,19 +231,11 @@ def fusion_markdown(chosen_of: dict, seeds, metric: str) -> str:
 def write_table(table: dict, seeds, text: str, results_dir: str) -> None:
     """results_dir/pipeline_seeds.md (`text`), .csv (one line per model, column and seed, plus p) and .png
     (mean +- std bars, significant rows marked)."""
-    os.makedirs(results_dir, exist_ok=True)
-    base = os.path.join(results_dir, "pipeline_seeds")
-    with atomic_open(base + ".md") as f:
-        f.write(text)
-    with atomic_open(base + ".csv", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "slice", "metric", "k", "seed", "value", "diff_vs_reference", "p_value"])
-        for name, columns in table.items():
-            for (slice_name, metric), cell in columns.items():
-                extra = ["" if cell["diff"] is None else f"{cell['diff']:.3f}",
-                         "" if cell["p"] is None else f"{cell['p']:.4f}"]
-                writer.writerows([name, slice_name, metric, K, seed, f"{value:.2f}", *extra]
-                                 for seed, value in zip(seeds, cell["values"]))
+    lines = ([name, slice_name, metric, K, seed, f"{value:.2f}", _number(cell["diff"], 3), _number(cell["p"], 4)]
+             for name, columns in table.items() for (slice_name, metric), cell in columns.items()
+             for seed, value in zip(seeds, cell["values"]))
+    base = _write_text_and_csv(results_dir, "pipeline_seeds", text, ["model", "slice", "metric", "k", "seed",
+                                                                     "value", "diff_vs_reference", "p_value"], lines)
     plots.seed_bars(table, seeds, base + ".png")
 
 
@@ -251,19 +243,29 @@ def write_nested(table: dict, runs_of: dict, text: str, results_dir: str) -> Non
     """results_dir/pipeline_downstream_seeds.md (`text`) and .csv: one line per model, column and pipeline
     seed (its downstream mean and the number of downstream seeds), with the row's within-seed spread,
     its difference from the reference and both p-values."""
+    lines = ([name, slice_name, metric, K, seed, len(runs), f"{value:.2f}", f"{cell['within']:.2f}",
+              _number(cell["diff"], 3), _number(cell["p"], 4), _number(cell["seed_p"], 4)]
+             for name, columns in table.items() for (slice_name, metric), cell in columns.items()
+             for (seed, runs), value in zip(runs_of.items(), cell["values"]))
+    _write_text_and_csv(results_dir, "pipeline_downstream_seeds", text,
+                        ["model", "slice", "metric", "k", "seed", "downstream_seeds", "value", "within_std",
+                         "diff_vs_reference", "p_sessions", "p_seeds"], lines)
+
+
+def _number(value, digits: int) -> str:
+    """A CSV cell: `value` with `digits` decimals, empty for None (the reference row has no test)."""
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _write_text_and_csv(results_dir: str, name: str, text: str, header, lines) -> str:
+    """Writes results_dir/<name>.md (`text`) and <name>.csv (`header`, then `lines`); returns the path
+    without its extension."""
     os.makedirs(results_dir, exist_ok=True)
-    base = os.path.join(results_dir, "pipeline_downstream_seeds")
+    base = os.path.join(results_dir, name)
     with atomic_open(base + ".md") as f:
         f.write(text)
     with atomic_open(base + ".csv", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "slice", "metric", "k", "seed", "downstream_seeds", "value", "within_std",
-                         "diff_vs_reference", "p_sessions", "p_seeds"])
-        for name, columns in table.items():
-            for (slice_name, metric), cell in columns.items():
-                tests = ["" if cell["diff"] is None else f"{cell['diff']:.3f}",
-                         "" if cell["p"] is None else f"{cell['p']:.4f}",
-                         "" if cell["seed_p"] is None else f"{cell['seed_p']:.4f}"]
-                writer.writerows([name, slice_name, metric, K, seed, len(runs), f"{value:.2f}",
-                                  f"{cell['within']:.2f}", *tests]
-                                 for (seed, runs), value in zip(runs_of.items(), cell["values"]))
+        writer.writerow(header)
+        writer.writerows(lines)
+    return base
