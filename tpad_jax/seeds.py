@@ -64,31 +64,29 @@ def extra_downstream_seeds(seed: int, count: int) -> list[int]:
     return [seed + 1000 * k for k in range(1, count + 1)]
 
 
-def downstream_ranks(names, config, workdir: str, data, seed: int) -> dict:
-    """{name: int [num_test] test ranks} of the rows `names` trained (or restored) with downstream seed
-    `seed` in DIR/seeds/seed<seed>/ on `workdir`'s data and exports."""
+def other_seed(config, workdir: str, seed: int):
+    """(config with downstream seed `seed`, DIR/seeds/seed<seed>/ on `workdir`'s data and exports) for a
+    seed other than the run's own."""
     if seed == config.seed:
         raise ValueError(f"seed {seed} is the run's own seed; pass other seeds")
     seeded = config.copy_and_resolve_references()
     seeded.seed = seed
-    directory = seed_workdir(workdir, seed)
+    return seeded, seed_workdir(workdir, seed)
+
+
+def downstream_ranks(names, config, workdir: str, data, seed: int) -> dict:
+    """{name: int [num_test] test ranks} of the rows `names` trained (or restored) with downstream seed
+    `seed` in DIR/seeds/seed<seed>/ on `workdir`'s data and exports."""
+    seeded, directory = other_seed(config, workdir, seed)
     return {name: training.evaluate_neural(name, seeded, directory, data) for name in names}
 
 
 def seed_spread(names, config, workdir: str, data, extra_seeds) -> dict:
     """{name: {column: [value per seed]}}, the run's own seed (`config.seed`) first."""
-    runs = [(config.seed, workdir)]
-    for seed in extra_seeds:
-        if seed == config.seed:
-            raise ValueError(f"seed {seed} is the run's own seed; pass other seeds")
-        runs.append((seed, seed_workdir(workdir, seed)))
+    runs = [(config, workdir)] + [other_seed(config, workdir, seed) for seed in extra_seeds]
     spread = {}
     for name in names:
-        per_seed = []
-        for seed, directory in runs:
-            seeded = config.copy_and_resolve_references()
-            seeded.seed = seed
-            per_seed.append(seed_values(name, seeded, directory, data))
+        per_seed = [seed_values(name, seeded, directory, data) for seeded, directory in runs]
         spread[name] = {column: [values.get(column, float("nan")) for values in per_seed] for column in COLUMNS}
     return spread
 
