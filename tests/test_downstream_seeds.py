@@ -27,6 +27,10 @@ def test_a_row_that_trains_nothing_is_refused_before_any_tower_trains(tiny_run, 
     config, _ = tiny_run
     with pytest.raises(cli.UserError, match="pop: not a neural row"):
         runner.run_seeds(config, str(tmp_path / "seeds"), [0], downstream_seeds=1, downstream_models=["pop"])
+    # A neural row the pipeline does not rank (tiny_run's eval.models: pop, tpad) has no run to pair with.
+    with pytest.raises(cli.UserError, match=r"transformer: not a neural row of eval.models; .*\(tpad\)"):
+        runner.run_seeds(config, str(tmp_path / "seeds"), [0], downstream_seeds=1,
+                         downstream_models=["transformer"])
     assert not os.path.exists(tmp_path / "seeds")
 
 

@@ -215,18 +215,18 @@ def run_seeds(config, workdir: str, seeds, downstream_seeds: int = 0, downstream
     seed, and a test over pipeline seeds beside the one over sessions.
     """
     runs, probes, cold_mask, signature, times, runs_of = [], [], None, None, {}, {}
-    names = list(downstream_models) or seeds_lib.neural_rows(config)
-    unknown = [name for name in names if name not in rows.names(rows.neural())]
-    if downstream_seeds and unknown:  # before any tower trains
-        raise UserError(f"{', '.join(unknown)}: not a neural row; other downstream seeds retrain neural rows "
-                        f"only ({', '.join(rows.names(rows.neural()))})")
+    ranked = seeds_lib.neural_rows(config)
+    names = list(downstream_models) or ranked
+    unknown = [name for name in names if name not in ranked]
+    if downstream_seeds and unknown:  # before any tower trains: the nested table pairs them with these runs
+        raise UserError(f"{', '.join(unknown)}: not a neural row of eval.models; other downstream seeds "
+                        f"retrain rows the pipeline ranks ({', '.join(ranked)})")
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
         seeded.seed = seed
         directory = layout.pipeline_seed_dir(workdir, seed)
         clock = time.perf_counter()
         run(seeded, directory)
-        times[seed] = time.perf_counter() - clock
         if signature is None:
             signature = compare.split_signature(directory)
         elif compare.split_signature(directory) != signature:
@@ -239,7 +239,7 @@ def run_seeds(config, workdir: str, seeds, downstream_seeds: int = 0, downstream
         if downstream_seeds:
             runs_of[seed] = [{name: ranks[name] for name in names}] + _other_downstream_seeds(
                 seeded, directory, names, downstream_seeds)
-            times[seed] = time.perf_counter() - clock
+        times[seed] = time.perf_counter() - clock
     table = significance.seed_table(runs, cold_mask)
     fusion, weights = "", scoring.fusion_weights(config)
     if weights:  # the weight each content row chose, which only stdout would say otherwise
